@@ -1,0 +1,152 @@
+"""Build the timm ViT a run measures: random init, a timm hub tag, or a local checkpoint file.
+
+The attention kernel is a controlled variable: timm reads its fused-attention flag when a module is built, so
+it is set here, before `create_model`, and verified on the built model.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from petlbench.errors import ConfigError
+from petlbench.suite import BackboneSpec
+
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """True when the Hugging Face hub answers a TCP connect within `timeout_s` (DNS failures are instant)."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def prepare_hub_access(spec: BackboneSpec) -> None:
+    """Go offline before timm/huggingface_hub are imported when the hub cannot be reached.
+
+    huggingface_hub retries for about a minute without a network; offline mode makes it answer from the local
+    cache at once (or fail at once), so a hub tag on an air-gapped machine fails in seconds with our hint.
+    Must run before the first `import timm` in the process (the hub library reads the variable at import).
+    """
+    if spec.weights == "hub" and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def build_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
+    """The timm model on CPU with a fresh `num_classes` head, weights loaded as `spec.weights` says."""
+    import timm
+    from timm.layers.config import set_fused_attn
+
+    set_fused_attn(spec.fused_attn)
+    kwargs: dict[str, Any] = dict(spec.kwargs)
+    if spec.img_size is not None:
+        kwargs["img_size"] = spec.img_size
+    kwargs.update(num_classes=num_classes, drop_path_rate=spec.drop_path_rate, drop_rate=spec.drop_rate)
+
+    if spec.model.split(".")[0] not in timm.list_models():
+        raise ConfigError(
+            f"backbone.model: unknown timm model {spec.model!r}; see `timm.list_models('vit_*')` for names"
+        )
+
+    try:
+        if spec.weights == "random":
+            model = timm.create_model(spec.model, pretrained=False, **kwargs)
+        elif spec.weights == "hub":
+            model = _from_hub(spec, kwargs)
+        else:
+            model = timm.create_model(spec.model, pretrained=False, **kwargs)
+            load_checkpoint(model, Path(spec.weights))
+    except TypeError as exc:  # an unknown timm kwarg surfaces as a TypeError from the model constructor
+        raise ConfigError(f"backbone.kwargs: {exc}") from None
+
+    if not isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList):
+        raise ConfigError(f"backbone.model: {spec.model!r} is not a ViT with `blocks`; choose a timm vit_* model")
+    _check_fused_attn(model, spec.fused_attn)
+    return model
+
+
+def _from_hub(spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(spec.model, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "no network and not in the local Hugging Face cache" if offline else str(exc).splitlines()[0][:160]
+        raise ConfigError(
+            f"backbone.weights: cannot get pretrained weights for {spec.model!r} ({why}); "
+            "download the checkpoint elsewhere and set backbone.weights: /path/to/model.safetensors"
+        ) from None
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint (.safetensors, .pth/.pt/.bin with weights_only, or an original ViT .npz).
+
+    Classifier weights whose shape differs from the new head are dropped (the head is re-initialised).
+    """
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights: {path}: no such checkpoint file; give a .safetensors, .pth or .npz path")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        loader = getattr(model, "load_pretrained", None)
+        if loader is None:
+            raise ConfigError(f"backbone.weights: {path}: .npz checkpoints need a timm VisionTransformer")
+        loader(str(path))
+        return
+    state = _read_state_dict(path)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(state, model)  # type: ignore[arg-type]  # any timm ViT
+    own = model.state_dict()
+    head = {k for k in state if k in own and state[k].shape != own[k].shape and k.startswith("head")}
+    for key in head:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"backbone.weights: {path} does not match {type(model).__name__}: "
+            f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}; check backbone.model"
+        )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"backbone.weights: {path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ConfigError(f"backbone.weights: {path}: expected a state dict, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _check_fused_attn(model: nn.Module, wanted: bool) -> None:
+    flags = {bool(m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")}
+    if flags and flags != {wanted}:
+        raise ConfigError(
+            f"backbone.fused_attn: asked for {wanted} but the built model has {sorted(flags)} "
+            "(timm's exportable mode or a torch without scaled_dot_product_attention disables it)"
+        )
+
+
+def fused_attn_state(model: nn.Module) -> bool | None:
+    """Whether the model's attention modules use fused SDPA (None if it has none)."""
+    flags = {bool(m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")}
+    return flags.pop() if len(flags) == 1 else None

@@ -1,0 +1,184 @@
+"""The `petlbench` command line: parse, call one core function, render with Rich, map errors to exit codes.
+
+Exit codes: 0 ok, 1 findings (failed runs with --strict, budgets exceeded), 2 usage or configuration error,
+130 interrupted. The parent process never imports torch; workers do.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from petlbench.errors import PetlbenchError
+from petlbench.executors import RunFinished, RunStarted
+from petlbench.executors.local import LocalExecutor
+from petlbench.gpus import visible_gpus
+from petlbench.render import result_line, runs_table, summary_table, tuners_table
+from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
+from petlbench.suite import Suite, expand, load_suite, resolve_device
+from petlbench.sweep import execute, plan
+from petlbench.tuners import tuner_configs
+
+app = typer.Typer(
+    name="petlbench",
+    help="What each PETL method for Vision Transformers costs in memory, speed and parameters, and what it buys "
+    "in accuracy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ResultsDir = Annotated[Path, typer.Option("--results-dir", help="where results/<suite>/*.parquet live")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu or cuda; overrides the suite's `device`", show_default=False)
+]
+
+
+def _fail(exc: PetlbenchError) -> NoReturn:
+    for line in str(exc).splitlines():
+        err.print(Text.assemble(("error: ", "bold red"), line))
+    raise typer.Exit(exc.exit_code)
+
+
+def builtin_quickstart() -> Path:
+    """The quickstart suite shipped inside the package (so `petlbench run` works from any folder)."""
+    return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
+
+
+def _load(suite_path: Path | None, device: str | None) -> tuple[Suite, list]:  # type: ignore[type-arg]
+    suite = load_suite(suite_path or builtin_quickstart())
+    return suite, expand(suite, resolve_device(device or suite.device, visible_gpus()))
+
+
+@app.command()
+def run(
+    suite: Annotated[
+        Path | None, typer.Argument(help="suite YAML; omit it for the built-in CPU quickstart", show_default=False)
+    ] = None,
+    device: DeviceOpt = None,
+    results_dir: ResultsDir = Path("results"),
+    force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
+) -> None:
+    """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
+
+    Example: petlbench run suites/memory.yaml --device cuda
+    """
+    try:
+        suite_obj, runs = _load(suite, device)
+        todo = plan(runs, results_dir, force)
+    except PetlbenchError as exc:
+        _fail(exc)
+    where = suite_dir(results_dir, suite_obj.name)
+    device_name = runs[0].device if runs else "-"
+    out.print(
+        f"[bold]{suite_obj.name}[/bold]: {len(runs)} runs on {device_name} → {where}/ "
+        f"({len(todo.done)} done, {len(todo.todo)} to run"
+        + (f", {len(todo.retry)} retried" if todo.retry else "")
+        + ")"
+    )
+    if dry_run:
+        out.print(runs_table(todo.todo, title="runs to execute"))
+        return
+    if not todo.todo:
+        out.print(f"nothing to run: all {len(runs)} runs already have results in {where}/ (use --force to re-run)")
+        return
+
+    results: list[RunResult] = []
+    interrupted = False
+    progress = Progress(
+        SpinnerColumn(),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=True,
+    )
+    with ExitStack() as stack:
+        stack.enter_context(progress)
+        task = progress.add_task("starting", total=len(todo.todo))
+        try:
+            for event in execute(todo.todo, LocalExecutor(results_dir), results_dir):
+                if isinstance(event, RunStarted):
+                    progress.update(task, description=event.spec.label())
+                elif isinstance(event, RunFinished):
+                    results.append(event.result)
+                    progress.console.print(result_line(event.result))
+                    progress.advance(task)
+        except KeyboardInterrupt:
+            interrupted = True
+        except PetlbenchError as exc:
+            progress.stop()
+            _fail(exc)
+
+    if results:
+        out.print(summary_table(results, title=f"{suite_obj.name}: {len(results)} runs"))
+    counts = summarize(results)
+    out.print("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())) + f"  → {where}/")
+    if interrupted:
+        err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
+        raise typer.Exit(130)
+    if strict and any(status != "ok" for status in counts):
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    suite: Annotated[Path, typer.Argument(help="suite YAML to check", show_default=False)],
+    device: DeviceOpt = None,
+    results_dir: ResultsDir = Path("results"),
+) -> None:
+    """Expand and validate every run of a suite (tuner knobs included), print the run table, run nothing.
+
+    Example: petlbench validate suites/memory.yaml
+    """
+    try:
+        suite_obj, runs = _load(suite, device)
+        statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
+    except PetlbenchError as exc:
+        _fail(exc)
+    out.print(runs_table(runs, statuses, title=f"{suite_obj.name}: {len(runs)} runs"))
+    out.print(f"{suite}: valid, {len(runs)} runs")
+
+
+@app.command()
+def tuners() -> None:
+    """List every tuner with its knobs and their defaults (the headline knob in bold).
+
+    Example: petlbench tuners
+    """
+    try:
+        configs = tuner_configs()
+    except PetlbenchError as exc:
+        _fail(exc)
+    out.print(tuners_table(configs))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

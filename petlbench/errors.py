@@ -1,0 +1,35 @@
+"""Typed errors. Each message is one line a user can act on: where, what was wrong, what to do."""
+
+from __future__ import annotations
+
+
+class PetlbenchError(Exception):
+    """Base of every error petlbench raises on purpose. The CLI maps it to a one-line message."""
+
+    exit_code: int = 2
+
+
+class ConfigError(PetlbenchError):
+    """A suite, budget file or command-line value is invalid (exit code 2)."""
+
+
+class TunerError(ConfigError):
+    """A tuner cannot be applied to the given backbone with the given knobs."""
+
+
+class DataError(ConfigError):
+    """A dataset is missing, empty or malformed."""
+
+
+class DeviceError(ConfigError):
+    """The requested device is not available (e.g. `--device cuda` without a GPU)."""
+
+
+class ResultsError(PetlbenchError):
+    """A results file cannot be read (corrupt, or written by a newer schema)."""
+
+
+class BudgetExceeded(PetlbenchError):
+    """One or more runs exceed their memory/params/speed budget (exit code 1)."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Measurement: memory (CUDA allocator, NVML, tensor tracker, RSS), speed, accuracy, environment."""

@@ -1,0 +1,175 @@
+"""Memory views of a run: the tracked breakdown step, CUDA allocator peaks, NVML driver usage, CPU peak RSS.
+
+Every peak here is reset right before the region it describes; none is a process-lifetime maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from torch import nn
+
+from petlbench.measure.tracker import TensorTracker, TrackedPeak
+from petlbench.step import TrainStep
+
+log = logging.getLogger(__name__)
+
+CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def tracked_train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> TrackedPeak:
+    """Run one training step under the tensor tracker; the peak and its breakdown by category."""
+    model, optimizer = step.model, step.optimizer
+    tracker = TensorTracker(round_to=CUDA_BLOCK if x.device.type == "cuda" else 1)
+    tracker.register(model.parameters(), "weights")
+    tracker.register(model.buffers(), "weights")
+    tracker.register((p.grad for p in model.parameters()), "gradients")
+    tracker.register(optimizer_state_tensors(optimizer), "optimizer")
+    tracker.register([x, y], "activations")
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda param: tracker.retag(param.grad, "gradients"))
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    try:
+        with tracker:
+            tracker.category = "activations"
+            step.forward_backward(x, y)
+            tracker.category = "optimizer"
+            step.optimizer_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tracker.result()
+
+
+def tracked_inference(model: nn.Module, x: torch.Tensor, precision_ctx: object) -> TrackedPeak:
+    """Peak live tensor bytes of one inference forward (no grad), weights included."""
+    tracker = TensorTracker(round_to=CUDA_BLOCK if x.device.type == "cuda" else 1)
+    tracker.register(model.parameters(), "weights")
+    tracker.register(model.buffers(), "weights")
+    tracker.register([x], "activations")
+    with torch.inference_mode(), precision_ctx, tracker:  # type: ignore[attr-defined]
+        model(x)
+    return tracker.result()
+
+
+# -- CPU resident set size ----------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; the RSS at reset, or None if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def peak_rss() -> int | None:
+    """Peak RSS since the last `reset_peak_rss` (Linux VmHWM)."""
+    return _status_kib("VmHWM")
+
+
+# -- NVML ---------------------------------------------------------------------------------------------------
+
+
+class NvmlSampler:
+    """Samples this process's GPU memory through NVML in a background thread (driver view, CUDA context included).
+
+    When the driver does not list our PID (containers with their own PID namespace), it falls back to the whole
+    device's used memory and says so in `scope`.
+    """
+
+    def __init__(self, device_index: int, interval_s: float) -> None:
+        self.device_index = device_index
+        self.interval_s = interval_s
+        self.peak: int | None = None
+        self.scope: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle: object | None = None
+
+    def __enter__(self) -> NvmlSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = _nvml_handle(pynvml, self.device_index)
+        except Exception as exc:  # no NVML: leave the driver view empty rather than guess
+            log.warning("NVML unavailable (%s); peak_driver_bytes will be empty", exc)
+            return self
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        import pynvml
+
+        used: int | None = None
+        scope = "process"
+        try:
+            pid = os.getpid()
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    used = int(proc.usedGpuMemory)
+            if used is None:
+                used, scope = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used), "device"
+        except Exception:
+            return
+        if self.peak is None or used > self.peak:
+            self.peak = used
+        # once any sample had to fall back, the whole peak is a device-level number
+        self.scope = "device" if "device" in (scope, self.scope) else scope
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        if self._handle is not None:
+            import pynvml
+
+            pynvml.nvmlShutdown()
+
+
+def _nvml_handle(pynvml: object, device_index: int) -> object:
+    """The NVML handle of torch's device `device_index`, matched by UUID (CUDA_VISIBLE_DEVICES reorders)."""
+    props = torch.cuda.get_device_properties(device_index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")  # type: ignore[attr-defined]
+        except Exception:
+            pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if device_index < len(entries) and entries[device_index].isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entries[device_index]))  # type: ignore[attr-defined]
+    return pynvml.nvmlDeviceGetHandleByIndex(device_index)  # type: ignore[attr-defined]

@@ -1,0 +1,131 @@
+"""Rich renderings shared by the CLI commands (tables only; no printing here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
+from petlbench.results import RunResult
+from petlbench.suite import RunSpec
+from petlbench.tuners import TunerConfig, describe_config
+
+STATUS_STYLE = {"ok": "green", "oom": "yellow", "error": "red", "timeout": "red", "skipped": "dim"}
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def backbone_label(spec: RunSpec) -> str:
+    size = f"@{spec.backbone.img_size}" if spec.backbone.img_size else ""
+    extra = ",".join(f"{k}={v}" for k, v in spec.backbone.kwargs.items())
+    return f"{spec.backbone.model}{size}" + (f" ({extra})" if extra else "")
+
+
+def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = None, title: str | None = None) -> Table:
+    """The expanded runs of a suite (for `validate` and `run --dry-run`)."""
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in ("#", "run_id", "tuner", "knob", "batch", "precision", "device", "backbone", "data", "lr", "stored"):
+        table.add_column(column, justify="right" if column in ("#", "batch", "lr") else "left")
+    for i, run in enumerate(runs, 1):
+        stored = (statuses or {}).get(run.run_id)
+        table.add_row(
+            str(i),
+            run.run_id,
+            run.tuner,
+            fmt_knob(run.knob_name, run.knob),
+            str(run.batch_size),
+            run.precision,
+            run.device,
+            backbone_label(run),
+            run.data.name,
+            f"{run.optimizer.lr:g}",
+            status_text(stored) if stored else Text("-", style="dim"),
+        )
+    return table
+
+
+def result_line(result: RunResult) -> Text:
+    """One line per finished run, printed as the sweep goes."""
+    spec, m = result.spec, result.metrics
+    line = Text()
+    line.append(f"{result.status:<7}", style=STATUS_STYLE.get(result.status, ""))
+    line.append(f" {spec.label():<34}")
+    if result.status == "ok":
+        parts = [f"peak {fmt_bytes(m.peak_allocated_bytes)}", f"step {fmt_seconds(m.step_time_median_s)}"]
+        parts.append(fmt_rate(m.train_images_per_s))
+        if m.acc_top1 is not None:
+            parts.append(f"acc {fmt_pct(m.acc_top1)}")
+        line.append("  ".join(parts))
+    else:
+        line.append((result.error or "").splitlines()[0] if result.error else "", style="dim")
+    line.append(f"  ({fmt_seconds(result.duration_s)})", style="dim")
+    return line
+
+
+def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table:
+    """End-of-sweep table: one row per run with the headline numbers."""
+    table = Table(title=title, header_style="bold")
+    for column in (
+        "tuner",
+        "knob",
+        "batch",
+        "precision",
+        "status",
+        "trainable",
+        "peak",
+        "weights",
+        "grads",
+        "optim",
+        "activ.",
+        "img/s",
+        "acc",
+    ):
+        table.add_column(column, justify="left" if column in ("tuner", "knob", "precision", "status") else "right")
+    for r in results:
+        m = r.metrics
+        table.add_row(
+            r.spec.tuner,
+            fmt_knob(r.spec.knob_name, r.spec.knob),
+            str(r.spec.batch_size),
+            r.spec.precision,
+            status_text(r.status),
+            f"{m.params_trainable:,}" if m.params_trainable is not None else "-",
+            fmt_bytes(m.peak_allocated_bytes),
+            fmt_bytes(m.mem_weights_bytes),
+            fmt_bytes(m.mem_grads_bytes),
+            fmt_bytes(m.mem_optimizer_bytes),
+            fmt_bytes(m.mem_activations_bytes),
+            fmt_rate(m.train_images_per_s, ""),
+            fmt_pct(m.acc_top1),
+        )
+    return table
+
+
+def tuners_table(configs: Mapping[str, type[TunerConfig]]) -> Table:
+    """Every tuner, its knobs and defaults (`petlbench tuners`)."""
+    table = Table(header_style="bold", show_lines=True)
+    table.add_column("tuner", style="bold")
+    table.add_column("what it does")
+    table.add_column("knobs (default)")
+    for name, cfg in configs.items():
+        knobs = Text()
+        for row in describe_config(cfg):
+            if len(knobs):
+                knobs.append("\n")
+            knobs.append(row["name"], style="bold" if row["headline"] else "")
+            knobs.append(f" = {_show_default(row['default'])}")
+            if row["description"]:
+                knobs.append(f"  {row['description']}", style="dim")
+        table.add_row(name, cfg.summary, knobs if len(knobs) else Text("(none)", style="dim"))
+    return table
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)

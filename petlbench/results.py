@@ -1,0 +1,230 @@
+"""Run results: the typed record a worker returns, its flat parquet row, and reading/writing results folders.
+
+Storage is one parquet file per run, `results/<suite>/<run_id>.parquet`, written atomically (temp file, then
+rename), so a crash or Ctrl-C never leaves half a file and a rerun resumes. Units in storage are bytes and
+seconds; formatting belongs to reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict
+
+from petlbench.errors import ResultsError
+from petlbench.suite import SCHEMA_VERSION, RunSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Status: TypeAlias = Literal["ok", "oom", "error", "timeout", "skipped"]
+EnvValue: TypeAlias = str | int | float | bool | None
+
+# A rerun skips runs whose stored status is one of these; error/timeout/skipped runs are retried.
+DONE_STATUSES: Final = frozenset({"ok", "oom"})
+RESULT_SUFFIX: Final = ".parquet"
+
+
+class Metrics(BaseModel):
+    """Everything a run measures. None means 'not measured', never zero."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # parameters (counted structurally: added = parameters the tuner created)
+    params_total: int | None = None
+    params_trainable: int | None = None
+    params_added: int | None = None
+    weights_frozen_bytes: int | None = None
+    weights_trainable_bytes: int | None = None
+    # memory: the headline peak is `peak_allocated_bytes` (CUDA allocator, or the CPU tensor tracker)
+    memory_source: str | None = None  # cuda_allocator | cpu_tracker | estimate
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_driver_bytes: int | None = None  # NVML, includes the CUDA context; never mixed into the headline
+    driver_memory_scope: str | None = None  # process | device (device = whole GPU, when per-process is hidden)
+    peak_infer_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # CPU: process peak RSS over the measured steps (after a reset)
+    rss_baseline_bytes: int | None = None  # CPU: RSS when that peak was reset
+    # breakdown of the tracked peak (one tracked step); the four categories sum to mem_tracked_peak_bytes
+    mem_tracked_peak_bytes: int | None = None
+    mem_weights_bytes: int | None = None
+    mem_grads_bytes: int | None = None
+    mem_optimizer_bytes: int | None = None
+    mem_activations_bytes: int | None = None
+    attn_kernel: str | None = None  # the attention op that actually ran (flash, efficient, cpu_flash, math, ...)
+    # speed
+    step_time_median_s: float | None = None
+    step_time_p90_s: float | None = None
+    train_images_per_s: float | None = None
+    infer_time_median_s: float | None = None
+    infer_images_per_s: float | None = None
+    # accuracy
+    acc_top1: float | None = None  # final-epoch top-1 on the test split
+    acc_top1_best: float | None = None  # best over evaluations: test-selected (the papers' protocol)
+    acc_best_epoch: int | None = None
+    epochs: int | None = None
+    train_time_s: float | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+
+
+class RunResult(BaseModel):
+    """One run's outcome. Exactly one per RunSpec, whatever happened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: RunSpec
+    status: Status
+    error: str | None = None
+    metrics: Metrics = Metrics()
+    env: dict[str, EnvValue] = {}
+    created_at: str
+    duration_s: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat row: identity, spec fields (dotted), metrics, env.* — the parquet schema (README lists it)."""
+        spec = self.spec
+        row: dict[str, Any] = {
+            "run_id": spec.run_id,
+            "schema_version": SCHEMA_VERSION,
+            "suite": spec.suite,
+            "status": self.status,
+            "error": self.error,
+            "created_at": self.created_at,
+            "duration_s": self.duration_s,
+            "tuner": spec.tuner,
+            "knob_name": spec.knob_name,
+            "knob": spec.knob,
+            "device": spec.device,
+            "batch_size": spec.batch_size,
+            "precision": spec.precision,
+            "grad_checkpointing": spec.grad_checkpointing,
+            "seed": spec.seed,
+            "dataset": spec.data.name,
+            "timeout_s": spec.timeout_s,
+        }
+        for key, value in spec.tuner_params.items():
+            row[f"tuner.{key}"] = _scalar(value)
+        for section in ("backbone", "data", "optimizer", "measure", "train"):
+            model = getattr(spec, section)
+            if model is None:
+                continue
+            for key, value in model.model_dump(mode="json").items():
+                row[f"{section}.{key}"] = _scalar(value)
+        row.update(self.metrics.model_dump())
+        for key, value in self.env.items():
+            row[f"env.{key}"] = value
+        row["spec_json"] = spec.model_dump_json()
+        return row
+
+
+def _scalar(value: Any) -> Any:
+    """Parquet cells stay scalar: lists/dicts become canonical JSON strings."""
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def failed_result(spec: RunSpec, status: Status, error: str, duration_s: float | None = None) -> RunResult:
+    """A row for a run that produced no result of its own (crash, timeout, skip)."""
+    return RunResult(spec=spec, status=status, error=error, created_at=now_iso(), duration_s=duration_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def suite_dir(results_dir: Path, suite: str) -> Path:
+    return results_dir / suite
+
+
+def result_path(results_dir: Path, result: RunResult) -> Path:
+    return suite_dir(results_dir, result.spec.suite) / f"{result.run_id}{RESULT_SUFFIX}"
+
+
+def write_result(results_dir: Path, result: RunResult) -> Path:
+    """Write one run's row atomically; an existing file for the same run_id is replaced."""
+    import pandas as pd
+
+    path = result_path(results_dir, result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pd.DataFrame([result.to_row()]).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def result_files(paths: Iterable[Path]) -> list[Path]:
+    """All result files under the given files/folders, sorted (deterministic)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(p for p in path.rglob(f"*{RESULT_SUFFIX}") if not p.name.startswith("."))
+        else:
+            raise ResultsError(f"{path}: no such results file or folder; run `petlbench run SUITE` first")
+    return sorted(files)
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        frame: pd.DataFrame = pd.read_parquet(path, columns=columns)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise ResultsError(
+            f"{path}: unreadable results file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "delete it to re-run that run, or move it out of the results folder"
+        ) from None
+    if "schema_version" in frame.columns and len(frame):
+        version = int(frame["schema_version"].max())
+        if version > SCHEMA_VERSION:
+            raise ResultsError(
+                f"{path}: written with result schema {version}, newer than this petlbench ({SCHEMA_VERSION}); "
+                "upgrade petlbench to read it"
+            )
+    return frame
+
+
+def load_results(paths: Iterable[Path]) -> pd.DataFrame:
+    """Every row under the given results files/folders, as one DataFrame (empty if none)."""
+    import pandas as pd
+
+    frames = [_read(f) for f in result_files(paths)]
+    frames = [f for f in frames if len(f)]
+    combined: pd.DataFrame = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+    return combined
+
+
+def stored_statuses(folder: Path) -> dict[str, str]:
+    """run_id → status of every result file in one suite folder (reads two columns only)."""
+    if not folder.exists():
+        return {}
+    statuses: dict[str, str] = {}
+    for path in result_files([folder]):
+        frame = _read(path, columns=["run_id", "status"])
+        for run_id, status in zip(frame["run_id"], frame["status"], strict=True):
+            statuses[str(run_id)] = str(status)
+    return statuses
+
+
+def summarize(results: Iterable[RunResult]) -> Mapping[str, int]:
+    """Count of runs per status."""
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status] = counts.get(result.status, 0) + 1
+    return counts

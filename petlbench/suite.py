@@ -1,0 +1,486 @@
+"""Suites: typed YAML in, a deterministic list of RunSpecs out.
+
+A suite is parsed once, at the boundary, into frozen pydantic models with `extra="forbid"`; everything after
+this module works with `RunSpec`s only. Lists in a suite (backbones, batch sizes, precisions, seeds, gradient
+checkpointing, each tuner's `grid`) expand into their cartesian product in a fixed order, and each run gets a
+`run_id` hashed from its canonical JSON plus the result schema version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, cast
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from petlbench.errors import ConfigError, DeviceError
+from petlbench.tuners import TunerConfig, tuner_configs, unknown_tuner_message
+
+# Version of the RunSpec -> result-row schema. It is part of every run_id, so a schema change re-runs everything.
+SCHEMA_VERSION: Final = 1
+
+Precision: TypeAlias = Literal["fp32", "bf16-mixed", "fp16-mixed"]
+Device: TypeAlias = Literal["cpu", "cuda"]
+JSONScalar: TypeAlias = str | int | float | bool | None
+
+T = TypeVar("T")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneSpec(_Strict):
+    """Which timm ViT to build and how."""
+
+    model: str = Field("vit_base_patch16_224", description="timm model name (optionally with a .tag)")
+    img_size: int | None = Field(None, gt=0, description="input resolution; None keeps the model's default")
+    weights: str = Field(
+        "random",
+        description="'random' (no download), 'hub' (timm pretrained tag; needs network or a warm HF cache), "
+        "or a path to a local checkpoint (.safetensors, .pth, .npz)",
+    )
+    fused_attn: bool = Field(True, description="timm fused attention (F.scaled_dot_product_attention) on or off")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after attention proj / MLP; 0 for memory runs")
+    kwargs: dict[str, JSONScalar] = Field(
+        default_factory=dict, description="extra timm.create_model keyword arguments (patch_size, depth, ...)"
+    )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value: dict[str, JSONScalar]) -> dict[str, JSONScalar]:
+        reserved = {"pretrained", "num_classes", "img_size", "drop_path_rate", "drop_rate", "checkpoint_path"}
+        clash = sorted(reserved & value.keys())
+        if clash:
+            raise ValueError(f"set {', '.join(clash)} as backbone fields, not in kwargs")
+        return value
+
+
+class SyntheticData(_Strict):
+    """Random images and labels: for memory and speed only (accuracy is chance)."""
+
+    name: Literal["synthetic"]
+    num_classes: int = Field(100, gt=1)
+    train_size: int = Field(512, gt=0)
+    test_size: int = Field(128, gt=0)
+
+
+class DigitsData(_Strict):
+    """The 8×8 handwritten digits shipped inside scikit-learn (1,797 real images, 10 classes), resized."""
+
+    name: Literal["digits"]
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share, stratified")
+    split_seed: int = Field(0, description="seed of the train/test split (fixed across runs)")
+
+
+DataSpec: TypeAlias = Annotated[SyntheticData | DigitsData, Field(discriminator="name")]
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="SGD only")
+    # Explicit, because torch picks foreach on CUDA and single-tensor on CPU; foreach allocates a
+    # params-sized temporary list at the step, so the default would make the two devices disagree.
+    foreach: bool = False
+    fused: bool = False
+
+    @model_validator(mode="after")
+    def _one_impl(self) -> OptimizerSpec:
+        if self.foreach and self.fused:
+            raise ValueError("foreach and fused cannot both be true")
+        return self
+
+
+class MeasureSpec(_Strict):
+    """The memory/speed protocol: warm-up steps, then measured steps, then one tracked breakdown step."""
+
+    warmup_steps: int = Field(2, ge=2, description="AdamW creates its state on step 1; the steady peak is step ≥ 2")
+    steps: int = Field(5, ge=1, description="measured training steps (timing, peaks)")
+    breakdown: bool = Field(True, description="one extra step under the tensor tracker (weights/grads/opt/act)")
+    inference: bool = Field(True, description="also measure inference peak and images/s")
+    nvml_interval_ms: float = Field(5.0, gt=0, description="NVML sampling period during measured steps (GPU)")
+
+
+class TrainSpec(_Strict):
+    """The accuracy phase: train for `epochs` on the train split, evaluate top-1 on the test split."""
+
+    epochs: int = Field(gt=0)
+    eval_every: int | None = Field(None, gt=0, description="evaluate every N epochs (always after the last)")
+    warmup_epochs: float = Field(0.0, ge=0, description="per-iteration linear warm-up")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TunerEntry(_Strict):
+    """One tuner in a suite: fixed `params`, a `grid` of knob values to sweep, and optimizer overrides."""
+
+    tuner: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    optimizer: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite optimizer")
+
+    @model_validator(mode="after")
+    def _grid_ok(self) -> TunerEntry:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is empty; give at least one value")
+            if key in self.params:
+                raise ValueError(f"{key!r} is in both params and grid; keep one")
+        return self
+
+
+def _as_list(value: T | list[T]) -> list[T]:
+    return value if isinstance(value, list) else [value]
+
+
+class Suite(_Strict):
+    """A benchmark suite as written in YAML."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="results go to results/<name>/")
+    description: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backbone: BackboneSpec | list[BackboneSpec] = Field(default_factory=BackboneSpec)
+    data: DataSpec
+    tuners: list[TunerEntry] = Field(min_length=1)
+    batch_size: int | list[int] = 32
+    precision: Precision | list[Precision] = "fp32"
+    grad_checkpointing: bool | list[bool] = False
+    seed: int | list[int] = 0
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    train: TrainSpec | None = None
+    timeout_s: float = Field(1800.0, gt=0, description="per-run wall-clock limit")
+
+    _source: str = PrivateAttr(default="<suite>")
+
+    @field_validator("backbone", "batch_size", "precision", "grad_checkpointing", "seed")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("empty list; give at least one value")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | list[int]) -> int | list[int]:
+        for bs in _as_list(value):
+            if bs <= 0:
+                raise ValueError(f"must be > 0, got {bs}")
+        return value
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+
+class RunSpec(_Strict):
+    """Everything that changes a number. Parsed and validated; the worker receives it as JSON."""
+
+    suite: str
+    device: Device
+    backbone: BackboneSpec
+    data: DataSpec
+    tuner: str
+    tuner_params: dict[str, Any]
+    knob_name: str | None
+    knob: float | None
+    batch_size: int = Field(gt=0)
+    precision: Precision
+    grad_checkpointing: bool
+    seed: int
+    optimizer: OptimizerSpec
+    measure: MeasureSpec
+    train: TrainSpec | None
+    timeout_s: float = Field(gt=0)
+
+    @property
+    def run_id(self) -> str:
+        """Short hash of the canonical spec (execution-only fields excluded) and the schema version."""
+        canonical = self.model_dump(mode="json", exclude={"suite", "timeout_s"})
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(f"{text}|schema={SCHEMA_VERSION}".encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        """Human label: 'lora rank=8 bs=32 fp32'."""
+        knob = f" {self.knob_name}={_fmt_num(self.knob)}" if self.knob_name is not None else ""
+        return f"{self.tuner}{knob} bs={self.batch_size} {self.precision}"
+
+
+def _fmt_num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (a silent last-one-wins is a typo magnet)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; every failure is a one-line ConfigError naming the file (and line)."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file; check the path (suites live in suites/*.yaml)")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML file")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of suite fields, got {type(data).__name__}")
+    return data
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Parse and validate a suite file (tuner knobs included). Raises ConfigError with one line per problem."""
+    path = Path(path)
+    raw = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    suite = parse_suite(raw, source=str(path))
+    # Validate every tuner and knob now, so `validate` and `run` fail before any work starts.
+    expand(suite, device="cpu")
+    return suite
+
+
+def parse_suite(raw: Mapping[str, Any], source: str = "<suite>") -> Suite:
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(format_validation_error(exc, source, Suite))) from None
+    suite._source = source
+    return suite
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per pydantic error: 'file: loc.path: message, got value'."""
+    lines = []
+    for err in exc.errors():
+        loc = _format_loc(err["loc"], model, prefix)
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(model, err["loc"][:-1])
+            hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+            lines.append(f"{source}: {loc}: unknown key{hint}")
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = err.get("input")
+        show_got = err["type"] not in ("missing", "union_tag_invalid") and not isinstance(got, dict | list)
+        lines.append(f"{source}: {loc}: {msg}" + (f", got {got!r}" if show_got else ""))
+    return lines
+
+
+def _format_loc(loc: tuple[int | str, ...], model: type[BaseModel], prefix: str) -> str:
+    out = prefix
+    tags = _union_tags(model, loc)
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i in tags:
+            continue  # pydantic puts the discriminator value / union member in the loc; users never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+def _union_tags(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[int]:
+    """Indices in `loc` that name a union member rather than a field."""
+    skip: set[int] = set()
+    current: Any = model
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+            continue
+        member = _union_member(current, part)
+        if member is None:
+            return skip
+        skip.add(i)
+        current = member
+    return skip
+
+
+def _union_member(annotation: Any, part: str) -> Any:
+    for arg in _flatten_annotation(annotation):
+        if not (isinstance(arg, type) and issubclass(arg, BaseModel)):
+            if part.startswith("list[") and typing.get_origin(arg) is list:
+                return typing.get_args(arg)[0]
+            continue
+        tag = arg.model_fields.get("name")
+        if arg.__name__ == part or (tag is not None and part in typing.get_args(tag.annotation)):
+            return arg
+    return None
+
+
+def _flatten_annotation(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _flatten_annotation(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(annotation) for a in _flatten_annotation(arg)]
+    return [annotation]
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            member = _union_member(current, part)
+            if member is None:
+                return []
+            current = member
+    candidates = [
+        a
+        for a in _flatten_annotation(current)
+        + [typing.get_args(x)[0] for x in _flatten_annotation(current) if typing.get_origin(x) is list]
+        if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
+    return sorted(candidates[0].model_fields) if candidates else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expansion
+
+
+def expand(suite: Suite, device: Device) -> list[RunSpec]:
+    """All runs of a suite, in a fixed order: backbone × tuner entry × grid point × precision × batch × ckpt × seed."""
+    configs = tuner_configs()
+    runs: list[RunSpec] = []
+    first_seen: dict[str, str] = {}
+    for backbone in _as_list(suite.backbone):
+        for index, entry in enumerate(suite.tuners):
+            where = f"tuners[{index}]"
+            config_cls = configs.get(entry.tuner)
+            if config_cls is None:
+                raise ConfigError(f"{suite.source}: {where}.tuner: {unknown_tuner_message(entry.tuner, configs)}")
+            optimizer = _merge_optimizer(suite, entry, where)
+            for point in _grid_points(entry.grid):
+                config = _tuner_config(config_cls, {**entry.params, **point}, entry, suite.source, where)
+                for precision, batch_size, ckpt, seed in itertools.product(
+                    cast(list[Precision], _as_list(suite.precision)),
+                    _as_list(suite.batch_size),
+                    _as_list(suite.grad_checkpointing),
+                    _as_list(suite.seed),
+                ):
+                    run = RunSpec(
+                        suite=suite.name,
+                        device=device,
+                        backbone=backbone,
+                        data=suite.data,
+                        tuner=config.name,
+                        tuner_params=config.model_dump(mode="json"),
+                        knob_name=config.knob,
+                        knob=config.knob_value(),
+                        batch_size=batch_size,
+                        precision=precision,
+                        grad_checkpointing=ckpt,
+                        seed=seed,
+                        optimizer=optimizer,
+                        measure=suite.measure,
+                        train=suite.train,
+                        timeout_s=suite.timeout_s,
+                    )
+                    if run.run_id in first_seen:
+                        raise ConfigError(
+                            f"{suite.source}: {where}: repeats a run of {first_seen[run.run_id]} "
+                            f"({run.label()}); remove the duplicate"
+                        )
+                    first_seen[run.run_id] = where
+                    runs.append(run)
+    return runs
+
+
+def _grid_points(grid: Mapping[str, Sequence[Any]]) -> Iterator[dict[str, Any]]:
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def _tuner_config(
+    config_cls: type[TunerConfig], params: dict[str, Any], entry: TunerEntry, source: str, where: str
+) -> TunerConfig:
+    try:
+        return config_cls.model_validate(params)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            section = "grid" if field in entry.grid else "params"
+            loc = f"{where}.{section}.{'.'.join(str(p) for p in err['loc'])}"
+            if err["type"] == "extra_forbidden":
+                lines.append(
+                    f"{source}: {loc}: unknown knob for tuner {entry.tuner!r}; "
+                    f"valid: {', '.join(config_cls.model_fields) or '(none)'}"
+                )
+                continue
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc}: {msg}, got {err.get('input')!r}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _merge_optimizer(suite: Suite, entry: TunerEntry, where: str) -> OptimizerSpec:
+    if not entry.optimizer:
+        return suite.optimizer
+    merged = {**suite.optimizer.model_dump(), **entry.optimizer}
+    try:
+        return OptimizerSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(
+            "\n".join(format_validation_error(exc, suite.source, OptimizerSpec, prefix=f"{where}.optimizer"))
+        ) from None
+
+
+def resolve_device(requested: str, gpus: Sequence[str]) -> Device:
+    """'auto' → cuda when a GPU is visible, else cpu; 'cuda' without a GPU is a DeviceError."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        if not gpus:
+            raise DeviceError(
+                "device cuda: no NVIDIA GPU is visible (NVML found none, or CUDA_VISIBLE_DEVICES hides them); "
+                "use --device cpu"
+            )
+        return "cuda"
+    if requested == "auto":
+        return "cuda" if gpus else "cpu"
+    raise DeviceError(f"device {requested!r}: expected auto, cpu or cuda")

@@ -1,0 +1,241 @@
+"""Child-process entry: one RunSpec in, one RunResult out.
+
+    python -m petlbench.worker SPEC.json RESULT.json
+
+Each run gets a fresh interpreter, CUDA context and caching allocator. The protocol (DESIGN.md §4):
+
+1. build the tuned model (structural freezing), count parameters;
+2. inference: one warm-up forward, then the peak of one forward and the timed forwards;
+3. training: ≥ 2 warm-up steps (AdamW creates its state on step 1), then peaks reset and the timed steps;
+4. one more step under the tensor tracker: the breakdown (and on CPU, the headline peak);
+5. accuracy, when the suite trains: a fresh model with the same seed, trained and evaluated.
+
+The result is written atomically; exit code 0 ok, 3 oom, 1 error. A crash that writes nothing is turned into an
+`error` row by the parent.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from petlbench.backbone import build_backbone, prepare_hub_access
+from petlbench.data import load_data, num_classes
+from petlbench.errors import ConfigError, DeviceError, PetlbenchError
+from petlbench.measure.accuracy import train_and_evaluate
+from petlbench.measure.env import collect_env
+from petlbench.measure.memory import NvmlSampler, peak_rss, reset_peak_rss, tracked_inference, tracked_train_step
+from petlbench.measure.speed import time_steps
+from petlbench.results import Metrics, RunResult, Status, now_iso
+from petlbench.step import TrainStep, autocast, make_optimizer
+from petlbench.suite import RunSpec
+from petlbench.tuners.base import TunedModel, build_tuned_model
+from petlbench.tuners.registry import make_tuner
+
+log = logging.getLogger("petlbench.worker")
+
+EXIT_CODES: dict[Status, int] = {"ok": 0, "oom": 3, "error": 1, "timeout": 1, "skipped": 0}
+
+
+def torch_device(spec: RunSpec) -> torch.device:
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device cuda: torch.cuda.is_available() is False in the worker; use --device cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(spec: RunSpec, classes: int, device: torch.device) -> TunedModel:
+    """Backbone + tuner, seeded so the same spec builds the same weights."""
+    torch.manual_seed(spec.seed)
+    backbone = build_backbone(spec.backbone, classes)
+    if spec.grad_checkpointing:
+        set_grad_checkpointing = getattr(backbone, "set_grad_checkpointing", None)
+        if not callable(set_grad_checkpointing):
+            raise ConfigError(f"grad_checkpointing: {spec.backbone.model} does not support it; set it to false")
+        set_grad_checkpointing(True)
+    tuned = build_tuned_model(backbone, make_tuner(spec.tuner, spec.tuner_params))
+    tuned.module.to(device)
+    return tuned
+
+
+def model_img_size(model: torch.nn.Module, fallback: int | None) -> int:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, tuple | list) and size:
+        return int(size[0])
+    if isinstance(size, int):
+        return size
+    return fallback or 224
+
+
+def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
+    """Fill `metrics` following the protocol in the module docstring. Partial results stay if a step fails."""
+    classes = num_classes(spec.data)
+    tuned = build_model(spec, classes, device)
+    model = tuned.module
+    img_size = model_img_size(tuned.backbone, spec.backbone.img_size)
+    metrics.params_total = tuned.params_total
+    metrics.params_trainable = tuned.params_trainable
+    metrics.params_added = tuned.params_added
+    metrics.weights_frozen_bytes = tuned.weights_frozen_bytes
+    metrics.weights_trainable_bytes = tuned.weights_trainable_bytes
+    cuda = device.type == "cuda"
+    metrics.memory_source = "cuda_allocator" if cuda else "cpu_tracker"
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(spec.batch_size, 3, img_size, img_size, generator=generator).to(device)
+    y = torch.randint(classes, (spec.batch_size,), generator=generator).to(device)
+
+    if spec.measure.inference:
+        _measure_inference(spec, model, x, device, metrics)
+
+    model.train()
+    optimizer = make_optimizer(tuned.trainable_parameters(), spec.optimizer)
+    step = TrainStep(model, optimizer, spec.precision, device.type)
+    for _ in range(spec.measure.warmup_steps):
+        step(x, y)
+
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with NvmlSampler(device.index or 0, spec.measure.nvml_interval_ms / 1000.0) as nvml:
+            timing = time_steps(lambda: step(x, y), spec.measure.steps, device)
+        metrics.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
+        metrics.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+        metrics.peak_driver_bytes, metrics.driver_memory_scope = nvml.peak, nvml.scope
+    else:
+        metrics.rss_baseline_bytes = reset_peak_rss()
+        timing = time_steps(lambda: step(x, y), spec.measure.steps, device)
+        metrics.peak_rss_bytes = peak_rss() if metrics.rss_baseline_bytes is not None else None
+    metrics.step_time_median_s = timing.median_s
+    metrics.step_time_p90_s = timing.p90_s
+    metrics.train_images_per_s = spec.batch_size / timing.median_s
+
+    if spec.measure.breakdown or not cuda:
+        tracked = tracked_train_step(step, x, y)
+        metrics.mem_tracked_peak_bytes = tracked.peak_bytes
+        metrics.mem_weights_bytes = tracked.by_category["weights"]
+        metrics.mem_grads_bytes = tracked.by_category["gradients"]
+        metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
+        metrics.mem_activations_bytes = tracked.by_category["activations"]
+        metrics.attn_kernel = tracked.attn_kernel
+        if not cuda:
+            metrics.peak_allocated_bytes = tracked.peak_bytes  # CPU headline: exact and deterministic
+
+    if spec.train is not None:
+        del step, optimizer, model, tuned, x, y
+        _release(device)
+        data = load_data(spec.data)
+        fresh = build_model(spec, classes, device)
+        accuracy = train_and_evaluate(fresh.module, data, img_size, spec, device)
+        metrics.acc_top1 = accuracy.final
+        metrics.acc_top1_best = accuracy.best
+        metrics.acc_best_epoch = accuracy.best_epoch
+        metrics.epochs = accuracy.epochs
+        metrics.train_time_s = accuracy.train_time_s
+        metrics.num_train = accuracy.num_train
+        metrics.num_test = accuracy.num_test
+
+
+def _measure_inference(
+    spec: RunSpec, model: torch.nn.Module, x: torch.Tensor, device: torch.device, metrics: Metrics
+) -> None:
+    """Inference peak (weights + one forward's working set) and images/s, before any optimizer state exists."""
+    model.eval()
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(spec.precision, device.type):
+            model(x)
+
+    forward()  # warm-up: kernels selected, lazy buffers made
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        forward()
+        torch.cuda.synchronize(device)
+        metrics.peak_infer_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        metrics.peak_infer_bytes = tracked_inference(model, x, autocast(spec.precision, device.type)).peak_bytes
+    timing = time_steps(forward, spec.measure.steps, device)
+    metrics.infer_time_median_s = timing.median_s
+    metrics.infer_images_per_s = spec.batch_size / timing.median_s
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
+def execute(spec: RunSpec) -> RunResult:
+    """Run the protocol and classify the outcome; never raises for a failure of the run itself."""
+    metrics = Metrics()
+    env: dict[str, str | int | float | bool | None] = {}
+    start = time.perf_counter()
+    status: Status = "ok"
+    error: str | None = None
+    try:
+        device = torch_device(spec)
+        env = collect_env(device)
+        measure(spec, device, metrics)
+    except PetlbenchError as exc:
+        status, error = "error", str(exc)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        if _is_oom(exc):
+            status, error = "oom", f"out of memory at batch size {spec.batch_size}: {str(exc).splitlines()[0][:300]}"
+        else:
+            status, error = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            error += _where(exc)
+        log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
+    return RunResult(
+        spec=spec,
+        status=status,
+        error=error,
+        metrics=metrics,
+        env=env,
+        created_at=now_iso(),
+        duration_s=time.perf_counter() - start,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m petlbench.worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec_path, out_path = Path(args[0]), Path(args[1])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    spec = RunSpec.model_validate_json(spec_path.read_text())
+    prepare_hub_access(spec.backbone)
+    log.info("run %s: %s", spec.run_id, spec.label())
+    result = execute(spec)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(result.model_dump_json())
+    os.replace(tmp, out_path)
+    log.info("run %s: %s%s", spec.run_id, result.status, f" ({result.error})" if result.error else "")
+    return EXIT_CODES[result.status]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
