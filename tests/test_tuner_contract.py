@@ -1,0 +1,157 @@
+"""Behaviour every tuner in the registry must have, checked on a tiny timm ViT on CPU.
+
+Parametrised over the registry itself, so a new tuner is covered the moment it is registered.
+"""
+
+from __future__ import annotations
+
+import copy
+import pkgutil
+
+import pytest
+import torch
+from torch import nn
+
+import petlbench.tuners as tuners_pkg
+from petlbench.tuners import TUNER_CONFIGS
+from petlbench.tuners.base import TunedModel, build_tuned_model
+from petlbench.tuners.registry import TUNERS, make_tuner
+from tests.conftest import TINY_CLASSES, TinyVitFactory
+
+NAMES = sorted(TUNERS)
+BASELINES = {"full", "linear"}  # tuners that add no parameters
+
+
+def attach(tiny_vit: TinyVitFactory, name: str, fused_attn: bool = True, seed: int = 0) -> TunedModel:
+    backbone = tiny_vit(fused_attn=fused_attn, seed=seed)
+    torch.manual_seed(seed + 1)  # tuner init, independent of the backbone's
+    return build_tuned_model(backbone, make_tuner(name, {}))
+
+
+def perturb(tuned: TunedModel) -> None:
+    """Give zero-initialised tuner parameters random values, so deltas are not trivially zero."""
+    backbone_ids = {id(p) for p in tuned.backbone.parameters()}
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in tuned.module.parameters():
+            if id(p) not in backbone_ids:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def test_registries_agree() -> None:
+    assert set(TUNERS) == set(TUNER_CONFIGS)
+    for name, tuner in TUNERS.items():
+        assert tuner.config_cls is TUNER_CONFIGS[name], name
+
+
+def test_every_tuner_module_is_registered() -> None:
+    plumbing = {"base", "registry"}
+    modules = {m.name for m in pkgutil.iter_modules(tuners_pkg.__path__)} - plumbing
+    registered = {TUNERS[name].__module__.rsplit(".", 1)[1] for name in TUNERS}
+    assert modules == registered, f"unregistered tuner modules: {sorted(modules - registered)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shape_and_no_instance_forward(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    tuned = attach(tiny_vit, name)
+    x, _ = tiny_batch
+    assert tuned.module(x).shape == (len(x), TINY_CLASSES)
+    patched = [n for n, m in tuned.module.named_modules() if "forward" in vars(m)]
+    assert patched == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    tuned = attach(tiny_vit, name)
+    x, y = tiny_batch
+    tuned.module.train()
+    nn.functional.cross_entropy(tuned.module(x), y).backward()
+    for pname, p in tuned.module.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: trainable {pname} got no gradient"
+        else:
+            assert p.grad is None, f"{name}: frozen {pname} got a gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_accounting(tiny_vit: TinyVitFactory, name: str) -> None:
+    tuned = attach(tiny_vit, name)
+    trainable = sum(p.numel() for p in tuned.module.parameters() if p.requires_grad)
+    assert tuned.params_trainable == trainable
+    assert tuned.params_total == sum(p.numel() for p in tuned.module.parameters())
+    if name in BASELINES:
+        assert tuned.params_added == 0
+    else:
+        assert tuned.params_added > 0
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TUNERS[n].identity_at_init])
+def test_identity_at_init(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    backbone = tiny_vit()
+    reference = copy.deepcopy(backbone).eval()
+    tuned = build_tuned_model(backbone, make_tuner(name, {}))
+    tuned.module.eval()
+    x, _ = tiny_batch
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.module(x), reference(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TUNERS[n].mergeable])
+def test_merge_matches_unmerged_and_unmerge_restores(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    tuned = attach(tiny_vit, name)
+    perturb(tuned)
+    tuned.module.eval()
+    x, _ = tiny_batch
+    before = {k: v.clone() for k, v in tuned.backbone.state_dict().items()}
+    with torch.no_grad():
+        unmerged = tuned.module(x)
+        tuned.tuner.merge(tuned.module)
+        merged = tuned.module(x)
+        tuned.tuner.unmerge(tuned.module)
+        again = tuned.module(x)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, unmerged, rtol=0, atol=1e-5)
+    for key, value in tuned.backbone.state_dict().items():
+        if key in before:
+            torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_attention_on_and_off_agree(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    fused = attach(tiny_vit, name, fused_attn=True)
+    plain = attach(tiny_vit, name, fused_attn=False)
+    perturb(fused)
+    perturb(plain)
+    fused.module.eval()
+    plain.module.eval()
+    x, _ = tiny_batch
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module(x), plain.module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tuners_train_distinct_parameter_sets(tiny_vit: TinyVitFactory) -> None:
+    """Two tuners that train the same parameters are the same method under two names (the V-PETL trap)."""
+    seen: dict[frozenset[str], str] = {}
+    for name in NAMES:
+        tuned = attach(tiny_vit, name)
+        trainable = frozenset(n for n, p in tuned.module.named_parameters() if p.requires_grad)
+        assert trainable not in seen, f"{name} trains the same parameters as {seen.get(trainable)}"
+        seen[trainable] = name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_changes_only_trainable_parameters(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> None:
+    tuned = attach(tiny_vit, name)
+    perturb(tuned)  # zero-init factors would otherwise keep their partners' gradients at zero
+    frozen_before = {n: p.clone() for n, p in tuned.module.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.clone() for n, p in tuned.module.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(tuned.trainable_parameters(), lr=0.1)
+    x, y = tiny_batch
+    tuned.module.train()
+    nn.functional.cross_entropy(tuned.module(x), y).backward()
+    optimizer.step()
+    params = dict(tuned.module.named_parameters())
+    for pname, value in frozen_before.items():
+        assert torch.equal(params[pname], value), f"{name}: frozen {pname} changed"
+    changed = [n for n, v in trainable_before.items() if not torch.equal(params[n], v)]
+    assert changed, f"{name}: no trainable parameter changed after a step"
