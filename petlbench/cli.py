@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 findings (failed runs with --strict, budgets exceeded), 2 us
 from __future__ import annotations
 
 import importlib.resources
+import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -43,8 +44,17 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich console; soft_wrap keeps every message on one line, and logs/pipes get room for the tables."""
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
 
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="where results/<suite>/*.parquet live")]
 DeviceOpt = Annotated[

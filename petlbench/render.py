@@ -27,9 +27,23 @@ def backbone_label(spec: RunSpec) -> str:
 
 
 def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = None, title: str | None = None) -> Table:
-    """The expanded runs of a suite (for `validate` and `run --dry-run`)."""
-    table = Table(title=title, show_lines=False, header_style="bold")
-    for column in ("#", "run_id", "tuner", "knob", "batch", "precision", "device", "backbone", "data", "lr", "stored"):
+    """The expanded runs of a suite (for `validate` and `run --dry-run`).
+
+    Settings shared by every run (backbone, data, device, ...) go in the caption, so the rows stay narrow.
+    """
+    columns: dict[str, list[str]] = {
+        "backbone": [backbone_label(r) for r in runs],
+        "data": [r.data.name for r in runs],
+        "device": [r.device for r in runs],
+        "precision": [r.precision for r in runs],
+        "lr": [f"{r.optimizer.lr:g}" for r in runs],
+        "seed": [str(r.seed) for r in runs],
+        "train": [f"{r.train.epochs} ep" if r.train else "no" for r in runs],
+    }
+    varying = {k: v for k, v in columns.items() if len(set(v)) > 1}
+    shared = [f"{k}: {v[0]}" for k, v in columns.items() if k not in varying and v]
+    table = Table(title=title, caption=", ".join(shared) or None, header_style="bold")
+    for column in ("#", "run_id", "tuner", "knob", "batch", *varying, "stored"):
         table.add_column(column, justify="right" if column in ("#", "batch", "lr") else "left")
     for i, run in enumerate(runs, 1):
         stored = (statuses or {}).get(run.run_id)
@@ -39,11 +53,7 @@ def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = Non
             run.tuner,
             fmt_knob(run.knob_name, run.knob),
             str(run.batch_size),
-            run.precision,
-            run.device,
-            backbone_label(run),
-            run.data.name,
-            f"{run.optimizer.lr:g}",
+            *(values[i - 1] for values in varying.values()),
             status_text(stored) if stored else Text("-", style="dim"),
         )
     return table

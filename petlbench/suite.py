@@ -131,15 +131,6 @@ class TunerEntry(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     optimizer: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite optimizer")
 
-    @model_validator(mode="after")
-    def _grid_ok(self) -> TunerEntry:
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"grid.{key} is empty; give at least one value")
-            if key in self.params:
-                raise ValueError(f"{key!r} is in both params and grid; keep one")
-        return self
-
 
 def _as_list(value: T | list[T]) -> list[T]:
     return value if isinstance(value, list) else [value]
@@ -287,21 +278,37 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<suite>") -> Suite:
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per pydantic error: 'file: loc.path: message, got value'."""
-    lines = []
+    """One line per pydantic error: 'file: loc.path: message, got value'.
+
+    Fields typed `X | list[X]` make pydantic report one error per union member; the 'should be a list' one is
+    noise when the other member explains the problem, so it is dropped.
+    """
+    entries: list[tuple[str, str, str]] = []  # (loc, error type, line)
     for err in exc.errors():
         loc = _format_loc(err["loc"], model, prefix)
-        if err["type"] == "extra_forbidden":
+        kind = err["type"]
+        if kind == "extra_forbidden":
             valid = _valid_keys(model, err["loc"][:-1])
             hint = f"; valid keys: {', '.join(valid)}" if valid else ""
-            lines.append(f"{source}: {loc}: unknown key{hint}")
+            entries.append((loc, kind, f"{source}: {loc}: unknown key{hint}"))
             continue
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
+        if kind == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            field = f"{loc}.{ctx.get('discriminator', '').strip(chr(39))}"
+            line = f"{source}: {field}: unknown value {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
+            entries.append((loc, kind, line))
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        show_got = err["type"] not in ("missing", "union_tag_invalid") and not isinstance(got, dict | list)
-        lines.append(f"{source}: {loc}: {msg}" + (f", got {got!r}" if show_got else ""))
+        show_got = kind != "missing" and not isinstance(got, dict | list)
+        entries.append((loc, kind, f"{source}: {loc}: {msg}" + (f", got {got!r}" if show_got else "")))
+    explained = [loc for loc, kind, _ in entries if kind != "list_type"]
+    lines = []
+    for loc, kind, line in entries:
+        if kind == "list_type" and any(other == loc or other.startswith(loc + ".") for other in explained):
+            continue
+        if line not in lines:
+            lines.append(line)
     return lines
 
 
@@ -312,7 +319,7 @@ def _format_loc(loc: tuple[int | str, ...], model: type[BaseModel], prefix: str)
         if isinstance(part, int):
             out += f"[{part}]"
         elif i in tags:
-            continue  # pydantic puts the discriminator value / union member in the loc; users never wrote it
+            continue  # pydantic puts the union member (model name, tag, 'list[...]') in the loc; users never wrote it
         else:
             out += f".{part}" if out else str(part)
     return out or "<top level>"
@@ -325,26 +332,28 @@ def _union_tags(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[int]:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             continue
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return skip
+            current = field.annotation
             continue
-        member = _union_member(current, part)
-        if member is None:
-            return skip
-        skip.add(i)
-        current = member
+        if len(_flatten_annotation(current)) > 1:  # a union: this part names the member pydantic tried
+            skip.add(i)
+            current = _union_member(current, part)
+            continue
+        return skip
     return skip
 
 
 def _union_member(annotation: Any, part: str) -> Any:
     for arg in _flatten_annotation(annotation):
-        if not (isinstance(arg, type) and issubclass(arg, BaseModel)):
-            if part.startswith("list[") and typing.get_origin(arg) is list:
-                return typing.get_args(arg)[0]
-            continue
-        tag = arg.model_fields.get("name")
-        if arg.__name__ == part or (tag is not None and part in typing.get_args(tag.annotation)):
-            return arg
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            tag = arg.model_fields.get("name")
+            if arg.__name__ == part or (tag is not None and part in typing.get_args(tag.annotation)):
+                return arg
+        elif part.startswith("list[") and typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
     return None
 
 
@@ -358,6 +367,7 @@ def _flatten_annotation(annotation: Any) -> list[Any]:
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the model that `loc` points into (for 'unknown key' hints)."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -369,13 +379,10 @@ def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
             if member is None:
                 return []
             current = member
-    candidates = [
-        a
-        for a in _flatten_annotation(current)
-        + [typing.get_args(x)[0] for x in _flatten_annotation(current) if typing.get_origin(x) is list]
-        if isinstance(a, type) and issubclass(a, BaseModel)
-    ]
-    return sorted(candidates[0].model_fields) if candidates else []
+    members = _flatten_annotation(current)
+    members += [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list]
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    return sorted(models[0].model_fields) if models else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,6 +401,11 @@ def expand(suite: Suite, device: Device) -> list[RunSpec]:
             if config_cls is None:
                 raise ConfigError(f"{suite.source}: {where}.tuner: {unknown_tuner_message(entry.tuner, configs)}")
             optimizer = _merge_optimizer(suite, entry, where)
+            for key, values in entry.grid.items():
+                if not values:
+                    raise ConfigError(f"{suite.source}: {where}.grid.{key}: empty list; give at least one value")
+                if key in entry.params:
+                    raise ConfigError(f"{suite.source}: {where}.grid.{key}: also set in params; keep one of the two")
             for point in _grid_points(entry.grid):
                 config = _tuner_config(config_cls, {**entry.params, **point}, entry, suite.source, where)
                 for precision, batch_size, ckpt, seed in itertools.product(

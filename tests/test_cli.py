@@ -1,0 +1,75 @@
+"""The command line as a user meets it: help, exit codes, one-line errors, and a torch-free parent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from petlbench.cli import app
+from petlbench.tuners import TUNER_CONFIGS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "suites" / "smoke.yaml")
+runner = CliRunner()
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for command in app.registered_commands:
+        callback = command.callback
+        assert callback is not None and callback.__doc__, command.name
+        assert "Example: petlbench" in callback.__doc__, command.name
+        result = runner.invoke(app, [command.name or callback.__name__, "--help"])
+        assert result.exit_code == 0
+
+
+def test_tuners_lists_every_registered_tuner() -> None:
+    result = runner.invoke(app, ["tuners"])
+    assert result.exit_code == 0
+    for name in TUNER_CONFIGS:
+        assert name in result.output
+
+
+def test_validate_prints_the_runs() -> None:
+    result = runner.invoke(app, ["validate", SMOKE])
+    assert result.exit_code == 0, result.output
+    assert "valid, 8 runs" in result.output
+
+
+def test_dry_run_runs_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", SMOKE, "--dry-run", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "0 done, 8 to run" in result.output
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_cuda_without_a_gpu_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", SMOKE, "--device", "cuda", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--device cpu" in errors[0]
+
+
+@pytest.mark.parametrize("args", [["validate", "missing.yaml"], ["run", "missing.yaml"]])
+def test_missing_suite_exits_2(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "missing.yaml: no such file" in result.output
+
+
+def test_python_dash_m_and_a_torch_free_parent() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from petlbench.cli import app\n"
+        f"r = CliRunner().invoke(app, ['validate', {SMOKE!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "petlbench", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "validate" in result.stdout
