@@ -77,7 +77,20 @@ class LoraConfig(TunerConfig):
         return tuple(t for t in ("q", "k", "v") if t in value)
 
 
-_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (FullConfig, LinearConfig, LoraConfig)
+class VptConfig(TunerConfig):
+    name = "vpt"
+    knob = "prompt_len"
+    summary = (
+        "VPT: p learnable prompt tokens after the class token, without positional embedding; deep VPT replaces "
+        "them with fresh prompts before every block, shallow VPT only inserts them once."
+    )
+
+    prompt_len: int = Field(50, gt=0, description="prompt tokens p per prompt set (sequence grows from N to N + p)")
+    deep: bool = Field(True, description="deep VPT: one prompt set per block (L sets); False: shallow, one set")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompts (training mode only)")
+
+
+_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (FullConfig, LinearConfig, LoraConfig, VptConfig)
 
 
 def _build_registry(configs: Iterable[type[TunerConfig]]) -> Mapping[str, type[TunerConfig]]:
