@@ -52,8 +52,11 @@ def torch_device(spec: RunSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(spec: RunSpec, classes: int, device: torch.device) -> TunedModel:
-    """Backbone + tuner, seeded so the same spec builds the same weights."""
+def build_model(spec: RunSpec, classes: int, device: torch.device | None = None) -> TunedModel:
+    """Backbone + tuner, seeded so the same spec builds the same weights; moved to `device` if given.
+
+    Called under `torch.device("meta")` it builds without allocating (the estimator does this).
+    """
     torch.manual_seed(spec.seed)
     backbone = build_backbone(spec.backbone, classes)
     if spec.grad_checkpointing:
@@ -62,7 +65,8 @@ def build_model(spec: RunSpec, classes: int, device: torch.device) -> TunedModel
             raise ConfigError(f"grad_checkpointing: {spec.backbone.model} does not support it; set it to false")
         set_grad_checkpointing(True)
     tuned = build_tuned_model(backbone, make_tuner(spec.tuner, spec.tuner_params))
-    tuned.module.to(device)
+    if device is not None:
+        tuned.module.to(device)
     return tuned
 
 

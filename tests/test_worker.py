@@ -53,9 +53,7 @@ def test_same_spec_gives_the_same_tracked_peak() -> None:
 
 
 def test_training_phase_records_accuracy() -> None:
-    result = execute(
-        spec(data={"name": "digits"}, train={"epochs": 2, "eval_every": 1}, tuners=[{"tuner": "linear"}])
-    )
+    result = execute(spec(data={"name": "digits"}, train={"epochs": 2, "eval_every": 1}, tuners=[{"tuner": "linear"}]))
     assert result.status == "ok", result.error
     m = result.metrics
     assert m.acc_top1 is not None and 0.0 <= m.acc_top1 <= 1.0
