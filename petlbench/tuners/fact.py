@@ -152,8 +152,8 @@ class FactLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The increment of `base.weight` (same shape): block (o, i) is V·(s·K)[o-th r rows, i-th r columns]·U."""
         f, r = self.factors, self.factors.rank
-        k = (self.core_map() * self.scale).reshape(self.out_chunks, r, self.in_chunks, r)
-        delta = torch.einsum("pa,oaib,bq->opiq", f.v.weight, k, f.u.weight)
+        blocks = (self.core_map() * self.scale).reshape(self.out_chunks, r, self.in_chunks, r)
+        delta = torch.einsum("pa,oaib,bq->opiq", f.v.weight, blocks, f.u.weight)
         return delta.reshape(self.out_chunks * f.dim, self.in_chunks * f.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
