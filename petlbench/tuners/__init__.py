@@ -90,7 +90,23 @@ class VptConfig(TunerConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompts (training mode only)")
 
 
-_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (FullConfig, LinearConfig, LoraConfig, VptConfig)
+class FactConfig(TunerConfig):
+    name = "fact"
+    knob = "rank"
+    summary = (
+        "FacT: each block's qkv/proj/fc1/fc2 increment is s·V·core·U with U, V shared by all blocks; TT gives every "
+        "D×D slice its own r×r core, TK builds the cores from one r×r×r tensor and slice factors P; V starts at 0."
+    )
+
+    variant: Literal["tt", "tk"] = Field(
+        "tt", description="'tt' (tensor-train: a free core per weight slice) or 'tk' (Tucker: shared C and P)"
+    )
+    rank: int = Field(8, gt=0, description="rank r of the shared factors U (r×D) and V (D×r) and of every core")
+    scale: float = Field(1.0, gt=0, description="global scale s of every increment (the official configs use 0.01-100)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on each core's output (the r-dim code before V)")
+
+
+_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (FullConfig, LinearConfig, LoraConfig, VptConfig, FactConfig)
 
 
 def _build_registry(configs: Iterable[type[TunerConfig]]) -> Mapping[str, type[TunerConfig]]:

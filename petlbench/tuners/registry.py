@@ -9,6 +9,7 @@ from typing import Any, Final
 from petlbench.errors import ConfigError
 from petlbench.tuners import TunerConfig, plugin_modules, tuner_configs, unknown_tuner_message
 from petlbench.tuners.base import Tuner
+from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
@@ -27,7 +28,7 @@ def _build(tuners: Iterable[AnyTuner]) -> Mapping[str, AnyTuner]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build([Full, Linear, Lora, Vpt])
+TUNERS: Final = _build([Full, Linear, Lora, Vpt, Fact])
 
 
 def tuner_classes() -> Mapping[str, AnyTuner]:
