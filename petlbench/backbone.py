@@ -6,8 +6,10 @@ it is set here, before `create_model`, and verified on the built model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +75,92 @@ def build_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
     return model
 
 
+HUB_HINT = (
+    "download it where there is network (e.g. `hf download timm/<model>.<tag> model.safetensors`) and set "
+    "backbone.weights: /path/to/model.safetensors (or .pth / the original ViT .npz)"
+)
+# the files timm's hub loader tries, in its order (safetensors first)
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+
+
 def _from_hub(spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
+    _check_hub_cache(spec)
     try:
         return timm.create_model(spec.model, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "no network and not in the local Hugging Face cache" if offline else str(exc).splitlines()[0][:160]
         raise ConfigError(
-            f"backbone.weights: cannot get pretrained weights for {spec.model!r} ({why}); "
-            "download the checkpoint elsewhere and set backbone.weights: /path/to/model.safetensors"
+            f"backbone.weights: cannot get pretrained weights for {spec.model!r} ({why}); {HUB_HINT}"
         ) from None
+
+
+def _check_hub_cache(spec: BackboneSpec) -> None:
+    """Offline, fail before the model is built (seconds for ViT-B) when the hub cache lacks the weights."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.model)
+    if cfg is None:
+        raise ConfigError(f"backbone.weights: hub: timm has no pretrained weights for {spec.model!r}; {HUB_HINT}")
+    if not cfg.hf_hub_id:
+        return  # a plain URL (torch hub cache); timm reports that case itself
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = cfg.hf_hub_id.split("@")[0]
+    if not any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_FILES):
+        raise ConfigError(
+            f"backbone.weights: hub: {spec.model!r} ({repo}) is not in the local Hugging Face cache and the hub "
+            f"is unreachable (offline); {HUB_HINT}"
+        )
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """Which weights a run used: recorded on every row."""
+
+    source: str  # random | hub | file
+    ref: str | None  # the hub repo (timm/<model>.<tag>) or the checkpoint's absolute path
+    sha256: str | None  # first 16 hex digits of the checkpoint file's sha256 (hub: the cached file)
+
+
+def weights_identity(spec: BackboneSpec, model: nn.Module | None = None) -> WeightsIdentity:
+    """The identity of `spec.weights`: a hub tag's repo (and its cached file's hash), or a local file's hash."""
+    if spec.weights == "random":
+        return WeightsIdentity("random", None, None)
+    if spec.weights == "hub":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        repo = str(cfg.get("hf_hub_id") or cfg.get("url") or spec.model).split("@")[0] or None
+        cached = _cached_hub_file(repo) if cfg.get("hf_hub_id") else None
+        return WeightsIdentity("hub", repo, file_sha256(cached) if cached else None)
+    path = Path(spec.weights).expanduser().absolute()
+    return WeightsIdentity("file", str(path), file_sha256(path) if path.is_file() else None)
+
+
+def _cached_hub_file(repo: str | None) -> Path | None:
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return None
+    for name in HUB_FILES:
+        hit = try_to_load_from_cache(repo, name)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
+def file_sha256(path: Path, digits: int = 16) -> str:
+    """Short sha256 of a file, read in 1 MiB chunks (a ViT-B checkpoint takes about a second)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:digits]
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
@@ -99,7 +175,14 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         loader = getattr(model, "load_pretrained", None)
         if loader is None:
             raise ConfigError(f"backbone.weights: {path}: .npz checkpoints need a timm VisionTransformer")
-        loader(str(path))
+        try:
+            loader(str(path))
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise ConfigError(
+                f"backbone.weights: {path}: not an original ViT .npz for {type(model).__name__} "
+                f"({type(exc).__name__}: {first}); check backbone.model"
+            ) from None
         return
     state = _read_state_dict(path)
     from timm.models.vision_transformer import checkpoint_filter_fn

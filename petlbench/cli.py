@@ -25,13 +25,15 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from petlbench.errors import PetlbenchError
+from petlbench.dataspec import DATA_ROOT_ENV, resolve_data_root
+from petlbench.errors import PetlbenchError, is_config_error
 from petlbench.executors import RunFinished, RunStarted
 from petlbench.executors.local import LocalExecutor
 from petlbench.gpus import visible_gpus
+from petlbench.preflight import DataCheck, check_data_root, preflight
 from petlbench.render import result_line, runs_table, summary_table, tuners_table
 from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
-from petlbench.suite import Suite, expand, load_suite, resolve_device
+from petlbench.suite import RunSpec, Suite, expand, load_suite, resolve_device
 from petlbench.sweep import execute, plan
 from petlbench.tuners import tuner_configs
 
@@ -60,6 +62,22 @@ ResultsDir = Annotated[Path, typer.Option("--results-dir", help="where results/<
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu or cuda; overrides the suite's `device`", show_default=False)
 ]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help=f"folder that relative dataset roots (e.g. `root: vtab-1k`) live in; default ${DATA_ROOT_ENV}, "
+        "else the current directory",
+        show_default=False,
+    ),
+]
+CheckDataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--check-data/--no-check-data",
+        help="pre-flight: check dataset folders, list files, labels and image files (no decoding) before any run",
+    ),
+]
 
 
 def _fail(exc: PetlbenchError) -> NoReturn:
@@ -73,9 +91,16 @@ def builtin_quickstart() -> Path:
     return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
 
 
-def _load(suite_path: Path | None, device: str | None) -> tuple[Suite, list]:  # type: ignore[type-arg]
+def _load(
+    suite_path: Path | None, device: str | None, data_root: Path | None = None, check_data: bool = True
+) -> tuple[Suite, list[RunSpec], list[DataCheck]]:
     suite = load_suite(suite_path or builtin_quickstart())
-    return suite, expand(suite, resolve_device(device or suite.device, visible_gpus()))
+    root = resolve_data_root(data_root)
+    runs = expand(suite, resolve_device(device or suite.device, visible_gpus()), str(root) if root else None)
+    if not check_data:
+        return suite, runs, []
+    check_data_root(root, from_option=data_root is not None)
+    return suite, runs, preflight(suite, runs, root)
 
 
 @app.command()
@@ -88,13 +113,18 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
+    data_root: DataRootOpt = None,
+    check_data: CheckDataOpt = True,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
-    Example: petlbench run suites/memory.yaml --device cuda
+    Exit code 2 when the suite, its data or a run's configuration is invalid (a bad image found by a worker
+    included); the other runs still finish and are saved.
+
+    Example: petlbench run suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs = _load(suite, device)
+        suite_obj, runs, _ = _load(suite, device, data_root, check_data)
         todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
         _fail(exc)
@@ -150,8 +180,25 @@ def run(
     if interrupted:
         err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
         raise typer.Exit(130)
+    _fail_on_config_errors(results, where)
     if strict and any(status != "ok" for status in counts):
         raise typer.Exit(1)
+
+
+def _fail_on_config_errors(results: list[RunResult], where: Path) -> None:
+    """Runs that failed on a configuration or data error (e.g. an image that does not decode) make the command
+    exit 2, after every run has finished and been saved: one line per distinct error."""
+    failed: dict[str, int] = {}
+    for result in results:
+        if result.status == "error" and is_config_error(result.error_type):
+            line = (result.error or "").splitlines()[0] if result.error else str(result.error_type)
+            failed[line] = failed.get(line, 0) + 1
+    if not failed:
+        return
+    for line, count in failed.items():
+        err.print(Text.assemble(("error: ", "bold red"), line + (f" ({count} runs)" if count > 1 else "")))
+    err.print(f"{sum(failed.values())} runs failed on their configuration or data; the other results are in {where}/")
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -159,18 +206,24 @@ def validate(
     suite: Annotated[Path, typer.Argument(help="suite YAML to check", show_default=False)],
     device: DeviceOpt = None,
     results_dir: ResultsDir = Path("results"),
+    data_root: DataRootOpt = None,
+    check_data: CheckDataOpt = True,
 ) -> None:
-    """Expand and validate every run of a suite (tuner knobs included), print the run table, run nothing.
+    """Expand and validate every run of a suite (tuner knobs included), check its data files, print the run
+    table, run nothing. Without the data at hand, --no-check-data validates the suite alone.
 
-    Example: petlbench validate suites/memory.yaml
+    Example: petlbench validate suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs = _load(suite, device)
+        suite_obj, runs, checks = _load(suite, device, data_root, check_data)
         statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
     except PetlbenchError as exc:
         _fail(exc)
     out.print(runs_table(runs, statuses, title=f"{suite_obj.name}: {len(runs)} runs"))
-    out.print(f"{suite}: valid, {len(runs)} runs")
+    for check in checks:
+        out.print(check.describe())
+    data_note = "" if check_data else " (data files not checked)"
+    out.print(f"{suite}: valid, {len(runs)} runs{data_note}")
 
 
 @app.command()

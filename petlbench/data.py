@@ -1,18 +1,30 @@
 """Datasets for the accuracy phase (the memory/speed phases use random tensors of the run's shape).
 
 Every source yields normalised float batches at the model's resolution: resize (bicubic), clamp to [0, 1],
-ImageNet mean/std (METHODS.md §0.3), no augmentation.
+ImageNet mean/std (METHODS.md §0.3), no augmentation. In-memory sources (digits, synthetic) resize tensors;
+file-based sources (vtab1k, imagefolder) decode each image with PIL in `torch.utils.data.DataLoader` workers and
+resize it with PIL's bicubic filter, as torchvision's `Resize((s, s), interpolation=3)` in the papers' pipelines.
+
+A file that fails to decode in a loader worker does not raise there (the DataLoader would wrap it in a
+multi-line traceback): the item comes back as a `DecodeFailure`, the batch as that failure, and the run's process
+raises one `DataError` line naming the file and where it was listed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, TypeAlias
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
+from petlbench.datafiles import FileIndex, Sample, index_data
+from petlbench.dataspec import ImageFolderData, VtabData, resolve_data_root
 from petlbench.errors import DataError
 from petlbench.suite import DataSpec, DigitsData, SyntheticData
 
@@ -75,19 +87,27 @@ class InMemorySource:
             yield normalize(images[index], img_size), labels[index]
 
 
-def load_data(spec: DataSpec) -> ImageSource:
-    """The dataset a run trains and evaluates on."""
+def load_data(spec: DataSpec, data_root: str | Path | None = None) -> ImageSource:
+    """The dataset a run trains and evaluates on; relative file roots resolve under `data_root` (None: the
+    $PETLBENCH_DATA_ROOT environment variable, else the current directory)."""
     if isinstance(spec, DigitsData):
         return _digits(spec)
     if isinstance(spec, SyntheticData):
         return _synthetic(spec)
+    if isinstance(spec, VtabData | ImageFolderData):
+        root = data_root if data_root is not None else resolve_data_root()
+        return FileSource(index_data(spec, root), spec.num_workers)
     raise DataError(f"data.name: unsupported dataset {spec.name!r}")
 
 
-def num_classes(spec: DataSpec) -> int:
+def num_classes(spec: DataSpec, data_root: str | Path | None = None) -> int:
     """Number of classes, without loading images when the spec says it."""
     if isinstance(spec, SyntheticData):
         return spec.num_classes
+    if isinstance(spec, VtabData):
+        return spec.classes
+    if isinstance(spec, ImageFolderData):
+        return index_data(spec, data_root if data_root is not None else resolve_data_root()).num_classes
     return load_data(spec).num_classes
 
 
@@ -127,3 +147,90 @@ def _synthetic(spec: SyntheticData) -> InMemorySource:
     train_images, train_labels = make(spec.train_size)
     test_images, test_labels = make(spec.test_size)
     return InMemorySource(train_images, train_labels, test_images, test_labels, num_classes=spec.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# File-based sources (VTAB-1k lists, ImageFolder trees)
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """An image a loader worker could not decode; travels back in place of the item (and of its batch)."""
+
+    message: str
+
+
+class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int] | DecodeFailure]):
+    """Decode (PIL) → RGB → bicubic resize to img_size × img_size → float → ImageNet mean/std."""
+
+    def __init__(self, samples: Sequence[Sample], img_size: int) -> None:
+        self.samples = samples
+        self.img_size = img_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | DecodeFailure:
+        sample = self.samples[index]
+        try:
+            pixels = decode_image(sample.path, self.img_size)
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            where = "" if sample.origin == sample.path else f" (listed at {sample.origin})"
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            return DecodeFailure(f"{sample.path}: cannot decode image{where}: {type(exc).__name__}: {first}")
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        return (image - self.mean) / self.std, sample.label
+
+
+def decode_image(path: str, img_size: int) -> npt.NDArray[np.uint8]:
+    """HWC uint8 RGB pixels at img_size × img_size (PIL bicubic, as torchvision's Resize(interpolation=3))."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
+    pixels: npt.NDArray[np.uint8] = np.array(resized, dtype=np.uint8)
+    return pixels
+
+
+def collate(items: list[tuple[torch.Tensor, int] | DecodeFailure]) -> Batch | DecodeFailure:
+    """Stack a batch, or pass the first decode failure through (raised as a DataError by the consumer)."""
+    for item in items:
+        if isinstance(item, DecodeFailure):
+            return item
+    pairs = [item for item in items if not isinstance(item, DecodeFailure)]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs], dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Images listed by a `FileIndex`, decoded per batch by a DataLoader with `num_workers` processes."""
+
+    index: FileIndex
+    num_workers: int = 4
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    def size(self, split: Split) -> int:
+        return len(self.index.samples(split))
+
+    def batches(
+        self, split: Split, batch_size: int, img_size: int, *, shuffle: bool, seed: int, drop_last: bool = False
+    ) -> Iterator[Batch]:
+        samples = self.index.samples(split)
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(samples, img_size),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=min(self.num_workers, max(1, len(samples) // batch_size)) if self.num_workers else 0,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for batch in loader:
+            if isinstance(batch, DecodeFailure):
+                raise DataError(batch.message)
+            yield batch

@@ -33,3 +33,16 @@ class BudgetExceeded(PetlbenchError):
     """One or more runs exceed their memory/params/speed budget (exit code 1)."""
 
     exit_code = 1
+
+
+def is_config_error(name: str | None) -> bool:
+    """Whether an exception class name (a result row's `error_type`) is ConfigError or one of its subclasses."""
+    if name is None:
+        return False
+    pending: list[type[PetlbenchError]] = [ConfigError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return True
+        pending.extend(cls.__subclasses__())
+    return False

@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from petlbench.dataspec import data_label
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
 from petlbench.results import RunResult
 from petlbench.suite import RunSpec
@@ -33,7 +34,7 @@ def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = Non
     """
     columns: dict[str, list[str]] = {
         "backbone": [backbone_label(r) for r in runs],
-        "data": [r.data.name for r in runs],
+        "data": [data_label(r.data) for r in runs],
         "device": [r.device for r in runs],
         "precision": [r.precision for r in runs],
         "lr": [f"{r.optimizer.lr:g}" for r in runs],
@@ -79,7 +80,12 @@ def result_line(result: RunResult) -> Text:
 
 def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table:
     """End-of-sweep table: one row per run with the headline numbers."""
+    results = list(results)
+    datasets = [data_label(r.spec.data) for r in results]
+    show_data = len(set(datasets)) > 1
     table = Table(title=title, header_style="bold")
+    if show_data:
+        table.add_column("data")
     for column in (
         "tuner",
         "knob",
@@ -96,9 +102,10 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table
         "acc",
     ):
         table.add_column(column, justify="left" if column in ("tuner", "knob", "precision", "status") else "right")
-    for r in results:
+    for r, dataset in zip(results, datasets, strict=True):
         m = r.metrics
         table.add_row(
+            *([dataset] if show_data else []),
             r.spec.tuner,
             fmt_knob(r.spec.knob_name, r.spec.knob),
             str(r.spec.batch_size),

@@ -71,6 +71,16 @@ class Metrics(BaseModel):
     train_time_s: float | None = None
     num_train: int | None = None
     num_test: int | None = None
+    # identity: which weights and which data the run used (resolved in the worker; not part of the run_id)
+    weights_source: str | None = None  # random | hub | file
+    weights_ref: str | None = None  # hub repo (timm/<model>.<tag>) or the checkpoint's absolute path
+    weights_sha256: str | None = None  # first 16 hex digits of the checkpoint file's sha256
+    data_task: str | None = None  # VTAB task, ImageFolder task, or the dataset name
+    data_train_split: str | None = None  # e.g. train800val200.txt, train/
+    data_test_split: str | None = None  # e.g. test.txt, val/
+    data_folder: str | None = None  # resolved task / ImageFolder folder
+    data_fingerprint: str | None = None  # short sha256 of every (split, relative path, label)
+    num_classes: int | None = None
 
 
 class RunResult(BaseModel):
@@ -81,6 +91,7 @@ class RunResult(BaseModel):
     spec: RunSpec
     status: Status
     error: str | None = None
+    error_type: str | None = None  # exception class of an error row (DataError, ConfigError, RuntimeError, ...)
     metrics: Metrics = Metrics()
     env: dict[str, EnvValue] = {}
     created_at: str
@@ -99,6 +110,7 @@ class RunResult(BaseModel):
             "suite": spec.suite,
             "status": self.status,
             "error": self.error,
+            "error_type": self.error_type,
             "created_at": self.created_at,
             "duration_s": self.duration_s,
             "tuner": spec.tuner,

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from petlbench.dataspec import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError
 from petlbench.tuners import TunerConfig, tuner_configs, unknown_tuner_message
 
@@ -81,7 +82,7 @@ class DigitsData(_Strict):
     split_seed: int = Field(0, description="seed of the train/test split (fixed across runs)")
 
 
-DataSpec: TypeAlias = Annotated[SyntheticData | DigitsData, Field(discriminator="name")]
+DataSpec: TypeAlias = Annotated[SyntheticData | DigitsData | VtabData | ImageFolderData, Field(discriminator="name")]
 
 
 class OptimizerSpec(_Strict):
@@ -121,6 +122,8 @@ class TrainSpec(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    drop_last: bool = Field(False, description="drop the last incomplete training batch (FacT: true, SQT: false)")
+    eval_batch_size: int | None = Field(None, gt=0, description="test-split batch size; None: the run's batch size")
 
 
 class TunerEntry(_Strict):
@@ -129,7 +132,11 @@ class TunerEntry(_Strict):
     tuner: str
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    task_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-task knobs, keyed by data task (VTAB task name): override `params`"
+    )
     optimizer: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite optimizer")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train section")
 
 
 def _as_list(value: T | list[T]) -> list[T]:
@@ -143,7 +150,7 @@ class Suite(_Strict):
     description: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backbone: BackboneSpec | list[BackboneSpec] = Field(default_factory=BackboneSpec)
-    data: DataSpec
+    data: DataSpec | list[DataSpec] = Field(description="a dataset, or a list of datasets to sweep")
     tuners: list[TunerEntry] = Field(min_length=1)
     batch_size: int | list[int] = 32
     precision: Precision | list[Precision] = "fp32"
@@ -156,7 +163,7 @@ class Suite(_Strict):
 
     _source: str = PrivateAttr(default="<suite>")
 
-    @field_validator("backbone", "batch_size", "precision", "grad_checkpointing", "seed")
+    @field_validator("backbone", "data", "batch_size", "precision", "grad_checkpointing", "seed")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
@@ -174,6 +181,10 @@ class Suite(_Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    def datasets(self) -> list[DataSpec]:
+        """The suite's datasets as a list (`data` may be one spec or a list)."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
 
 
 class RunSpec(_Strict):
@@ -195,11 +206,13 @@ class RunSpec(_Strict):
     measure: MeasureSpec
     train: TrainSpec | None
     timeout_s: float = Field(gt=0)
+    data_root: str | None = Field(None, description="resolved --data-root / $PETLBENCH_DATA_ROOT (execution-only)")
 
     @property
     def run_id(self) -> str:
         """Short hash of the canonical spec (execution-only fields excluded) and the schema version."""
-        canonical = self.model_dump(mode="json", exclude={"suite", "timeout_s"})
+        execution_only: Any = {"suite": True, "timeout_s": True, "data_root": True, "data": {"num_workers"}}
+        canonical = self.model_dump(mode="json", exclude=execution_only)
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{text}|schema={SCHEMA_VERSION}".encode()).hexdigest()[:12]
 
@@ -389,57 +402,83 @@ def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
 # Expansion
 
 
-def expand(suite: Suite, device: Device) -> list[RunSpec]:
-    """All runs of a suite, in a fixed order: backbone × tuner entry × grid point × precision × batch × ckpt × seed."""
+def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[RunSpec]:
+    """All runs of a suite, in a fixed order: backbone × data × tuner entry × grid point × precision × batch × ckpt
+    × seed. `data_root` (the resolved --data-root) is carried to the workers; it is not part of any run_id."""
     configs = tuner_configs()
+    datasets = suite.datasets()
+    tasks = [task_key(d) for d in datasets]
+    entries = [_check_entry(suite, entry, index, configs, tasks) for index, entry in enumerate(suite.tuners)]
     runs: list[RunSpec] = []
     first_seen: dict[str, str] = {}
     for backbone in _as_list(suite.backbone):
-        for index, entry in enumerate(suite.tuners):
-            where = f"tuners[{index}]"
-            config_cls = configs.get(entry.tuner)
-            if config_cls is None:
-                raise ConfigError(f"{suite.source}: {where}.tuner: {unknown_tuner_message(entry.tuner, configs)}")
-            optimizer = _merge_optimizer(suite, entry, where)
-            for key, values in entry.grid.items():
-                if not values:
-                    raise ConfigError(f"{suite.source}: {where}.grid.{key}: empty list; give at least one value")
-                if key in entry.params:
-                    raise ConfigError(f"{suite.source}: {where}.grid.{key}: also set in params; keep one of the two")
-            for point in _grid_points(entry.grid):
-                config = _tuner_config(config_cls, {**entry.params, **point}, entry, suite.source, where)
-                for precision, batch_size, ckpt, seed in itertools.product(
-                    cast(list[Precision], _as_list(suite.precision)),
-                    _as_list(suite.batch_size),
-                    _as_list(suite.grad_checkpointing),
-                    _as_list(suite.seed),
-                ):
-                    run = RunSpec(
-                        suite=suite.name,
-                        device=device,
-                        backbone=backbone,
-                        data=suite.data,
-                        tuner=config.name,
-                        tuner_params=config.model_dump(mode="json"),
-                        knob_name=config.knob,
-                        knob=config.knob_value(),
-                        batch_size=batch_size,
-                        precision=precision,
-                        grad_checkpointing=ckpt,
-                        seed=seed,
-                        optimizer=optimizer,
-                        measure=suite.measure,
-                        train=suite.train,
-                        timeout_s=suite.timeout_s,
-                    )
-                    if run.run_id in first_seen:
-                        raise ConfigError(
-                            f"{suite.source}: {where}: repeats a run of {first_seen[run.run_id]} "
-                            f"({run.label()}); remove the duplicate"
+        for data, task in zip(datasets, tasks, strict=True):
+            for index, (entry, (config_cls, optimizer, train)) in enumerate(zip(suite.tuners, entries, strict=True)):
+                where = f"tuners[{index}]"
+                per_task = entry.task_params.get(task, {})
+                for point in _grid_points(entry.grid):
+                    params = {**entry.params, **per_task, **point}
+                    config = _tuner_config(config_cls, params, entry, suite.source, where, task)
+                    for precision, batch_size, ckpt, seed in itertools.product(
+                        cast(list[Precision], _as_list(suite.precision)),
+                        _as_list(suite.batch_size),
+                        _as_list(suite.grad_checkpointing),
+                        _as_list(suite.seed),
+                    ):
+                        run = RunSpec(
+                            suite=suite.name,
+                            device=device,
+                            backbone=backbone,
+                            data=data,
+                            tuner=config.name,
+                            tuner_params=config.model_dump(mode="json"),
+                            knob_name=config.knob,
+                            knob=config.knob_value(),
+                            batch_size=batch_size,
+                            precision=precision,
+                            grad_checkpointing=ckpt,
+                            seed=seed,
+                            optimizer=optimizer,
+                            measure=suite.measure,
+                            train=train,
+                            timeout_s=suite.timeout_s,
+                            data_root=data_root,
                         )
-                    first_seen[run.run_id] = where
-                    runs.append(run)
+                        if run.run_id in first_seen:
+                            raise ConfigError(
+                                f"{suite.source}: {where}: repeats a run of {first_seen[run.run_id]} "
+                                f"({run.label()}); remove the duplicate"
+                            )
+                        first_seen[run.run_id] = where
+                        runs.append(run)
     return runs
+
+
+def _check_entry(
+    suite: Suite, entry: TunerEntry, index: int, configs: Mapping[str, type[TunerConfig]], tasks: Sequence[str]
+) -> tuple[type[TunerConfig], OptimizerSpec, TrainSpec | None]:
+    """Validate what a tuner entry says beyond its knobs; return its config class, optimizer and train section."""
+    where = f"tuners[{index}]"
+    config_cls = configs.get(entry.tuner)
+    if config_cls is None:
+        raise ConfigError(f"{suite.source}: {where}.tuner: {unknown_tuner_message(entry.tuner, configs)}")
+    for key, values in entry.grid.items():
+        if not values:
+            raise ConfigError(f"{suite.source}: {where}.grid.{key}: empty list; give at least one value")
+        if key in entry.params:
+            raise ConfigError(f"{suite.source}: {where}.grid.{key}: also set in params; keep one of the two")
+    for task, params in entry.task_params.items():
+        if task not in tasks:
+            raise ConfigError(
+                f"{suite.source}: {where}.task_params.{task}: no dataset of this suite is task {task!r}; "
+                f"tasks here: {', '.join(dict.fromkeys(tasks))}"
+            )
+        for key in params:
+            if key in entry.grid:
+                raise ConfigError(
+                    f"{suite.source}: {where}.task_params.{task}.{key}: also swept in grid; keep one of the two"
+                )
+    return config_cls, _merge_optimizer(suite, entry, where), _merge_train(suite, entry, where)
 
 
 def _grid_points(grid: Mapping[str, Sequence[Any]]) -> Iterator[dict[str, Any]]:
@@ -449,15 +488,21 @@ def _grid_points(grid: Mapping[str, Sequence[Any]]) -> Iterator[dict[str, Any]]:
 
 
 def _tuner_config(
-    config_cls: type[TunerConfig], params: dict[str, Any], entry: TunerEntry, source: str, where: str
+    config_cls: type[TunerConfig],
+    params: dict[str, Any],
+    entry: TunerEntry,
+    source: str,
+    where: str,
+    task: str | None = None,
 ) -> TunerConfig:
     try:
         return config_cls.model_validate(params)
     except ValidationError as exc:
         lines = []
+        per_task = entry.task_params.get(task, {}) if task is not None else {}
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            section = "grid" if field in entry.grid else "params"
+            section = "grid" if field in entry.grid else f"task_params.{task}" if field in per_task else "params"
             loc = f"{where}.{section}.{'.'.join(str(p) for p in err['loc'])}"
             if err["type"] == "extra_forbidden":
                 lines.append(
@@ -479,6 +524,20 @@ def _merge_optimizer(suite: Suite, entry: TunerEntry, where: str) -> OptimizerSp
     except ValidationError as exc:
         raise ConfigError(
             "\n".join(format_validation_error(exc, suite.source, OptimizerSpec, prefix=f"{where}.optimizer"))
+        ) from None
+
+
+def _merge_train(suite: Suite, entry: TunerEntry, where: str) -> TrainSpec | None:
+    if not entry.train:
+        return suite.train
+    if suite.train is None:
+        raise ConfigError(f"{suite.source}: {where}.train: the suite has no train section to override; add one")
+    merged = {**suite.train.model_dump(), **entry.train}
+    try:
+        return TrainSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(
+            "\n".join(format_validation_error(exc, suite.source, TrainSpec, prefix=f"{where}.train"))
         ) from None
 
 

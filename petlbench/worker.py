@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from petlbench.backbone import build_backbone, prepare_hub_access
-from petlbench.data import load_data, num_classes
+from petlbench.backbone import build_backbone, prepare_hub_access, weights_identity
+from petlbench.data import FileSource, ImageSource, load_data, num_classes
+from petlbench.dataspec import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError, PetlbenchError
 from petlbench.measure.accuracy import train_and_evaluate
 from petlbench.measure.env import collect_env
@@ -81,8 +82,16 @@ def model_img_size(model: torch.nn.Module, fallback: int | None) -> int:
 
 def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
     """Fill `metrics` following the protocol in the module docstring. Partial results stay if a step fails."""
-    classes = num_classes(spec.data)
+    metrics.data_task = task_key(spec.data)
+    data: ImageSource | None = None
+    if isinstance(spec.data, VtabData | ImageFolderData):  # index (and check) the files first: cheap, no decoding
+        data = load_data(spec.data, spec.data_root)
+        record_data(data, metrics)
+    classes = data.num_classes if data is not None else num_classes(spec.data)
+    metrics.num_classes = classes
     tuned = build_model(spec, classes, device)
+    identity = weights_identity(spec.backbone, tuned.backbone)
+    metrics.weights_source, metrics.weights_ref, metrics.weights_sha256 = identity.source, identity.ref, identity.sha256
     model = tuned.module
     img_size = model_img_size(tuned.backbone, spec.backbone.img_size)
     metrics.params_total = tuned.params_total
@@ -136,7 +145,9 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
     if spec.train is not None:
         del step, optimizer, model, tuned, x, y
         _release(device)
-        data = load_data(spec.data)
+        if data is None:
+            data = load_data(spec.data, spec.data_root)
+            record_data(data, metrics)
         fresh = build_model(spec, classes, device)
         accuracy = train_and_evaluate(fresh.module, data, img_size, spec, device)
         metrics.acc_top1 = accuracy.final
@@ -146,6 +157,18 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
         metrics.train_time_s = accuracy.train_time_s
         metrics.num_train = accuracy.num_train
         metrics.num_test = accuracy.num_test
+
+
+def record_data(data: ImageSource, metrics: Metrics) -> None:
+    """The resolved dataset identity on the row: splits, sizes, folder, fingerprint."""
+    metrics.num_train, metrics.num_test = data.size("train"), data.size("test")
+    if isinstance(data, FileSource):
+        index = data.index
+        metrics.data_task = index.task
+        metrics.data_train_split, metrics.data_test_split = index.train_split, index.test_split
+        metrics.data_folder, metrics.data_fingerprint = str(index.folder), index.fingerprint
+    else:
+        metrics.data_train_split, metrics.data_test_split = "train", "test"
 
 
 def _measure_inference(
@@ -197,12 +220,13 @@ def execute(spec: RunSpec) -> RunResult:
     start = time.perf_counter()
     status: Status = "ok"
     error: str | None = None
+    error_type: str | None = None
     try:
         device = torch_device(spec)
         env = collect_env(device)
         measure(spec, device, metrics)
     except PetlbenchError as exc:
-        status, error = "error", str(exc)
+        status, error, error_type = "error", str(exc), type(exc).__name__
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -211,11 +235,13 @@ def execute(spec: RunSpec) -> RunResult:
         else:
             status, error = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             error += _where(exc)
+            error_type = type(exc).__name__
         log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
     return RunResult(
         spec=spec,
         status=status,
         error=error,
+        error_type=error_type,
         metrics=metrics,
         env=env,
         created_at=now_iso(),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from petlbench.data import ImageSource
+from petlbench.errors import DataError
 from petlbench.step import TrainStep, autocast, make_optimizer
 from petlbench.suite import Precision, RunSpec, TrainSpec
 
@@ -69,7 +70,12 @@ def train_and_evaluate(
         raise ValueError("train_and_evaluate needs spec.train")
     optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), spec.optimizer)
     step = TrainStep(model, optimizer, spec.precision, device.type, train.label_smoothing)
-    steps_per_epoch = math.ceil(data.size("train") / spec.batch_size)
+    rounding = math.floor if train.drop_last else math.ceil
+    steps_per_epoch = rounding(data.size("train") / spec.batch_size)
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"train.drop_last: {data.size('train')} training images make no full batch of {spec.batch_size}"
+        )
     total_steps = train.epochs * steps_per_epoch
     warmup_steps = round(train.warmup_epochs * steps_per_epoch)
     eval_every = train.eval_every or train.epochs
@@ -79,13 +85,17 @@ def train_and_evaluate(
     start = time.perf_counter()
     model.train()
     for epoch in range(1, train.epochs + 1):
-        for x, y in data.batches("train", spec.batch_size, img_size, shuffle=True, seed=spec.seed * 100_003 + epoch):
+        seed = spec.seed * 100_003 + epoch
+        for x, y in data.batches(
+            "train", spec.batch_size, img_size, shuffle=True, seed=seed, drop_last=train.drop_last
+        ):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(iteration, total_steps, warmup_steps, spec.optimizer.lr, train)
             loss = step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             iteration += 1
         if epoch % eval_every == 0 or epoch == train.epochs:
-            final = evaluate(model, data, img_size, spec.batch_size, spec.precision, device)
+            eval_batch = train.eval_batch_size or spec.batch_size
+            final = evaluate(model, data, img_size, eval_batch, spec.precision, device)
             if final > best:
                 best, best_epoch = final, epoch
             log.info("epoch %d/%d loss %.4f test top-1 %.4f", epoch, train.epochs, float(loss), final)
