@@ -12,6 +12,7 @@ from petlbench.tuners.base import Tuner
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
+from petlbench.tuners.sqt import Sqt
 
 AnyTuner = type[Tuner[Any]]
 
@@ -26,7 +27,7 @@ def _build(tuners: Iterable[AnyTuner]) -> Mapping[str, AnyTuner]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build([Full, Linear, Lora])
+TUNERS: Final = _build([Full, Linear, Lora, Sqt])
 
 
 def tuner_classes() -> Mapping[str, AnyTuner]:
