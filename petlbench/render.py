@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from petlbench.budget import CheckResult, format_value
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
 from petlbench.results import RunResult
 from petlbench.suite import RunSpec
@@ -129,3 +130,51 @@ def _show_default(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)
+
+
+def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Table:
+    """`petlbench check`: every checked (row, limit) with actual vs budget and PASS/FAIL; fits 80 columns."""
+    settings = sorted({c.setting for c in checks})
+    one_setting = len(settings) == 1
+    if one_setting and title:
+        title += f" ({settings[0]})"
+    table = Table(title=title, header_style="bold", box=None, pad_edge=False, padding=(0, 1))
+    notes = any(c.note for c in checks)
+    columns = ("", "run", *([] if one_setting else ["setting"]), "metric", "actual", "budget", "use", "entry")
+    for column in (*columns, *(["note"] if notes else [])):
+        table.add_column(
+            column, justify="right" if column in ("actual", "budget", "use") else "left", no_wrap=column != "note"
+        )
+    for c in checks:
+        use = f"{100 * c.actual / c.limit:.0f}%" if c.actual is not None and c.limit else "-"
+        sign = "≤" if c.op == "<=" else "≥"
+        cells: list[Text | str] = [
+            Text("PASS", style="green") if c.passed else Text("FAIL", style="bold red"),
+            c.row,
+            *([] if one_setting else [c.setting]),
+            _metric_name(c),
+            format_value(c.actual, c.kind),
+            f"{sign} {format_value(c.limit, c.kind)}",
+            use,
+            c.where,
+        ]
+        if notes:
+            cells.append(Text(c.note, style="dim" if c.passed else "red"))
+        table.add_row(*cells)
+    return table
+
+
+_METRIC_NAMES = {
+    "peak_allocated_bytes": "peak",
+    "peak_reserved_bytes": "reserved",
+    "peak_infer_bytes": "infer peak",
+    "params_trainable": "params",
+    "train_images_per_s": "img/s",
+}
+
+
+def _metric_name(check: CheckResult) -> str:
+    """'peak', 'trainable', or 'peak ÷ full' for a ratio."""
+    column = check.metric.removesuffix(" ratio")
+    name = _METRIC_NAMES.get(column, column)
+    return f"{name} ÷ {check.versus}" if check.kind == "ratio" else name
