@@ -170,7 +170,7 @@ def _unique(slug: str, taken: set[str]) -> str:
 def points(rows: pd.DataFrame) -> pd.DataFrame:
     """One point per (variant, batch size): metrics averaged over the ok runs (seeds); else the failure.
 
-    Columns: variant, tuner, knob, batch_size, status, runs (ok runs averaged), error, and METRICS.
+    Columns: variant, tuner, knob_name, knob, batch_size, status, runs (ok runs averaged), error, and METRICS.
     """
     import pandas as pd
 
@@ -182,6 +182,7 @@ def points(rows: pd.DataFrame) -> pd.DataFrame:
         record: dict[str, Any] = {
             "variant": variant,
             "tuner": members["tuner"].iloc[0],
+            "knob_name": members["knob_name"].iloc[0],
             "knob": members["knob"].iloc[0],
             "batch_size": batch,
             "status": status,
@@ -191,7 +192,7 @@ def points(rows: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             record[metric] = source[metric].mean() if metric in source else float("nan")
         records.append(record)
-    columns = ["variant", "tuner", "knob", "batch_size", "status", "runs", "error", *METRICS]
+    columns = ["variant", "tuner", "knob_name", "knob", "batch_size", "status", "runs", "error", *METRICS]
     out: pd.DataFrame = pd.DataFrame.from_records(records, columns=columns)
     return out
 

@@ -34,6 +34,7 @@ from petlbench.report.style import (
     place_labels,
     style_axis,
 )
+from petlbench.rows import knob_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -228,7 +229,7 @@ def _panel(
             color = colors[str(p["tuner"])]
             ax.scatter([x], [y], s=60, color=color, edgecolors="black", linewidths=0.7, zorder=4)
             obstacles.append((x, y))
-            labels.append(Label(x, y, str(p["variant"]), color, priority=True, size=8.5))
+        labels.extend(_front_labels(ax, ordered, fx, fy, colors))
     # OOM: a red-edged cross per run; those that share a spot get one label
     spots: dict[tuple[float, float], list[str]] = {}
     for (_, p), known_x in zip(oom.iterrows(), oom_xs, strict=True):
@@ -257,6 +258,32 @@ def _panel(
             color="#777777",
         )
     return labels, obstacles
+
+
+def _front_labels(
+    ax: Axes, ordered: pd.DataFrame, fx: list[float], fy: list[float], colors: dict[str, str]
+) -> list[Label]:
+    """One label per front point, except that neighbouring points of one tuner that sit close together share
+    one label ('sqt num_queries=8, 16, 32', in front order) instead of stacking three."""
+    screen = ax.transData.transform(list(zip(fx, fy, strict=True)))
+    tuners = [str(t) for t in ordered["tuner"]]
+    runs: list[list[int]] = []
+    for i in range(len(tuners)):
+        if runs and tuners[runs[-1][-1]] == tuners[i] and math.dist(screen[i], screen[runs[-1][-1]]) < 40:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    labels = []
+    for run in runs:
+        first = ordered.iloc[run[0]]
+        if len(run) == 1:
+            text = str(first["variant"])
+        else:
+            values = [knob_text(first["knob_name"], ordered.iloc[i]["knob"]).partition("=")[2] for i in run]
+            text = f"{first['tuner']} {first['knob_name']}={', '.join(values)}"
+        middle = run[len(run) // 2]
+        labels.append(Label(fx[middle], fy[middle], text, colors[tuners[middle]], priority=True, size=8.5))
+    return labels
 
 
 def _better(spec: ParetoSpec) -> str:

@@ -22,6 +22,8 @@ from petlbench.report.style import (
     new_figure,
     padded_limits,
     place_labels,
+    set_log_ticks,
+    stack_labels,
     style_axis,
 )
 
@@ -73,7 +75,8 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame, colors: dict[str, str])
         )
 
     handles: list[Line2D] = []
-    labels: list[Label] = []
+    ends: list[Label] = []  # lines reaching the largest batch: labelled in a column right of the axes
+    inline: list[Label] = []  # lines that stop earlier: labelled next to their last point
     obstacles: list[tuple[float, float]] = []
     seen: dict[str, int] = {}
     for variant in variant_order(pts[pts["status"].isin(["ok", "oom"])]):
@@ -87,26 +90,30 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame, colors: dict[str, str])
         gx = [float(b) for b in good["batch_size"]]
         gy = [yscale(v) for v in good["peak_allocated_bytes"]]
         ax.plot(gx, gy, color=color, ls=style, marker=marker, ms=5, lw=1.5, zorder=3)
-        obstacles.extend(zip(gx, gy, strict=True))
-        obstacles.extend(along(gx, gy, xlog, yscale.log))
+        obstacles.extend([*zip(gx, gy, strict=True), *along(gx, gy, xlog, yscale.log)])
         failed = rows[rows["status"] == "oom"]
-        if len(failed) and oom_y is not None:
-            fx = [float(b) for b in failed["batch_size"]]
+        fx = [float(b) for b in failed["batch_size"]]
+        if fx and oom_y is not None:
             ax.scatter(fx, [oom_y] * len(fx), marker="X", s=70, color=color, edgecolors=OOM_COLOR, zorder=5)
             if gx:
                 ax.plot([gx[-1], fx[0]], [gy[-1], oom_y], color=color, ls=":", lw=1.0, alpha=0.7)
-        handles.append(Line2D([], [], color=color, ls=style, marker=marker, ms=5, label=variant))
         if gx:
-            labels.append(Label(gx[-1], gy[-1], variant, color, priority=False, size=7))
+            (ends if gx[-1] == batches[-1] else inline).append(Label(gx[-1], gy[-1], variant, color))
+        elif fx and oom_y is not None:
+            inline.append(Label(fx[0], oom_y, f"{variant} (OOM)", color))
     if len(oom):
         where = "on the capacity line" if cap is not None else "along the top"
         handles.append(
             Line2D([], [], marker="X", ls="", color="#888888", markeredgecolor=OOM_COLOR, ms=8, label=f"OOM ({where})")
         )
+    handles.append(Line2D([], [], color="#555555", lw=1.5, label="one line per method (labelled at its last ok batch)"))
     fig.suptitle(f"Peak memory vs batch size\n{group.title}", fontsize=11)
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    set_log_ticks(fig)
+    fig.canvas.draw()  # lay out once, to know the axes height the labels are stacked in
+    stack_labels(fig, ax, ends, yscale.log)
     freeze_layout(fig)
-    place_labels(fig, ax, labels, obstacles)
+    place_labels(fig, ax, inline, obstacles)
     return fig
 
 

@@ -207,7 +207,7 @@ def place_labels(fig: Figure, ax: Axes, labels: Sequence[Label], obstacles: Sequ
         if cost > 0 and not label.priority:
             text.remove()
             continue
-        if abs(text.xyann[0]) + abs(text.xyann[1]) > 25:
+        if abs(text.xyann[0]) + abs(text.xyann[1]) > 14:  # far from its point: draw a leader line
             ax.annotate(
                 "",
                 (label.x, label.y),
@@ -232,6 +232,13 @@ def _outside(box: Bbox, frame: Bbox) -> float:
 def freeze_layout(fig: Figure) -> None:
     """Pick log ticks for the final limits, run the constrained layout once, then fix it, so label positions
     measured now stay true when saved."""
+    set_log_ticks(fig)
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+
+
+def set_log_ticks(fig: Figure) -> None:
+    """Log-axis ticks for the final limits: 1..9 within a decade, 1-2-5 over a few, powers of ten beyond."""
     for ax in fig.axes:
         for axis, (low, high) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
             fixed = not isinstance(axis.get_major_locator(), LogLocator)  # e.g. batch sizes as ticks
@@ -239,8 +246,43 @@ def freeze_layout(fig: Figure) -> None:
                 decades = math.log10(high / low)
                 subs = tuple(range(1, 10)) if decades < 1.2 else (1, 2, 5) if decades < 3.5 else (1,)
                 axis.set_major_locator(LogLocator(base=10, subs=[float(s) for s in subs]))
-    fig.canvas.draw()
-    fig.set_layout_engine("none")
+
+
+def stack_labels(fig: Figure, ax: Axes, ends: Sequence[Label], ylog: bool) -> None:
+    """Direct labels for line ends: a column just right of the axes, in the same vertical order as the ends,
+    spread apart so none overlap, each tied to its end by a thin leader line."""
+    if not ends:
+        return
+    low, high = ax.get_ylim()
+
+    def fraction(y: float) -> float:
+        if ylog:
+            return (math.log(y) - math.log(low)) / (math.log(high) - math.log(low))
+        return (y - low) / (high - low)
+
+    height_pt = ax.get_position().height * fig.get_figheight() * 72
+    gap = min(1.4 * max(e.size for e in ends) / height_pt, 1.0 / len(ends))
+    order = sorted(range(len(ends)), key=lambda i: fraction(ends[i].y))
+    spots = [min(max(fraction(ends[i].y), 0.0), 1.0) for i in order]
+    for k in range(1, len(spots)):  # push up to keep the gap
+        spots[k] = max(spots[k], spots[k - 1] + gap)
+    if spots[-1] > 1.0:  # then pull down from the top
+        spots[-1] = 1.0
+        for k in range(len(spots) - 2, -1, -1):
+            spots[k] = min(spots[k], spots[k + 1] - gap)
+    for i, spot in zip(order, spots, strict=True):
+        end = ends[i]
+        ax.annotate(
+            end.text,
+            (end.x, end.y),
+            xytext=(1.02, spot),
+            textcoords="axes fraction",
+            ha="left",
+            va="center",
+            fontsize=end.size,
+            color=end.color,
+            arrowprops={"arrowstyle": "-", "color": end.color, "lw": 0.6, "alpha": 0.6, "shrinkA": 1, "shrinkB": 3},
+        )
 
 
 def along(
