@@ -83,6 +83,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Measured, so empty on a run that failed before measuring: such a row still matches (and fails its checks),
+# so a crashed tuner shows up as a FAIL naming the run instead of as a budget that selects nothing.
+_MEASURED_SELECTORS: Final = frozenset({"memory_source", "gpu_name"})
 # selector field → result column
 SELECTOR_COLUMNS: Final = {
     "suite": "suite",
@@ -261,7 +264,10 @@ def select(frame: pd.DataFrame, selector: Selector) -> pd.DataFrame:
         if column not in frame:
             mask &= False
             break
-        mask &= frame[column].isin(wanted if isinstance(wanted, list) else [wanted])
+        hits = frame[column].isin(wanted if isinstance(wanted, list) else [wanted])
+        if key in _MEASURED_SELECTORS:
+            hits |= frame[column].isna() & (frame["status"] != "ok")
+        mask &= hits
     selected: pd.DataFrame = frame[mask]
     return selected
 
@@ -398,7 +404,8 @@ def _no_match(source: str, where: str, selector: Selector, results: pd.DataFrame
         present = sorted({_show(v) for v in results[column].dropna()}) if column in results else []
         values = wanted if isinstance(wanted, list) else [wanted]
         if not any(_show(v) in present for v in values):
-            hints.append(f"no row has {key}={','.join(_show(v) for v in values)} (results have: {', '.join(present)})")
+            have = ", ".join(present) or "none"
+            hints.append(f"no row has {key}={','.join(_show(v) for v in values)} (results have: {have})")
     hint = "; ".join(hints) if hints else "no row matches all fields together"
     return (
         f"{source}: {where}.{field}: selects no result row ({selector.describe()}): {hint}; "
@@ -534,14 +541,14 @@ class CheckReport:
         return [c for c in self.checks if not c.passed]
 
     def failure_message(self, limit: int = 5) -> str:
-        """Line 1: what is over budget (the first few); line 2: how to accept the change."""
+        """Line 1: what failed (the first few); line 2, when a value is over its budget: how to accept it."""
         failed = self.failed
         shown = "; ".join(_failure_text(c) for c in failed[:limit])
         more = f"; and {len(failed) - limit} more" if len(failed) > limit else ""
-        return (
-            f"{len(failed)} check(s) over budget: {shown}{more}\n"
-            f"if the increase is intended, regenerate the budgets and review the diff: {self.regenerate}"
-        )
+        lines = [f"{len(failed)} check(s) failed: {shown}{more}"]
+        if any(c.actual is not None for c in failed):
+            lines.append(f"if the increase is intended, regenerate the budgets and review the diff: {self.regenerate}")
+        return "\n".join(lines)
 
 
 def _failure_text(c: CheckResult) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -132,19 +133,21 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
-def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Table:
-    """`petlbench check`: every checked (row, limit) with actual vs budget and PASS/FAIL; fits 80 columns."""
+def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Group:
+    """`petlbench check`: every checked (row, limit) with actual vs budget and PASS/FAIL, fitting 80 columns;
+    checks without a value are marked [n] in the table and explained in numbered notes below it."""
     settings = sorted({c.setting for c in checks})
     one_setting = len(settings) == 1
     if one_setting and title:
         title += f" ({settings[0]})"
     table = Table(title=title, header_style="bold", box=None, pad_edge=False, padding=(0, 1))
-    notes = any(c.note for c in checks)
     columns = ("", "run", *([] if one_setting else ["setting"]), "metric", "actual", "budget", "use", "entry")
-    for column in (*columns, *(["note"] if notes else [])):
-        table.add_column(
-            column, justify="right" if column in ("actual", "budget", "use") else "left", no_wrap=column != "note"
-        )
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("actual", "budget", "use") else "left", no_wrap=True)
+    numbers: dict[str, int] = {}  # one numbered note per distinct explanation
+    for c in checks:
+        if c.note:
+            numbers.setdefault(f"{c.row}: {c.note}", len(numbers) + 1)
     for c in checks:
         use = f"{100 * c.actual / c.limit:.0f}%" if c.actual is not None and c.limit else "-"
         sign = "≤" if c.op == "<=" else "≥"
@@ -153,15 +156,14 @@ def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Tabl
             c.row,
             *([] if one_setting else [c.setting]),
             _metric_name(c),
-            format_value(c.actual, c.kind),
+            f"[{numbers[f'{c.row}: {c.note}']}]" if c.note else format_value(c.actual, c.kind),
             f"{sign} {format_value(c.limit, c.kind)}",
             use,
             c.where,
         ]
-        if notes:
-            cells.append(Text(c.note, style="dim" if c.passed else "red"))
         table.add_row(*cells)
-    return table
+    notes = Text("\n".join(f"[{n}] {text}" for text, n in numbers.items()), style="red")
+    return Group(table, notes) if numbers else Group(table)
 
 
 _METRIC_NAMES = {

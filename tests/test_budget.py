@@ -269,7 +269,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     text = flat(result.output)
     assert "FAIL linear bs=16" in text and "PASS linear bs=8" in text
-    assert "error: 1 check(s) over budget: linear bs=16 (smoke fp32 cpu) peak_allocated_bytes" in text
+    assert "error: 1 check(s) failed: linear bs=16 (smoke fp32 cpu) peak_allocated_bytes" in text
     assert "peak_allocated_bytes 20.00 MiB > 15.00 MiB (budgets[0], run smoke-linear-" in text
     assert "regenerate the budgets and review the diff: petlbench check" in text
 
@@ -313,3 +313,23 @@ def test_committed_budgets_follow_the_cpu_rules() -> None:
             assert budget.select.memory_source == "cpu_tracker", budget
         if budget.select.device == "cpu":
             assert budget.min_train_images_per_s is None, budget
+
+
+def test_a_crashed_run_fails_its_budget_instead_of_hiding_it(tmp_path: Path) -> None:
+    """A run that crashed before measuring has no memory_source; budgets selecting cpu_tracker rows still see it."""
+    crashed = row("lora", 8, knob=8, device="cpu", status="error", suite="smoke", error="RuntimeError: boom\ntrace")
+    crashed["memory_source"] = None
+    results = write([*cpu_rows()[:2], crashed], tmp_path / "results" / "smoke")
+    budgets = write_budgets(
+        tmp_path / "b.yaml",
+        "budgets:\n"
+        "  - select: {tuner: lora, memory_source: cpu_tracker}\n    max_peak_allocated_bytes: 30MiB\n"
+        "  - select: {tuner: linear, memory_source: cpu_tracker}\n    max_peak_allocated_bytes: 30MiB\n",
+    )
+    result = CliRunner().invoke(app, ["check", "--budgets", str(budgets), str(results)])
+    assert result.exit_code == 1, result.output
+    text = flat(result.output)
+    assert "FAIL lora rank=8 bs=8 peak [1] ≤ 30.00 MiB" in text
+    assert "[1] lora rank=8 bs=8: run ended error: RuntimeError: boom" in text
+    assert "error: 1 check(s) failed: lora rank=8 bs=8 (smoke fp32 cpu) peak_allocated_bytes: run ended error" in text
+    assert "regenerate" not in text  # nothing is over budget: re-running, not re-baselining, is the fix

@@ -61,7 +61,7 @@ def test_lora_over_budget_fails_check_and_restoring_it_passes(tmp_path: Path) ->
     text = flat(failed.output)
     assert "FAIL lora rank=64 bs=8 peak" in text
     assert "FAIL lora rank=64 bs=8 params" in text
-    assert "error: 2 check(s) over budget: lora rank=64 bs=8 (smoke fp32 cpu) peak_allocated_bytes" in text
+    assert "error: 2 check(s) failed: lora rank=64 bs=8 (smoke fp32 cpu) peak_allocated_bytes" in text
     assert bigger.run_id in text
 
     restored = measure(lora, tmp_path / "restored")

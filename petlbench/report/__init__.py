@@ -269,8 +269,11 @@ def _pareto_section(
         fig = pareto_figure(group, pts, spec, flags[spec.name], colors)
         stem = _save(fig, out, f"pareto-{spec.name}-{group.slug}", figures)
         blocks.append(Image(stem, f"{spec.title}, {group.title}"))
-        for batch, names in front_sequences(pts, spec, flags[spec.name]):
-            fronts.append(f"**{spec.title}** ({describe_axes(spec)}), batch {batch}: {' → '.join(names)}")
+        panels = [
+            f"batch {batch}: {' → '.join(names)}" for batch, names in front_sequences(pts, spec, flags[spec.name])
+        ]
+        if panels:
+            fronts.append(f"**{spec.title}** ({describe_axes(spec)}) — " + "; ".join(panels))
     blocks.append(Heading("Frontier", 4))
     blocks.append(Bullets(fronts or ["(no point has both values)"]))
     multi_seed = bool((pts["runs"] > 1).any())
