@@ -252,17 +252,17 @@ def check(
             )
             out.print(f"review it by hand; regenerate with: {command}", soft_wrap=True)
             return
-        report_ = check_files(paths, budgets)
+        outcome = check_files(paths, budgets)
     except PetlbenchError as exc:
         _fail(exc)
-    out.print(check_table(report_.checks, title=f"{budgets}: {len(report_.checks)} checks"))
-    failed = [c for c in report_.checks if not c.passed]
+    out.print(check_table(outcome.checks, title=f"{budgets}: {len(outcome.checks)} checks"))
+    failed = outcome.failed
     out.print(
-        f"{len(report_.checks) - len(failed)} passed, {len(failed)} failed"
-        + (f"; {len(report_.uncovered)} rows no budget selects" if report_.uncovered else "")
+        f"{len(outcome.checks) - len(failed)} passed, {len(failed)} failed"
+        + (f"; {len(outcome.uncovered)} rows no budget selects" if outcome.uncovered else "")
     )
     if failed:
-        _fail(BudgetExceeded(report_.failure_message()))
+        _fail(BudgetExceeded(outcome.failure_message()))
 
 
 def main() -> None:

@@ -176,7 +176,7 @@ _METRIC_NAMES = {
 
 
 def _metric_name(check: CheckResult) -> str:
-    """'peak', 'trainable', or 'peak ÷ full' for a ratio."""
+    """'peak', 'params', or 'peak ÷ full' for a ratio."""
     column = check.metric.removesuffix(" ratio")
     name = _METRIC_NAMES.get(column, column)
     return f"{name} ÷ {check.versus}" if check.kind == "ratio" else name

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from petlbench.errors import ResultsError
+from petlbench.fmt import fmt_knob
 from petlbench.results import load_results
 
 if TYPE_CHECKING:
@@ -95,11 +96,7 @@ def missing(value: Any) -> bool:
 
 def knob_text(name: Any, value: Any) -> str:
     """'rank=8', or '' for a tuner without a headline knob."""
-    if missing(name) or missing(value):
-        return ""
-    number = float(value)
-    shown = str(int(number)) if number.is_integer() else f"{number:g}"
-    return f"{name}={shown}"
+    return "" if missing(name) or missing(value) else fmt_knob(str(name), float(value))
 
 
 def variant_label(tuner: Any, knob_name: Any, knob: Any) -> str:

@@ -102,7 +102,13 @@ def sweep() -> list[dict[str, Any]]:
         rows.append(
             row("full", batch, peak=(12 + 9 * f) * GiB, params=85_800_000, ips=300 / f**0.1, acc=0.90)
             if batch < 128
-            else row("full", batch, status="oom", error="out of memory at batch size 128: CUDA out of memory")
+            else row(
+                "full",
+                batch,
+                status="oom",
+                params=85_800_000,
+                error="out of memory at batch size 128: CUDA out of memory",
+            )
         )
         rows.append(row("linear", batch, peak=(0.4 + 1.5 * f) * GiB, params=77_000, ips=1400, acc=0.70))
         rows.append(row("lora", batch, knob=4, peak=(0.6 + 3 * f) * GiB, params=300_000, ips=900, acc=0.86))

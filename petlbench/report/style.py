@@ -17,8 +17,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
-from petlbench.fmt import fmt_bytes
-
 UnitKind: TypeAlias = Literal["bytes", "count", "rate", "pct"]
 
 # tab10 without red (red means OOM / capacity in every figure)
@@ -123,10 +121,6 @@ def padded_limits(values: Sequence[float], log: bool, pad: float = 0.08) -> tupl
         return low / factor, high * factor
     span = high - low or abs(high) or 1.0
     return low - span * pad, high + span * pad
-
-
-def capacity_text(capacity: float | None) -> str:
-    return f"device capacity {fmt_bytes(capacity)}" if capacity else ""
 
 
 @dataclass
@@ -244,7 +238,7 @@ def set_log_ticks(fig: Figure) -> None:
             fixed = not isinstance(axis.get_major_locator(), LogLocator)  # e.g. batch sizes as ticks
             if axis.get_scale() == "log" and not fixed and low > 0 and high > low:
                 decades = math.log10(high / low)
-                subs = tuple(range(1, 10)) if decades < 1.2 else (1, 2, 5) if decades < 3.5 else (1,)
+                subs = tuple(range(1, 10)) if decades < 1.2 else (1, 2, 5) if decades < 2.5 else (1,)
                 axis.set_major_locator(LogLocator(base=10, subs=[float(s) for s in subs]))
 
 
