@@ -111,6 +111,12 @@ class MeasureSpec(_Strict):
     breakdown: bool = Field(True, description="one extra step under the tensor tracker (weights/grads/opt/act)")
     inference: bool = Field(True, description="also measure inference peak and images/s")
     nvml_interval_ms: float = Field(5.0, gt=0, description="NVML sampling period during measured steps (GPU)")
+    cpu_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads of a CPU run (training included); None: torch's default, one per core. "
+        "1 keeps tiny models fast on a shared machine, where spinning OpenMP threads stall each other",
+    )
 
 
 class TrainSpec(_Strict):
@@ -212,6 +218,8 @@ class RunSpec(_Strict):
     def run_id(self) -> str:
         """Short hash of the canonical spec (execution-only fields excluded) and the schema version."""
         execution_only: Any = {"suite": True, "timeout_s": True, "data_root": True, "data": {"num_workers"}}
+        if self.measure.cpu_threads is None:  # added later: unset, it leaves every earlier run_id unchanged
+            execution_only["measure"] = {"cpu_threads"}
         canonical = self.model_dump(mode="json", exclude=execution_only)
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{text}|schema={SCHEMA_VERSION}".encode()).hexdigest()[:12]

@@ -1,28 +1,18 @@
-"""VTAB-1k: the 19 tasks (METHODS.md §0.4 order, groups, class counts) and the two ways of averaging them.
-
-Torch- and pandas-free: the suite validator reads the class counts, and `vtab_table` turns result rows into the
-tasks × methods table a report prints, with both averages:
+"""VTAB-1k facts: the 19 tasks (METHODS.md §0.4 order, groups, class counts) and the two ways of averaging them.
 
 - **group mean**: the mean of the Natural (7), Specialized (4) and Structured (8) group means — the VPT, NOAH,
   FacT (and very likely SQT) papers' "Average";
 - **flat mean**: the mean over the 19 tasks — V-PETL Bench's "Mean".
 
-Wiring it into a report (`petlbench report` is a separate module)::
-
-    from petlbench.results import load_results
-    from petlbench.vtab import vtab_table
-
-    rows = load_results([Path("results/accuracy-vtab")]).to_dict("records")
-    print(vtab_table(rows, metric="acc_top1").to_markdown())       # final-epoch accuracy
-    print(vtab_table(rows, metric="acc_top1_best").to_markdown())  # best of the test evaluations (test-selected)
+Torch- and pandas-free (the suite validator reads the class counts). `petlbench.report.vtab` turns result rows
+into the tasks × methods table with both means.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeAlias
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
 
 Group: TypeAlias = Literal["Natural", "Specialized", "Structured"]
 GROUPS: Final[tuple[Group, ...]] = ("Natural", "Specialized", "Structured")
@@ -66,7 +56,7 @@ TASKS_BY_NAME: Final[Mapping[str, VtabTask]] = {t.name: t for t in VTAB_TASKS}
 
 def group_mean(values: Mapping[str, float]) -> float | None:
     """Mean of the three group means over {task name: accuracy}; None unless all 19 tasks are present."""
-    means = [_group_means(values).get(g) for g in GROUPS]
+    means = [group_means(values).get(g) for g in GROUPS]
     return None if any(m is None for m in means) else sum(m for m in means if m is not None) / len(GROUPS)
 
 
@@ -77,7 +67,7 @@ def flat_mean(values: Mapping[str, float]) -> float | None:
     return sum(values[t.name] for t in VTAB_TASKS) / len(VTAB_TASKS)
 
 
-def _group_means(values: Mapping[str, float]) -> dict[Group, float]:
+def group_means(values: Mapping[str, float]) -> dict[Group, float]:
     """Mean of each group whose tasks are all present (an incomplete group has no mean)."""
     out: dict[Group, float] = {}
     for group in GROUPS:
@@ -85,122 +75,3 @@ def _group_means(values: Mapping[str, float]) -> dict[Group, float]:
         if all(name in values for name in tasks):
             out[group] = sum(values[name] for name in tasks) / len(tasks)
     return out
-
-
-@dataclass(frozen=True)
-class VtabRow:
-    """One method's accuracies (percent) per task, its group means and both overall means."""
-
-    method: str
-    tasks: Mapping[str, float]  # task name → accuracy in percent (mean over seeds)
-    runs: Mapping[str, int]  # task name → number of result rows averaged
-    groups: Mapping[Group, float]
-    group_mean: float | None
-    flat_mean: float | None
-
-
-@dataclass(frozen=True)
-class VtabTable:
-    """Tasks × methods, in METHODS.md §0.4 task order; `metric` says which accuracy column it holds."""
-
-    metric: str
-    rows: tuple[VtabRow, ...]
-    ignored: int = 0  # rows that were not VTAB-1k, not ok, or had no value for the metric
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def to_markdown(self, digits: int = 1) -> str:
-        """A GitHub-markdown table: per-task accuracy (%), the three group means, group mean and flat mean."""
-        header = ["method", *(t.display for t in VTAB_TASKS), *GROUPS, "group mean", "flat mean"]
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
-        ]
-        for row in self.rows:
-            cells = [row.method]
-            cells += [_fmt(row.tasks.get(t.name), digits) for t in VTAB_TASKS]
-            cells += [_fmt(row.groups.get(g), 2) for g in GROUPS]
-            cells += [_fmt(row.group_mean, 2), _fmt(row.flat_mean, 2)]
-            lines.append("| " + " | ".join(cells) + " |")
-        caption = METRIC_CAPTIONS.get(self.metric, f"`{self.metric}`")
-        notes = [caption, *self.notes]
-        if self.ignored:
-            notes.append(f"{self.ignored} result rows were not ok VTAB-1k rows with `{self.metric}` and were left out.")
-        return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-METRIC_CAPTIONS: Final[Mapping[str, str]] = {
-    "acc_top1": "Top-1 (%) of the final epoch on the test split. Group mean = mean of the Natural/Specialized/"
-    "Structured means (VPT/NOAH/FacT papers); flat mean = mean of the 19 tasks (V-PETL Bench).",
-    "acc_top1_best": "Top-1 (%), best of the periodic test evaluations: **selected on the test split** (the "
-    "FacT/NOAH/SQT papers' protocol; optimistic). Group mean = mean of the three group means; flat mean = mean of "
-    "the 19 tasks.",
-}
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-MethodKey: TypeAlias = Callable[[Mapping[str, Any]], str]
-
-
-def method_by(columns: Sequence[str] = ("tuner",)) -> MethodKey:
-    """A method label from result columns, e.g. ("tuner", "tuner.variant") → 'fact variant=tk'."""
-
-    def key(row: Mapping[str, Any]) -> str:
-        parts = [str(row.get(columns[0]))]
-        for column in columns[1:]:
-            value = row.get(column)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                parts.append(f"{column.split('.')[-1]}={value}")
-        return " ".join(parts)
-
-    return key
-
-
-def vtab_table(
-    rows: Iterable[Mapping[str, Any]],
-    metric: Literal["acc_top1", "acc_top1_best"] | str = "acc_top1",
-    method: MethodKey | Sequence[str] = ("tuner",),
-    scale: float = 100.0,
-) -> VtabTable:
-    """Tasks × methods from result rows (dicts with `data.name`, `data.task`, `status` and `metric`).
-
-    Rows of the same method and task (seeds, repeats) are averaged. Accuracies are stored as fractions; `scale`
-    turns them into percent. A method's group means and overall means are only given when their tasks are all
-    present (a missing task is never averaged away). Methods keep the order they first appear in.
-
-    Args:
-        rows: result rows, e.g. `load_results(...).to_dict("records")`.
-        metric: `acc_top1` (final epoch) or `acc_top1_best` (best of the test evaluations: test-selected).
-        method: columns that name a method (default the tuner) or a function row → label.
-        scale: multiplier applied to the stored values (100: fractions → percent).
-    """
-    key = method if callable(method) else method_by(method)
-    sums: dict[str, dict[str, list[float]]] = {}
-    ignored = 0
-    for row in rows:
-        task = row.get("data.task")
-        value = row.get(metric)
-        ok = row.get("status", "ok") == "ok" and row.get("data.name", "vtab1k") == "vtab1k"
-        if not ok or task not in TASKS_BY_NAME or value is None or (isinstance(value, float) and math.isnan(value)):
-            ignored += 1
-            continue
-        sums.setdefault(key(row), {}).setdefault(str(task), []).append(float(value) * scale)
-    table_rows = []
-    for name, per_task in sums.items():
-        tasks = {t: sum(v) / len(v) for t, v in per_task.items()}
-        table_rows.append(
-            VtabRow(
-                method=name,
-                tasks=tasks,
-                runs={t: len(v) for t, v in per_task.items()},
-                groups=_group_means(tasks),
-                group_mean=group_mean(tasks),
-                flat_mean=flat_mean(tasks),
-            )
-        )
-    notes = []
-    if any(n > 1 for r in table_rows for n in r.runs.values()):
-        notes.append("Cells with several result rows (seeds, repeats) show their mean.")
-    return VtabTable(metric=metric, rows=tuple(table_rows), ignored=ignored, notes=tuple(notes))

@@ -222,6 +222,8 @@ def execute(spec: RunSpec) -> RunResult:
     error: str | None = None
     error_type: str | None = None
     try:
+        if spec.device == "cpu" and spec.measure.cpu_threads is not None:
+            torch.set_num_threads(spec.measure.cpu_threads)  # before any op; env records the value in effect
         device = torch_device(spec)
         env = collect_env(device)
         measure(spec, device, metrics)
