@@ -23,7 +23,7 @@ from petlbench.worker import build_model, model_img_size
 
 def estimate_memory(spec: RunSpec) -> Metrics:
     """Predicted peak bytes and their breakdown for one run, as a CPU run of the same spec would measure them."""
-    classes = num_classes(spec.data)
+    classes = num_classes(spec.data, spec.data_root)
     with torch.device("meta"):
         tuned = build_model(spec, classes)
     img_size = model_img_size(tuned.backbone, spec.backbone.img_size)

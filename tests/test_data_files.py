@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,15 @@ def test_missing_checkpoint_fails_the_preflight(tmp_path: Path, data_root: Path)
 # Runs on real files
 
 
-def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """`measure.cpu_threads` sets torch's thread count for the process; in-process runs must give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: Path, restore_threads: None) -> None:
     """A sweep over two VTAB-1k tasks (text and JSON lists) and an ImageFolder: one ok accuracy row per run."""
     raw = {
         "name": "files",
@@ -285,7 +294,7 @@ def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: P
         ],
         "batch_size": 8,
         "optimizer": {"lr": 1e-2},
-        "measure": {"warmup_steps": 2, "steps": 1, "breakdown": False, "inference": False},
+        "measure": {"warmup_steps": 2, "steps": 1, "breakdown": False, "inference": False, "cpu_threads": 1},
         "train": {"epochs": 2, "eval_every": 1},
         "tuners": [{"tuner": name} for name in sorted(TUNER_CONFIGS)],
     }
@@ -307,6 +316,7 @@ def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: P
     assert (kitti["num_train"], kitti["num_test"], kitti["num_classes"]) == (16, 8, 4)
     assert kitti["data_folder"] == str(data_root / "vtab-1k" / "kitti") and len(kitti["data_fingerprint"]) == 12
     assert kitti["weights_source"] == "random" and kitti["weights_ref"] is None
+    assert kitti["env.torch_threads"] == 1  # measure.cpu_threads, recorded as in effect
     pets = frame[frame["dataset"] == "imagefolder"].iloc[0]
     assert (pets["data_task"], pets["data_test_split"], pets["num_classes"]) == ("pets", "val", 3)
     camelyon = frame.loc[("patch_camelyon", "full")]
