@@ -64,6 +64,7 @@ DeviceOpt = Annotated[
 
 
 def _fail(exc: PetlbenchError) -> NoReturn:
+    out.file.flush()  # what was printed before the error comes before it in a combined log
     for line in str(exc).splitlines():
         err.print(Text.assemble(("error: ", "bold red"), line))
     raise typer.Exit(exc.exit_code)
@@ -268,7 +269,7 @@ def check(
     out.print(check_table(outcome.checks, title=f"{budgets}: {len(outcome.checks)} checks"))
     failed = outcome.failed
     out.print(
-        f"{len(outcome.checks) - len(failed)} passed, {len(failed)} failed"
+        f"{len(outcome.checks) - len(failed)} within budget, {len(failed)} over"
         + (f"; {len(outcome.uncovered)} rows no budget selects" if outcome.uncovered else "")
     )
     if failed:
