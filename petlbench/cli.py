@@ -152,8 +152,21 @@ def run(
     if interrupted:
         err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
         raise typer.Exit(130)
+    if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
+        _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
     if strict and any(status != "ok" for status in counts):
         raise typer.Exit(1)
+
+
+def _quickstart_report(results: Path, reports: Path) -> None:
+    from petlbench.report import build_report
+
+    try:
+        summary = build_report([results], ["all"], reports, None)
+    except PetlbenchError as exc:
+        err.print(f"note: no report ({exc})")
+        return
+    out.print(f"report: {summary.markdown} and {len(summary.figures)} figures in {summary.out}/")
 
 
 @app.command()
