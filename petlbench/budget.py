@@ -90,6 +90,7 @@ _MEASURED_SELECTORS: Final = frozenset({"memory_source", "gpu_name"})
 SELECTOR_COLUMNS: Final = {
     "suite": "suite",
     "tuner": "tuner",
+    "method": "method",
     "knob": "knob",
     "batch_size": "batch_size",
     "precision": "precision",
@@ -106,6 +107,7 @@ class Selector(_Strict):
 
     suite: OneOrMany[str] | None = None
     tuner: OneOrMany[str] | None = None
+    method: OneOrMany[str] | None = Field(None, description="tuner plus variant: vpt-deep, vpt-shallow, fact-tt, ...")
     knob: OneOrMany[float] | None = Field(None, description="the tuner's headline knob value (LoRA rank, ...)")
     batch_size: OneOrMany[int] | None = None
     precision: OneOrMany[Precision] | None = None
@@ -447,7 +449,8 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
         raise ConfigError(f"--headroom: must be >= 1 (a budget below the measurement fails at once), got {headroom}")
     ok = results[results["status"] == "ok"]
     entries: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for _, row in ok.sort_values(["suite", "tuner", "knob", "batch_size", "precision"], na_position="first").iterrows():
+    order = ["suite", "tuner", "method", "knob", "batch_size", "precision"]
+    for _, row in ok.sort_values(order, na_position="first").iterrows():
         selector = _baseline_selector(row, ok)
         key = tuple(selector.items())
         entry = entries.setdefault(key, {"select": selector, "bytes": math.nan, "params": math.nan})
@@ -460,7 +463,7 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
         + (f" (petlbench git {', '.join(shas)})" if shas else "")
         + f": peak bytes = measured × {headroom:g} (rounded up), trainable params exact.",
         f"# Regenerate: {command}",
-        "# Fields: select (suite, tuner, knob, batch_size, precision, device, backbone, grad_checkpointing,",
+        "# Fields: select (suite, tuner, method, knob, batch_size, precision, device, backbone, grad_checkpointing,",
         "# gpu_name, memory_source; a list means any of), max_peak_allocated_bytes / max_peak_reserved_bytes /",
         "# max_peak_infer_bytes (bytes or 1.5GiB), max_params_trainable, min_train_images_per_s (GPU only);",
         "# ratios: select, versus, metric, max_ratio / min_ratio, paired on suite, device, GPU, precision,",
@@ -489,6 +492,8 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
 
 def _baseline_selector(row: pd.Series, ok: pd.DataFrame) -> dict[str, Any]:
     selector: dict[str, Any] = {"suite": row["suite"], "tuner": row["tuner"]}
+    if row["method"] != row["tuner"]:
+        selector["method"] = row["method"]
     if not missing(row["knob"]):
         knob = float(row["knob"])
         selector["knob"] = int(knob) if knob.is_integer() else knob

@@ -82,6 +82,7 @@ CheckDataOpt = Annotated[
 
 
 def _fail(exc: PetlbenchError) -> NoReturn:
+    out.file.flush()  # what was printed before the error comes before it in a combined log
     for line in str(exc).splitlines():
         err.print(Text.assemble(("error: ", "bold red"), line))
     raise typer.Exit(exc.exit_code)
@@ -181,9 +182,22 @@ def run(
     if interrupted:
         err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
         raise typer.Exit(130)
+    if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
+        _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
     _fail_on_config_errors(results, where)
     if strict and any(status != "ok" for status in counts):
         raise typer.Exit(1)
+
+
+def _quickstart_report(results: Path, reports: Path) -> None:
+    from petlbench.report import build_report
+
+    try:
+        summary = build_report([results], ["all"], reports, None)
+    except PetlbenchError as exc:
+        err.print(f"note: no report ({exc})")
+        return
+    out.print(f"report: {summary.markdown} and {len(summary.figures)} figures in {summary.out}/")
 
 
 def _fail_on_config_errors(results: list[RunResult], where: Path) -> None:
@@ -321,7 +335,7 @@ def check(
     out.print(check_table(outcome.checks, title=f"{budgets}: {len(outcome.checks)} checks"))
     failed = outcome.failed
     out.print(
-        f"{len(outcome.checks) - len(failed)} passed, {len(failed)} failed"
+        f"{len(outcome.checks) - len(failed)} within budget, {len(failed)} over"
         + (f"; {len(outcome.uncovered)} rows no budget selects" if outcome.uncovered else "")
     )
     if failed:

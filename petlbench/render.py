@@ -53,7 +53,7 @@ def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = Non
         table.add_row(
             str(i),
             run.run_id,
-            run.tuner,
+            run.method,
             fmt_knob(run.knob_name, run.knob),
             str(run.batch_size),
             *(values[i - 1] for values in varying.values()),
@@ -67,7 +67,7 @@ def result_line(result: RunResult) -> Text:
     spec, m = result.spec, result.metrics
     line = Text()
     line.append(f"{result.status:<7}", style=STATUS_STYLE.get(result.status, ""))
-    line.append(f" {spec.label():<34}")
+    line.append(f" {spec.label():<38} ")
     if result.status == "ok":
         parts = [f"peak {fmt_bytes(m.peak_allocated_bytes)}", f"step {fmt_seconds(m.step_time_median_s)}"]
         parts.append(fmt_rate(m.train_images_per_s))
@@ -108,7 +108,7 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table
         m = r.metrics
         table.add_row(
             *([dataset] if show_data else []),
-            r.spec.tuner,
+            r.spec.method,
             fmt_knob(r.spec.knob_name, r.spec.knob),
             str(r.spec.batch_size),
             r.spec.precision,

@@ -50,6 +50,7 @@ TEXT_COLUMNS: Final = (
     "error",
     "created_at",
     "tuner",
+    "method",
     "knob_name",
     "device",
     "precision",
@@ -84,7 +85,8 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
         # One file per run_id in a folder, but two folders (or a copied file) can hold the same run: newest wins.
         df = df.sort_values("created_at", kind="stable", na_position="first")
         df = df.drop_duplicates("run_id", keep="last")
-    df["variant"] = [variant_label(t, n, k) for t, n, k in zip(df["tuner"], df["knob_name"], df["knob"], strict=True)]
+    df["method"] = [m if m is not None else t for m, t in zip(df["method"], df["tuner"], strict=True)]
+    df["variant"] = [variant_label(m, n, k) for m, n, k in zip(df["method"], df["knob_name"], df["knob"], strict=True)]
     result: pd.DataFrame = df.reset_index(drop=True)
     return result
 
@@ -99,10 +101,10 @@ def knob_text(name: Any, value: Any) -> str:
     return "" if missing(name) or missing(value) else fmt_knob(str(name), float(value))
 
 
-def variant_label(tuner: Any, knob_name: Any, knob: Any) -> str:
-    """'lora rank=8' / 'full': the tuner plus its headline knob, as figures and tables name a method."""
+def variant_label(method: Any, knob_name: Any, knob: Any) -> str:
+    """'lora rank=8' / 'vpt-deep prompt_len=50' / 'full': the method plus its headline knob, as figures name it."""
     knob = knob_text(knob_name, knob)
-    return f"{tuner} {knob}" if knob else str(tuner)
+    return f"{method} {knob}" if knob else str(method)
 
 
 def run_label(row: pd.Series) -> str:

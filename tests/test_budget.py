@@ -260,7 +260,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     )
     result = runner.invoke(app, ["check", "--budgets", str(ok), str(results)])
     assert result.exit_code == 0, result.output
-    assert "2 passed, 0 failed; 3 rows no budget selects" in flat(result.output)
+    assert "2 within budget, 0 over; 3 rows no budget selects" in flat(result.output)
 
     over = write_budgets(
         tmp_path / "over.yaml", "budgets:\n  - select: {tuner: linear}\n    max_peak_allocated_bytes: 15MiB\n"

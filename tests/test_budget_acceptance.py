@@ -68,4 +68,4 @@ def test_lora_over_budget_fails_check_and_restoring_it_passes(tmp_path: Path) ->
     assert restored.metrics.peak_allocated_bytes == peak  # CPU accounting is exact: same bytes on a re-run
     again = runner.invoke(app, ["check", "--budgets", str(budgets), str(tmp_path / "restored")])
     assert again.exit_code == 0, again.output
-    assert "2 passed, 0 failed" in flat(again.output)
+    assert "2 within budget, 0 over" in flat(again.output)

@@ -1,4 +1,4 @@
-"""The quickstart's accuracy floors (suites/quickstart-accuracy.yaml): always checked for coverage, and checked
+"""The quickstart's accuracy floors (suites/budgets-quickstart.yaml): always checked for coverage, and checked
 against real quickstart results when given:
 
     petlbench run --results-dir /tmp/qs --force
@@ -22,7 +22,7 @@ from petlbench.suite import expand, load_suite
 from petlbench.tuners import TUNER_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORS = ROOT / "suites" / "quickstart-accuracy.yaml"
+FLOORS = ROOT / "suites" / "budgets-quickstart.yaml"
 RESULTS_ENV = "PETLBENCH_QUICKSTART_RESULTS"
 
 

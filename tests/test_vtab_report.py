@@ -31,10 +31,10 @@ COMPUTED = {
 }
 
 
-def result_rows(method: str, values: str, metric: str = "acc_top1", **extra: Any) -> list[dict[str, Any]]:
+def result_rows(tuner: str, values: str, metric: str = "acc_top1", **extra: Any) -> list[dict[str, Any]]:
     """Result rows as the parquet files hold them: accuracies are fractions."""
     return [
-        {"tuner": method, "status": "ok", "dataset": "vtab1k", "data.name": "vtab1k", "data.task": task.name}
+        {"tuner": tuner, "status": "ok", "dataset": "vtab1k", "data.name": "vtab1k", "data.task": task.name}
         | {metric: float(v) / 100, **extra}
         for task, v in zip(VTAB_TASKS, values.split(), strict=True)
     ]
@@ -99,6 +99,13 @@ def test_missing_tasks_give_no_means_and_seeds_are_averaged() -> None:
     assert row.runs["cifar"] == 2 and row.runs["eurosat"] == 1
     markdown = vtab_table(rows).to_markdown()
     assert "| – | – |" in markdown and "show their mean" in markdown
+
+
+def test_methods_are_named_by_the_method_column() -> None:
+    rows = result_rows("fact", PUBLISHED["fact"], method="fact-tk") + result_rows(
+        "fact", PUBLISHED["lora"], method="fact-tt"
+    )
+    assert [r.method for r in vtab_table(rows).rows] == ["fact-tk", "fact-tt"]
 
 
 def test_methods_can_be_split_by_a_knob_column() -> None:

@@ -88,7 +88,7 @@ def build_report(
                 f"batch sizes with one: {present}"
             )
     groups, split_by = split_groups(rows)
-    colors = tuner_colors(str(t) for t in rows["tuner"].dropna())
+    colors = tuner_colors(str(t) for t in rows["method"].dropna())
     out.mkdir(parents=True, exist_ok=True)
     _remove_old_figures(out)
 

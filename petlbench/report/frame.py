@@ -170,7 +170,7 @@ def _unique(slug: str, taken: set[str]) -> str:
 def points(rows: pd.DataFrame) -> pd.DataFrame:
     """One point per (variant, batch size): metrics averaged over the ok runs (seeds); else the failure.
 
-    Columns: variant, tuner, knob_name, knob, batch_size, status, runs (ok runs averaged), error, and METRICS.
+    Columns: variant, method, knob_name, knob, batch_size, status, runs (ok runs averaged), error, and METRICS.
     """
     import pandas as pd
 
@@ -181,7 +181,7 @@ def points(rows: pd.DataFrame) -> pd.DataFrame:
         status = "ok" if len(ok) else _worst(members["status"])
         record: dict[str, Any] = {
             "variant": variant,
-            "tuner": members["tuner"].iloc[0],
+            "method": members["method"].iloc[0],
             "knob_name": members["knob_name"].iloc[0],
             "knob": members["knob"].iloc[0],
             "batch_size": batch,
@@ -192,7 +192,7 @@ def points(rows: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             record[metric] = source[metric].mean() if metric in source else float("nan")
         records.append(record)
-    columns = ["variant", "tuner", "knob_name", "knob", "batch_size", "status", "runs", "error", *METRICS]
+    columns = ["variant", "method", "knob_name", "knob", "batch_size", "status", "runs", "error", *METRICS]
     out: pd.DataFrame = pd.DataFrame.from_records(records, columns=columns)
     return out
 
@@ -205,7 +205,7 @@ def _worst(statuses: pd.Series) -> str:
 
 
 def variant_order(frame: pd.DataFrame) -> list[str]:
-    """Variants sorted by tuner, then knob value (numerically)."""
-    pairs = frame[["variant", "tuner", "knob"]].drop_duplicates("variant")
-    pairs = pairs.assign(_k=pairs["knob"].fillna(-1.0)).sort_values(["tuner", "_k"])
+    """Variants sorted by method, then knob value (numerically)."""
+    pairs = frame[["variant", "method", "knob"]].drop_duplicates("variant")
+    pairs = pairs.assign(_k=pairs["knob"].fillna(-1.0)).sort_values(["method", "_k"])
     return [str(v) for v in pairs["variant"]]

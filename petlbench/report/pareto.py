@@ -215,7 +215,7 @@ def _panel(
     off_front = drawn[~front.loc[drawn.index]]
     for _, p in off_front.iterrows():
         x, y = xscale(p[spec.x.column]), yscale(p[spec.y.column])
-        color = colors[str(p["tuner"])]
+        color = colors[str(p["method"])]
         ax.scatter([x], [y], s=28, color=color, alpha=0.3, edgecolors="none", zorder=3)
         obstacles.append((x, y))
         labels.append(Label(x, y, str(p["variant"]), "#777777", priority=False, size=7))
@@ -226,7 +226,7 @@ def _panel(
         ax.plot(fx, fy, color="#333333", lw=1.2, alpha=0.8, zorder=2)
         obstacles.extend(along(fx, fy, xscale.log, yscale.log))
         for (_, p), x, y in zip(ordered.iterrows(), fx, fy, strict=True):
-            color = colors[str(p["tuner"])]
+            color = colors[str(p["method"])]
             ax.scatter([x], [y], s=60, color=color, edgecolors="black", linewidths=0.7, zorder=4)
             obstacles.append((x, y))
         labels.extend(_front_labels(ax, ordered, fx, fy, colors))
@@ -239,7 +239,7 @@ def _panel(
             continue
         spot = (ox, oy if oy is not None else bottom)
         ax.scatter(
-            [spot[0]], [spot[1]], marker="X", s=80, color=colors[str(p["tuner"])], edgecolors=OOM_COLOR, zorder=5
+            [spot[0]], [spot[1]], marker="X", s=80, color=colors[str(p["method"])], edgecolors=OOM_COLOR, zorder=5
         )
         obstacles.append(spot)
         spots.setdefault(spot, []).append(str(p["variant"]))
@@ -266,7 +266,7 @@ def _front_labels(
     """One label per front point, except that neighbouring points of one tuner that sit close together share
     one label ('sqt num_queries=8, 16, 32', in front order) instead of stacking three."""
     screen = ax.transData.transform(list(zip(fx, fy, strict=True)))
-    tuners = [str(t) for t in ordered["tuner"]]
+    tuners = [str(t) for t in ordered["method"]]
     runs: list[list[int]] = []
     for i in range(len(tuners)):
         if runs and tuners[runs[-1][-1]] == tuners[i] and math.dist(screen[i], screen[runs[-1][-1]]) < 40:
@@ -280,7 +280,7 @@ def _front_labels(
             text = str(first["variant"])
         else:
             values = [knob_text(first["knob_name"], ordered.iloc[i]["knob"]).partition("=")[2] for i in run]
-            text = f"{first['tuner']} {first['knob_name']}={', '.join(values)}"
+            text = f"{first['method']} {first['knob_name']}={', '.join(values)}"
         middle = run[len(run) // 2]
         labels.append(Label(fx[middle], fy[middle], text, colors[tuners[middle]], priority=True, size=8.5))
     return labels
@@ -302,7 +302,7 @@ def _value(p: pd.Series, axis: Axis, scale: Scale) -> float | None:
 def _legend(pts: pd.DataFrame, colors: dict[str, str], capacity: float | None) -> list[Line2D]:
     handles = [
         Line2D([], [], marker="o", ls="", color=colors[t], markeredgecolor="black", markersize=7, label=t)
-        for t in sorted(pts.loc[pts["status"].isin(["ok", "oom"]), "tuner"].dropna().unique())
+        for t in sorted(pts.loc[pts["status"].isin(["ok", "oom"]), "method"].dropna().unique())
     ]
     handles.append(Line2D([], [], color="#333333", lw=1.2, label="Pareto front (labelled)"))
     handles.append(Line2D([], [], marker="o", ls="", color="#888888", alpha=0.3, label="dominated (faint)"))

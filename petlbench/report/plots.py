@@ -81,7 +81,7 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame, colors: dict[str, str])
     seen: dict[str, int] = {}
     for variant in variant_order(pts[pts["status"].isin(["ok", "oom"])]):
         rows = pts[pts["variant"] == variant].sort_values("batch_size")
-        tuner = str(rows["tuner"].iloc[0])
+        tuner = str(rows["method"].iloc[0])
         index = seen.get(tuner, 0)
         seen[tuner] = index + 1
         color = colors[tuner]

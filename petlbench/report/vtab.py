@@ -89,11 +89,14 @@ def _fmt(value: float | None, digits: int) -> str:
 MethodKey: TypeAlias = Callable[[Mapping[str, Any]], str]
 
 
-def method_by(columns: Sequence[str] = ("tuner",)) -> MethodKey:
+def method_by(columns: Sequence[str] = ("method",)) -> MethodKey:
     """A method label from result columns, e.g. ("tuner", "tuner.variant") → 'fact variant=tk'."""
 
     def key(row: Mapping[str, Any]) -> str:
-        parts = [str(row.get(columns[0]))]
+        first = row.get(columns[0])
+        if first is None and columns[0] == "method":  # rows written before the method column existed
+            first = row.get("tuner")
+        parts = [str(first)]
         for column in columns[1:]:
             value = row.get(column)
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
@@ -106,7 +109,7 @@ def method_by(columns: Sequence[str] = ("tuner",)) -> MethodKey:
 def vtab_table(
     rows: Iterable[Mapping[str, Any]],
     metric: Literal["acc_top1", "acc_top1_best"] | str = "acc_top1",
-    method: MethodKey | Sequence[str] = ("tuner",),
+    method: MethodKey | Sequence[str] = ("method",),
     scale: float = 100.0,
 ) -> VtabTable:
     """Tasks × methods from result rows (dicts with `data.name`, `data.task`, `status` and `metric`).
@@ -118,7 +121,8 @@ def vtab_table(
     Args:
         rows: result rows, e.g. `load_results(...).to_dict("records")`.
         metric: `acc_top1` (final epoch) or `acc_top1_best` (best of the test evaluations: test-selected).
-        method: columns that name a method (default the tuner) or a function row → label.
+        method: columns that name a method (default `method`: the tuner and its method-changing variant,
+            fact-tt / fact-tk, vpt-deep / vpt-shallow) or a function row → label.
         scale: multiplier applied to the stored values (100: fractions → percent).
     """
     key = method if callable(method) else method_by(method)

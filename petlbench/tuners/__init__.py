@@ -37,6 +37,10 @@ class TunerConfig(BaseModel):
     knob: ClassVar[str | None] = None  # the headline knob shown in the unified `knob` column
     summary: ClassVar[str] = ""
 
+    def method(self) -> str:
+        """The method's name in tables and plots: the tuner, plus a variant that changes the method (vpt-deep)."""
+        return self.name
+
     def knob_value(self) -> float | None:
         """Value of the headline knob, or None for tuners without one (full, linear)."""
         if self.knob is None:
@@ -89,6 +93,9 @@ class VptConfig(TunerConfig):
     deep: bool = Field(True, description="deep VPT: one prompt set per block (L sets); False: shallow, one set")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompts (training mode only)")
 
+    def method(self) -> str:
+        return "vpt-deep" if self.deep else "vpt-shallow"
+
 
 class FactConfig(TunerConfig):
     name = "fact"
@@ -104,6 +111,9 @@ class FactConfig(TunerConfig):
     rank: int = Field(8, gt=0, description="rank r of the shared factors U (r×D) and V (D×r) and of every core")
     scale: float = Field(1.0, gt=0, description="global scale s of every increment (the official configs use 0.01-100)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on each core's output (the r-dim code before V)")
+
+    def method(self) -> str:
+        return f"fact-{self.variant}"
 
 
 class SqtConfig(TunerConfig):
