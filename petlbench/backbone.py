@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +17,8 @@ import torch
 from torch import nn
 
 from petlbench.errors import ConfigError
+from petlbench.hub import HUB_FILES, HUB_HINT, HUB_HOST, hub_reachable  # noqa: F401 (HUB_HOST: re-exported)
 from petlbench.suite import BackboneSpec
-
-HUB_HOST = "huggingface.co"
-
-
-def hub_reachable(timeout_s: float = 2.0) -> bool:
-    """True when the Hugging Face hub answers a TCP connect within `timeout_s` (DNS failures are instant)."""
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def prepare_hub_access(spec: BackboneSpec) -> None:
@@ -78,14 +67,6 @@ def build_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
         raise ConfigError(f"backbone.model: {spec.model!r} is not a ViT with `blocks`; choose a timm vit_* model")
     _check_fused_attn(model, spec.fused_attn)
     return model
-
-
-HUB_HINT = (
-    "download it where there is network (e.g. `hf download timm/<model>.<tag> model.safetensors`) and set "
-    "backbone.weights: /path/to/model.safetensors (or .pth / the original ViT .npz)"
-)
-# the files timm's hub loader tries, in its order (safetensors first)
-HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 
 
 def _from_hub(spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:

@@ -72,11 +72,12 @@ DataRootOpt = Annotated[
         show_default=False,
     ),
 ]
-CheckDataOpt = Annotated[
+PreflightOpt = Annotated[
     bool,
     typer.Option(
-        "--check-data/--no-check-data",
-        help="pre-flight: check dataset folders, list files, labels and image files (no decoding) before any run",
+        "--preflight/--no-preflight",
+        help="before any run: check dataset folders, list files, labels and that images exist (no decoding), "
+        "local checkpoints, and offline hub tags against the cache",
     ),
 ]
 
@@ -94,12 +95,12 @@ def builtin_quickstart() -> Path:
 
 
 def _load(
-    suite_path: Path | None, device: str | None, data_root: Path | None = None, check_data: bool = True
+    suite_path: Path | None, device: str | None, data_root: Path | None = None, checks: bool = True
 ) -> tuple[Suite, list[RunSpec], list[DataCheck]]:
     suite = load_suite(suite_path or builtin_quickstart())
     root = resolve_data_root(data_root)
     runs = expand(suite, resolve_device(device or suite.device, visible_gpus()), str(root) if root else None)
-    if not check_data:
+    if not checks:
         return suite, runs, []
     check_data_root(root, from_option=data_root is not None)
     return suite, runs, preflight(suite, runs, root)
@@ -116,7 +117,7 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
     data_root: DataRootOpt = None,
-    check_data: CheckDataOpt = True,
+    preflight_checks: PreflightOpt = True,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
@@ -126,7 +127,7 @@ def run(
     Example: petlbench run suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs, _ = _load(suite, device, data_root, check_data)
+        suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks)
         todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
         _fail(exc)
@@ -222,22 +223,22 @@ def validate(
     device: DeviceOpt = None,
     results_dir: ResultsDir = Path("results"),
     data_root: DataRootOpt = None,
-    check_data: CheckDataOpt = True,
+    preflight_checks: PreflightOpt = True,
 ) -> None:
     """Expand and validate every run of a suite (tuner knobs included), check its data files, print the run
-    table, run nothing. Without the data at hand, --no-check-data validates the suite alone.
+    table, run nothing. Without the data at hand, --no-preflight validates the suite alone.
 
     Example: petlbench validate suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs, checks = _load(suite, device, data_root, check_data)
+        suite_obj, runs, checks = _load(suite, device, data_root, preflight_checks)
         statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
     except PetlbenchError as exc:
         _fail(exc)
     out.print(runs_table(runs, statuses, title=f"{suite_obj.name}: {len(runs)} runs"))
     for check in checks:
         out.print(check.describe())
-    data_note = "" if check_data else " (data files not checked)"
+    data_note = "" if preflight_checks else " (pre-flight skipped: data files and weights not checked)"
     out.print(f"{suite}: valid, {len(runs)} runs{data_note}")
 
 

@@ -2,6 +2,7 @@
 
 For every distinct file-based dataset of a suite: the folders, the list files, empty splits, labels against the
 task's class count, and that every listed image exists (no decoding). For local checkpoints: that the file exists.
+For hub tags without network: that the Hugging Face cache holds the weights.
 A problem is one `DataError`/`ConfigError` line naming the suite field and the file (and line), so `petlbench
 validate` and `petlbench run` exit with code 2 before spending any time. An image that exists but does not decode
 can only be found by a worker; `petlbench run` then exits 2 too, after the other runs have finished and been saved.
@@ -16,6 +17,7 @@ from pathlib import Path
 from petlbench.datafiles import FileIndex, index_data
 from petlbench.dataspec import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
+from petlbench.hub import HUB_HINT, HUB_HOST, hub_cache_dir, hub_offline, timm_weights_cached
 from petlbench.suite import RunSpec, Suite
 
 
@@ -43,7 +45,8 @@ def check_data_root(data_root: Path | None, from_option: bool) -> None:
 
 
 def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> list[DataCheck]:
-    """Check every file-based dataset and local checkpoint the runs use; raise on the first problem."""
+    """Check every file-based dataset, local checkpoint and offline hub tag the runs use; raise on the first
+    problem."""
     checks: list[DataCheck] = []
     for position, data in enumerate(suite.datasets()):
         if not isinstance(data, VtabData | ImageFolderData):
@@ -67,4 +70,12 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
                 f"{suite.source}: backbone.weights: {path.absolute()}: no such checkpoint file; "
                 "give a .safetensors, .pth or original ViT .npz path, 'hub' or 'random'"
             )
+    hub_models = sorted({run.backbone.model for run in runs if run.backbone.weights == "hub"})
+    if hub_models and hub_offline():
+        for model in hub_models:
+            if not timm_weights_cached(model):
+                raise ConfigError(
+                    f"{suite.source}: backbone.weights: hub: {model!r} is not in the local Hugging Face cache "
+                    f"({hub_cache_dir()}) and {HUB_HOST} is unreachable; {HUB_HINT}"
+                )
     return checks

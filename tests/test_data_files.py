@@ -238,15 +238,15 @@ def test_broken_imagefolder_fails_validate(tmp_path: Path, damage: Any, expected
     assert f"error: {suite}: data (imagefolder/pets): {expected.format(root=root)}" in result.output
 
 
-def test_missing_data_root_is_one_clear_line_and_no_check_data_skips_it(tmp_path: Path) -> None:
+def test_missing_data_root_is_one_clear_line_and_no_preflight_skips_it(tmp_path: Path) -> None:
     suite = write_suite(tmp_path / "s.yaml", [{"name": "vtab1k", "task": "kitti"}])
     result = runner.invoke(app, ["validate", str(suite), "--data-root", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and f"error: --data-root {tmp_path / 'nowhere'}: no such folder" in result.output
     result = runner.invoke(app, ["validate", str(suite), "--data-root", str(tmp_path)])
     assert result.exit_code == 2
     assert f"{tmp_path / 'vtab-1k'}: no such folder (VTAB-1k root 'vtab-1k'); set --data-root" in result.output
-    result = runner.invoke(app, ["validate", str(suite), "--no-check-data"])
-    assert result.exit_code == 0 and "valid, 1 runs (data files not checked)" in result.output
+    result = runner.invoke(app, ["validate", str(suite), "--no-preflight"])
+    assert result.exit_code == 0 and "valid, 1 runs (pre-flight skipped" in result.output
 
 
 def test_validate_prints_the_resolved_datasets(data_root: Path, tmp_path: Path) -> None:
@@ -339,8 +339,9 @@ def test_a_bad_image_in_a_worker_exits_2_and_keeps_the_other_results(tmp_path: P
     env = {DATA_ROOT_ENV: str(root), "PYTHONPATH": str(ROOT)}
     outcome = runner.invoke(app, ["run", str(suite), "--results-dir", str(results)], env=env)
     assert outcome.exit_code == 2, outcome.output
-    errors = [line for line in outcome.output.splitlines() if line.startswith("error:")]
+    errors = [line for line in outcome.output.splitlines() if line.startswith("error: /")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: cannot decode image"), outcome.output
+    assert "1 runs failed on their configuration or data" in outcome.output
     frame = load_results([results]).set_index("data_task")
     assert frame.loc["kitti", "status"] == "ok" and frame.loc["kitti", "acc_top1"] is not None
     assert frame.loc["pets", "status"] == "error" and frame.loc["pets", "error_type"] == "DataError"

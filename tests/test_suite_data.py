@@ -157,16 +157,24 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
 
 def test_accuracy_vtab_validates_without_data_or_says_where_it_is_missing(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["validate", str(ACCURACY_VTAB), "--no-check-data"])
+    result = runner.invoke(app, ["validate", str(ACCURACY_VTAB), "--no-preflight"])
     assert result.exit_code == 0, result.output
-    assert "(data files not checked)" in result.output
+    assert "(pre-flight skipped" in result.output
     result = runner.invoke(app, ["validate", str(ACCURACY_VTAB), "--data-root", str(tmp_path)])
     assert result.exit_code == 2
     assert f"data[0] (vtab1k/cifar): {tmp_path / 'vtab-1k'}: no such folder" in result.output
 
 
-def test_accuracy_vtab_validates_against_a_complete_tree(tmp_path: Path) -> None:
-    """The pre-flight reads lists and checks files exist without decoding: empty files stand in for images."""
+def test_accuracy_vtab_validates_against_a_complete_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight reads lists and checks files exist without decoding: empty files stand in for images.
+    Offline, the hub tag must be in the Hugging Face cache: a fake cache holds it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--timm--vit_base_patch16_224.orig_in21k" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").touch()
     for task in VTAB_TASKS:
         folder = tmp_path / "vtab-1k" / task.name
         (folder / "images").mkdir(parents=True)

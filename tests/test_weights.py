@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
+from typer.testing import CliRunner
 
 from petlbench.backbone import build_backbone, file_sha256, prepare_hub_access, weights_identity
+from petlbench.cli import app
 from petlbench.errors import ConfigError
 from petlbench.suite import BackboneSpec, expand, parse_suite
 from petlbench.worker import execute
@@ -170,3 +173,61 @@ def test_prepare_hub_access_goes_offline_without_network(monkeypatch: pytest.Mon
     start = time.perf_counter()
     prepare_hub_access(BackboneSpec(weights="hub"))
     assert os.environ["HF_HUB_OFFLINE"] == "1" and time.perf_counter() - start < 1.0
+
+
+def hub_suite(path: Path, model: str) -> Path:
+    suite = {
+        "name": "hub",
+        "device": "cpu",
+        "data": {"name": "synthetic", "num_classes": 10},
+        "backbone": {"model": model, "weights": "hub"},
+        "tuners": [{"tuner": "linear"}],
+    }
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("offline", ["env", "unreachable"])
+def test_offline_hub_tag_stops_the_suite_before_any_run(
+    tmp_path: Path, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch, offline: str
+) -> None:
+    """The parent's pre-flight (torch-free) fails an uncached hub tag without network in well under 5 s."""
+    if offline == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr("petlbench.hub.hub_reachable", lambda timeout_s=2.0: False)
+    suite = hub_suite(tmp_path / "hub.yaml", "vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    for command in (["validate", str(suite)], ["run", str(suite), "--results-dir", str(tmp_path / "results")]):
+        start = time.perf_counter()
+        result = CliRunner().invoke(app, command)
+        elapsed = time.perf_counter() - start
+        assert result.exit_code == 2, result.output
+        (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: {suite}: backbone.weights: hub: 'vit_base_patch16_224.augreg2_in21k_ft_in1k'")
+        assert "set backbone.weights: /path/to/model.safetensors" in line
+        assert elapsed < 5.0, elapsed
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_cached_hub_tag_passes_the_preflight(
+    tmp_path: Path, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = empty_hub_cache / "models--timm--vit_base_patch16_224.augreg2_in21k_ft_in1k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").touch()
+    for model in ("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit_base_patch16_224"):  # tagged, default tag
+        result = CliRunner().invoke(app, ["validate", str(hub_suite(tmp_path / "hub.yaml", model))])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["validate", str(hub_suite(tmp_path / "hub.yaml", "vit_small_patch16_224"))])
+    assert result.exit_code == 2 and "'vit_small_patch16_224' is not in the local Hugging Face cache" in result.output
