@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -27,14 +28,13 @@ from rich.text import Text
 
 from petlbench.dataspec import DATA_ROOT_ENV, resolve_data_root
 from petlbench.errors import BudgetExceeded, PetlbenchError, is_config_error
-from petlbench.executors import RunFinished, RunStarted
-from petlbench.executors.local import LocalExecutor
+from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.gpus import visible_gpus
 from petlbench.preflight import DataCheck, check_data_root, preflight
 from petlbench.render import check_table, result_line, runs_table, summary_table, tuners_table
 from petlbench.report import Plot
 from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
-from petlbench.suite import RunSpec, Suite, expand, load_suite, resolve_device
+from petlbench.suite import Device, RunSpec, Suite, expand, load_suite, resolve_device
 from petlbench.sweep import execute, plan
 from petlbench.tuners import tuner_configs
 
@@ -95,15 +95,32 @@ def builtin_quickstart() -> Path:
 
 
 def _load(
-    suite_path: Path | None, device: str | None, data_root: Path | None = None, checks: bool = True
+    suite_path: Path | None,
+    device: str | None,
+    data_root: Path | None = None,
+    checks: bool = True,
+    local_gpus: bool = True,
 ) -> tuple[Suite, list[RunSpec], list[DataCheck]]:
     suite = load_suite(suite_path or builtin_quickstart())
     root = resolve_data_root(data_root)
-    runs = expand(suite, resolve_device(device or suite.device, visible_gpus()), str(root) if root else None)
+    requested = device or suite.device
+    if requested == "cuda" and not local_gpus:  # the GPUs are on the cluster, not necessarily on this machine
+        resolved: Device = "cuda"
+    else:
+        resolved = resolve_device(requested, visible_gpus())
+    runs = expand(suite, resolved, str(root) if root else None)
     if not checks:
         return suite, runs, []
     check_data_root(root, from_option=data_root is not None)
     return suite, runs, preflight(suite, runs, root)
+
+
+def _running(labels: Sequence[str], shown: int = 2) -> str:
+    """Progress text for the runs in flight: 'lora rank=4 bs=8 fp32', or '3 running: a · b · +1'."""
+    if len(labels) <= 1:
+        return labels[0] if labels else "waiting"
+    more = [f"+{len(labels) - shown}"] if len(labels) > shown else []
+    return f"{len(labels)} running: " + " · ".join([*labels[:shown], *more])
 
 
 @app.command()
@@ -116,6 +133,30 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="runs at once; CPU: default 1, each run gets its share of the cores; CUDA: default and at most one "
+            "run per visible GPU; ray: cap on runs in flight",
+            show_default=False,
+        ),
+    ] = None,
+    executor: Annotated[
+        ExecutorKind,
+        typer.Option(
+            "--executor", help="local: subprocesses on this machine; ray: Ray tasks (pip install petlbench[ray])"
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="ray: a running cluster ('auto', or HOST:6379); omitted: a local Ray instance for this sweep",
+            show_default=False,
+        ),
+    ] = None,
     data_root: DataRootOpt = None,
     preflight_checks: PreflightOpt = True,
 ) -> None:
@@ -127,8 +168,9 @@ def run(
     Example: petlbench run suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks)
+        suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks, local_gpus=executor == "local")
         todo = plan(runs, results_dir, force)
+        runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
     except PetlbenchError as exc:
         _fail(exc)
     where = suite_dir(results_dir, suite_obj.name)
@@ -138,6 +180,7 @@ def run(
         f"({len(todo.done)} done, {len(todo.todo)} to run"
         + (f", {len(todo.retry)} retried" if todo.retry else "")
         + ")"
+        + ("" if str(runner) == "local" else f" · {runner}")
     )
     if dry_run:
         out.print(runs_table(todo.todo, title="runs to execute"))
@@ -162,14 +205,17 @@ def run(
     with ExitStack() as stack:
         stack.enter_context(progress)
         task = progress.add_task("starting", total=len(todo.todo))
+        running: dict[str, str] = {}
         try:
-            for event in execute(todo.todo, LocalExecutor(results_dir), results_dir):
+            for event in execute(todo.todo, runner, results_dir):
                 if isinstance(event, RunStarted):
-                    progress.update(task, description=event.spec.label())
+                    running[event.spec.run_id] = event.spec.label()
                 elif isinstance(event, RunFinished):
+                    running.pop(event.result.run_id, None)
                     results.append(event.result)
                     progress.console.print(result_line(event.result))
                     progress.advance(task)
+                progress.update(task, description=_running(list(running.values())))
         except KeyboardInterrupt:
             interrupted = True
         except PetlbenchError as exc:
