@@ -25,7 +25,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from petlbench.errors import PetlbenchError
+from petlbench import cli_memory
+from petlbench.errors import ConfigError, PetlbenchError
 from petlbench.executors import RunFinished, RunStarted
 from petlbench.executors.local import LocalExecutor
 from petlbench.gpus import visible_gpus
@@ -88,13 +89,24 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
+    skip_predicted_oom: Annotated[bool, cli_memory.SKIP_OPTION] = False,
+    memory_limit: Annotated[str | None, cli_memory.LIMIT_OPTION] = None,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
-    Example: petlbench run suites/memory.yaml --device cuda
+    With `batch_size: auto` each configuration's largest batch under the memory limit is searched instead.
+
+    Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
     try:
         suite_obj, runs = _load(suite, device)
+        if suite_obj.auto_batch_size:
+            cli_memory.run_auto_batch_command(
+                suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, out, err
+            )
+            return
+        if memory_limit is not None and not skip_predicted_oom:
+            raise ConfigError("--memory-limit: only used with --skip-predicted-oom or a suite with batch_size: auto")
         todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
         _fail(exc)
@@ -114,6 +126,13 @@ def run(
         return
 
     results: list[RunResult] = []
+    specs = todo.todo
+    if skip_predicted_oom:
+        try:
+            specs, skipped = cli_memory.skip_predicted_oom(specs, memory_limit, visible_gpus(), results_dir, out)
+        except PetlbenchError as exc:
+            _fail(exc)
+        results.extend(skipped)
     interrupted = False
     progress = Progress(
         SpinnerColumn(),
@@ -128,9 +147,9 @@ def run(
     )
     with ExitStack() as stack:
         stack.enter_context(progress)
-        task = progress.add_task("starting", total=len(todo.todo))
+        task = progress.add_task("starting", total=len(specs))
         try:
-            for event in execute(todo.todo, LocalExecutor(results_dir), results_dir):
+            for event in execute(specs, LocalExecutor(results_dir), results_dir):
                 if isinstance(event, RunStarted):
                     progress.update(task, description=event.spec.label())
                 elif isinstance(event, RunFinished):
@@ -171,6 +190,9 @@ def validate(
         _fail(exc)
     out.print(runs_table(runs, statuses, title=f"{suite_obj.name}: {len(runs)} runs"))
     out.print(f"{suite}: valid, {len(runs)} runs")
+
+
+app.command()(cli_memory.estimate)
 
 
 @app.command()
