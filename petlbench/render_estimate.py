@@ -95,7 +95,7 @@ def max_batch_table(
     """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration."""
     varying = _varying(templates)
     table = Table(title=title, caption=f"limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("tuner", "knob", *varying, "max batch", "peak there", "first over", "peak there "):
+    for column in ("tuner", "knob", *varying, "max batch", "peak there", "left", "first over", "over by"):
         table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
     for i, run in enumerate(templates):
         estimate = estimates.get(run.run_id)
@@ -103,15 +103,18 @@ def max_batch_table(
         cells += [values[i] for values in varying.values()]
         if estimate is None or estimate.error is not None:
             error = estimate.error if estimate is not None and estimate.error else "not estimated"
-            cells += [Text("error", style="red"), Text(error.splitlines()[0][:80], style="red"), "", ""]
+            cells += [Text("error", style="red"), Text(error.splitlines()[0][:80], style="red"), "", "", ""]
         else:
             probes = dict(estimate.probes)
             best, over = estimate.max_batch, estimate.first_over
+            at_best = probes.get(best) if best is not None else None
+            at_over = probes.get(over) if over is not None else None
             cells += [
                 Text(str(best), style="bold") if best is not None else Text("none fits", style="red"),
-                fmt_bytes(probes.get(best)) if best is not None else "-",
+                fmt_bytes(at_best),
+                fmt_bytes(limit - at_best) if at_best is not None else "-",
                 str(over) if over is not None else "(max)",
-                fmt_bytes(probes.get(over)) if over is not None else "-",
+                fmt_bytes(at_over - limit) if at_over is not None else "-",
             ]
         table.add_row(*cells)
     return table
@@ -135,7 +138,7 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
     templates = [o.template for o in outcomes]
     varying = _varying(templates)
     table = Table(title=title, caption=f"memory limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("tuner", "knob", *varying, "predicted", "max feasible", "peak there", "next probe", "probes"):
+    for column in ("tuner", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes"):
         table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
     table.add_column("note")
     for i, outcome in enumerate(outcomes):
@@ -147,7 +150,7 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
         best_result = outcome.best_result
         note = outcome.failure or ""
         if search is None:
-            cells += [predicted, Text("unknown", style="red"), "-", "-", str(len(outcome.results))]
+            cells += [predicted, Text("unknown", style="red"), "-", "-", "-", str(len(outcome.results))]
         else:
             if search.first_over is None and search.best is not None:
                 note = note or "the largest batch allowed fits (raise auto_batch.max)"
@@ -158,6 +161,7 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
                 predicted,
                 Text(str(search.best), style="bold green") if search.best is not None else Text("none", style="red"),
                 fmt_bytes(peak),
+                fmt_bytes(limit - peak) if peak is not None else "-",
                 f"{search.first_over} ✗" if search.first_over is not None else "-",
                 str(len(search.probes)),
             ]

@@ -7,10 +7,13 @@ for any allocation rounding (1 B on CPU, 512 B for the CUDA estimate).
 `at_batch` turns two timelines of the same step at batch sizes B1 ≠ B2 into the timeline at any B, when every
 event matches one to one and every storage is affine in B (bytes = c0 + c1·B, and at most one dimension of its
 shape changes with B, so no B² term can hide between two points). A ViT step has the same ops at every batch
-size and the batch is the leading dimension of every activation, so this holds; when it does not, `at_batch`
-returns None and the estimator traces that batch size itself. The estimator uses this so that a configuration is
-traced at two batch sizes and every other one (and every probe of a batch-size search) is replayed in
-milliseconds; tests/test_estimate.py checks replayed against traced bytes.
+size ≥ 2 and the batch is the leading dimension of every activation, so this holds; when it does not, `at_batch`
+returns None and the estimator traces that batch size itself. Batch 1 is never replayed (nor an anchor): size-1
+dimensions make some tensors contiguous that are not at B ≥ 2, so the op sequence itself differs there.
+
+The estimator traces a configuration at two batch sizes and replays every other one (and every probe of a
+batch-size search) in milliseconds; tests/test_estimate_many.py checks replayed against traced bytes, and
+tests/test_estimate.py traced bytes against real CPU runs.
 """
 
 from __future__ import annotations
