@@ -237,5 +237,6 @@ def stored_probes(folder: Path) -> dict[str, RunResult]:
             error=row.get("error") if isinstance(row.get("error"), str) else None,
             metrics=Metrics.model_validate(values),
             created_at=str(row.get("created_at")),
+            duration_s=row["duration_s"] if isinstance(row.get("duration_s"), float) else None,
         )
     return stored

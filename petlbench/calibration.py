@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from petlbench.errors import PetlbenchError
 from petlbench.fmt import fmt_bytes, fmt_knob
 from petlbench.results import estimate_dir, load_results, suite_dir
 
@@ -151,15 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m petlbench.calibration RESULTS_DIR SUITE OUT_DIR [--exact]", file=sys.stderr)
         return 2
     results_dir, suite, out = Path(args[0]), args[1], Path(args[2])
-    measured = load_results([suite_dir(results_dir, suite)])
-    estimated = load_results([estimate_dir(results_dir, suite)])
+    try:
+        measured = load_results([suite_dir(results_dir, suite)])
+        estimated = load_results([estimate_dir(results_dir, suite)])
+    except PetlbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     frame = compare(measured, estimated)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "estimate-vs-measured.csv", index=False)
     text = markdown(frame, f"{suite}: estimated vs measured peak memory")
     (out / "estimate-vs-measured.md").write_text(text)
     print(text)
-    print(f"{len(frame)} runs compared → {out}/estimate-vs-measured.csv, .md")
+    print(f"{len(frame)} run(s) compared → {out}/estimate-vs-measured.csv, .md")
     if not len(frame):
         print("error: no run has both a measurement and an estimate", file=sys.stderr)
         return 1

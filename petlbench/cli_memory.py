@@ -169,7 +169,8 @@ def estimate(
     ]
     for e in failed:
         err.print(f"estimate failed for {e.run_id}: {(e.error or '').splitlines()[0] if e.error else ''}")
-    summary = f"{len(runs)} runs estimated in {fmt_seconds(elapsed)}"
+    what = "configurations searched" if search is not None else "runs estimated"
+    summary = f"{len(runs)} {what.replace('s ', ' ', 1) if len(runs) == 1 else what} in {fmt_seconds(elapsed)}"
     if limit is not None and search is None:
         summary += f": {len(runs) - len(over) - len(failed)} fit {fmt_bytes(limit)}, {len(over)} over"
     if failed:

@@ -243,11 +243,14 @@ Progress = Callable[[int, int, str], None]  # (done, total, label of the run jus
 
 
 def _chunks(specs: Sequence[RunSpec], jobs: int) -> list[list[RunSpec]]:
-    """Split specs into at most `jobs` lists, keeping each model configuration in one list (its model is reused)."""
+    """Split specs into at most `jobs` lists, keeping each model configuration in one list (its model is reused).
+
+    A process costs seconds of imports, so there is one per three configurations at most.
+    """
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
         groups.setdefault(model_key(spec), []).append(spec)
-    chunks: list[list[RunSpec]] = [[] for _ in range(max(1, min(jobs, len(groups))))]
+    chunks: list[list[RunSpec]] = [[] for _ in range(max(1, min(jobs, -(-len(groups) // 3))))]
     for group in sorted(groups.values(), key=len, reverse=True):
         min(chunks, key=len).extend(group)
     return [c for c in chunks if c]

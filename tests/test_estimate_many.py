@@ -117,7 +117,7 @@ def test_the_estimator_search_finds_the_largest_batch_under_a_limit() -> None:
 
 
 def test_subprocess_estimates_match_in_process_and_failures_become_errors() -> None:
-    runs = specs(tuners=[{"tuner": "linear"}, {"tuner": "lora"}])
+    runs = specs(batch_size=4)  # five configurations: two estimator processes
     broken = runs[0].model_copy(update={"precision": "fp16-mixed"})  # fp16 needs CUDA, on CPU as in the worker
     progress: list[tuple[int, int]] = []
     results = run_estimates([*runs, broken], jobs=2, on_progress=lambda d, t, _: progress.append((d, t)))
