@@ -85,8 +85,8 @@ def estimate(
         str | None,
         typer.Option(
             "--device",
-            help="auto, cpu or cuda; overrides the suite's `device`. cuda needs no GPU here: it predicts CUDA's "
-            "max_memory_allocated",
+            help="cpu or cuda (auto = cuda); overrides the suite's `device`. cuda needs no GPU here: it predicts "
+            "CUDA's max_memory_allocated",
             show_default=False,
         ),
     ] = None,
@@ -123,7 +123,7 @@ def estimate(
     try:
         suite_obj = load_suite(suite)
         gpus = visible_gpus()
-        resolved = estimate_device(device or suite_obj.device, gpus)
+        resolved = estimate_device(device or suite_obj.device)
         runs = expand(suite_obj, resolved)
         limit = memory_limit(device_memory, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size)
     except PetlbenchError as exc:

@@ -103,12 +103,15 @@ def model_key(spec: RunSpec) -> str:
 # Devices and limits
 
 
-def estimate_device(requested: str, gpus: Sequence[str]) -> Device:
-    """Like suite.resolve_device, except that `cuda` needs no GPU: predicting a GPU run is the point."""
-    if requested in ("cpu", "cuda"):
-        return "cpu" if requested == "cpu" else "cuda"
-    if requested == "auto":
-        return "cuda" if gpus else "cpu"
+def estimate_device(requested: str) -> Device:
+    """The device whose runs to predict: `cpu` or `cuda`, and `auto` means cuda, with or without a GPU here.
+
+    Unlike `run` (suite.resolve_device), cuda needs no GPU: predicting GPU runs before paying for a GPU is the point.
+    """
+    if requested in ("cuda", "auto"):
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
     raise ConfigError(f"--device: expected auto, cpu or cuda, got {requested!r}")
 
 
