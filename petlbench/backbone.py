@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ def prepare_hub_access(spec: BackboneSpec) -> None:
 
     huggingface_hub retries for about a minute without a network; offline mode makes it answer from the local
     cache at once (or fail at once), so a hub tag on an air-gapped machine fails in seconds with our hint.
-    Must run before the first `import timm` in the process (the hub library reads the variable at import).
+    The hub library copies the variable into `constants.HF_HUB_OFFLINE` when it is imported (timm imports it), so
+    if that already happened the constant is set too.
     """
     if spec.weights == "hub" and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            setattr(hub_constants, "HF_HUB_OFFLINE", True)  # noqa: B010 (a module typed as ModuleType)
 
 
 def build_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:

@@ -26,11 +26,12 @@ from rich.progress import (
 from rich.text import Text
 
 from petlbench import cli_memory
-from petlbench.errors import ConfigError, PetlbenchError
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
 from petlbench.executors import RunFinished, RunStarted
 from petlbench.executors.local import LocalExecutor
 from petlbench.gpus import visible_gpus
-from petlbench.render import result_line, runs_table, summary_table, tuners_table
+from petlbench.render import check_table, result_line, runs_table, summary_table, tuners_table
+from petlbench.report import Plot
 from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
 from petlbench.suite import Suite, expand, load_suite, resolve_device
 from petlbench.sweep import execute, plan
@@ -64,6 +65,7 @@ DeviceOpt = Annotated[
 
 
 def _fail(exc: PetlbenchError) -> NoReturn:
+    out.file.flush()  # what was printed before the error comes before it in a combined log
     for line in str(exc).splitlines():
         err.print(Text.assemble(("error: ", "bold red"), line))
     raise typer.Exit(exc.exit_code)
@@ -169,8 +171,21 @@ def run(
     if interrupted:
         err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
         raise typer.Exit(130)
+    if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
+        _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
     if strict and any(status != "ok" for status in counts):
         raise typer.Exit(1)
+
+
+def _quickstart_report(results: Path, reports: Path) -> None:
+    from petlbench.report import build_report
+
+    try:
+        summary = build_report([results], ["all"], reports, None)
+    except PetlbenchError as exc:
+        err.print(f"note: no report ({exc})")
+        return
+    out.print(f"report: {summary.markdown} and {len(summary.figures)} figures in {summary.out}/")
 
 
 @app.command()
@@ -206,6 +221,94 @@ def tuners() -> None:
     except PetlbenchError as exc:
         _fail(exc)
     out.print(tuners_table(configs))
+
+
+ResultsArg = Annotated[
+    list[Path] | None,
+    typer.Argument(help="results folders or parquet files [default: results/]", show_default=False),
+]
+
+
+@app.command()
+def report(
+    results: ResultsArg = None,
+    plot: Annotated[
+        list[Plot] | None,
+        typer.Option("--plot", help="which figures; repeat for several [default: all]", show_default=False),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the figures, report.md and report.html")] = Path(
+        "reports"
+    ),
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="batch of the breakdown bars [default: largest batch every method ran ok]"),
+    ] = None,
+) -> None:
+    """Pareto fronts, memory vs batch size and memory breakdown figures, with report.md and report.html.
+
+    Example: petlbench report results/memory --plot pareto --out reports/
+    """
+    from petlbench.report import build_report
+
+    paths = results or [Path("results")]
+    try:
+        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size)
+    except PetlbenchError as exc:
+        _fail(exc)
+    counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())
+    out.print(f"{summary.rows} rows ({counts}) in {len(summary.groups)} group(s)")
+    if summary.split_by:
+        out.print(f"split by {', '.join(summary.split_by)}: no figure mixes groups")
+    for note in summary.notes:
+        err.print(f"note: {note}")
+    out.print(f"{len(summary.figures)} figures (.png + .svg) → {summary.out}/")
+    out.print(f"report → {summary.markdown}  {summary.html}")
+
+
+@app.command()
+def check(
+    results: ResultsArg = None,
+    budgets: Annotated[Path, typer.Option("--budgets", help="budgets YAML to check against")] = Path(
+        "suites/budgets.yaml"
+    ),
+    write_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-baseline",
+            help="instead of checking, write budgets proposed from the results to this file (keeps its ratios)",
+            show_default=False,
+        ),
+    ] = None,
+    headroom: Annotated[float, typer.Option("--headroom", help="--write-baseline: factor on measured bytes")] = 1.05,
+) -> None:
+    """Check results against budgets: a table of every checked row, exit 1 if any is over budget.
+
+    Example: petlbench check --budgets suites/budgets.yaml results/smoke
+    """
+    from petlbench.budget import check_files, write_baseline_file
+
+    paths = results or [Path("results")]
+    try:
+        if write_baseline is not None:
+            baseline, command = write_baseline_file(paths, write_baseline, headroom)
+            out.print(
+                f"wrote {write_baseline}: {baseline.budgets} budgets from {baseline.rows} ok rows"
+                + (f", {baseline.ratios} ratios kept" if baseline.ratios else "")
+                + (f" ({baseline.skipped} rows not ok: no budget)" if baseline.skipped else "")
+            )
+            out.print(f"review it by hand; regenerate with: {command}", soft_wrap=True)
+            return
+        outcome = check_files(paths, budgets)
+    except PetlbenchError as exc:
+        _fail(exc)
+    out.print(check_table(outcome.checks, title=f"{budgets}: {len(outcome.checks)} checks"))
+    failed = outcome.failed
+    out.print(
+        f"{len(outcome.checks) - len(failed)} within budget, {len(failed)} over"
+        + (f"; {len(outcome.uncovered)} rows no budget selects" if outcome.uncovered else "")
+    )
+    if failed:
+        _fail(BudgetExceeded(outcome.failure_message()))
 
 
 def main() -> None:

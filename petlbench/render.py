@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from petlbench.budget import CheckResult, format_value
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
 from petlbench.results import RunResult
 from petlbench.suite import RunSpec
@@ -50,7 +52,7 @@ def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = Non
         table.add_row(
             str(i),
             run.run_id,
-            run.tuner,
+            run.method,
             fmt_knob(run.knob_name, run.knob),
             str(run.batch_size),
             *(values[i - 1] for values in varying.values()),
@@ -64,7 +66,7 @@ def result_line(result: RunResult) -> Text:
     spec, m = result.spec, result.metrics
     line = Text()
     line.append(f"{result.status:<7}", style=STATUS_STYLE.get(result.status, ""))
-    line.append(f" {spec.label():<34}")
+    line.append(f" {spec.label():<38} ")
     if result.status == "ok":
         parts = [f"peak {fmt_bytes(m.peak_allocated_bytes)}", f"step {fmt_seconds(m.step_time_median_s)}"]
         parts.append(fmt_rate(m.train_images_per_s))
@@ -99,7 +101,7 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table
     for r in results:
         m = r.metrics
         table.add_row(
-            r.spec.tuner,
+            r.spec.method,
             fmt_knob(r.spec.knob_name, r.spec.knob),
             str(r.spec.batch_size),
             r.spec.precision,
@@ -139,3 +141,52 @@ def _show_default(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)
+
+
+def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Group:
+    """`petlbench check`: every checked (row, limit) with actual vs budget and PASS/FAIL, fitting 80 columns;
+    checks without a value are marked [n] in the table and explained in numbered notes below it."""
+    settings = sorted({c.setting for c in checks})
+    one_setting = len(settings) == 1
+    if one_setting and title:
+        title += f" ({settings[0]})"
+    table = Table(title=title, header_style="bold", box=None, pad_edge=False, padding=(0, 1))
+    columns = ("", "run", *([] if one_setting else ["setting"]), "metric", "actual", "budget", "use", "entry")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("actual", "budget", "use") else "left", no_wrap=True)
+    numbers: dict[str, int] = {}  # one numbered note per distinct explanation
+    for c in checks:
+        if c.note:
+            numbers.setdefault(f"{c.row}: {c.note}", len(numbers) + 1)
+    for c in checks:
+        use = f"{100 * c.actual / c.limit:.0f}%" if c.actual is not None and c.limit else "-"
+        sign = "≤" if c.op == "<=" else "≥"
+        cells: list[Text | str] = [
+            Text("PASS", style="green") if c.passed else Text("FAIL", style="bold red"),
+            c.row,
+            *([] if one_setting else [c.setting]),
+            _metric_name(c),
+            f"[{numbers[f'{c.row}: {c.note}']}]" if c.note else format_value(c.actual, c.kind),
+            f"{sign} {format_value(c.limit, c.kind)}",
+            use,
+            c.where,
+        ]
+        table.add_row(*cells)
+    notes = Text("\n".join(f"[{n}] {text}" for text, n in numbers.items()), style="red")
+    return Group(table, notes) if numbers else Group(table)
+
+
+_METRIC_NAMES = {
+    "peak_allocated_bytes": "peak",
+    "peak_reserved_bytes": "reserved",
+    "peak_infer_bytes": "infer peak",
+    "params_trainable": "params",
+    "train_images_per_s": "img/s",
+}
+
+
+def _metric_name(check: CheckResult) -> str:
+    """'peak', 'params', or 'peak ÷ full' for a ratio."""
+    column = check.metric.removesuffix(" ratio")
+    name = _METRIC_NAMES.get(column, column)
+    return f"{name} ÷ {check.versus}" if check.kind == "ratio" else name

@@ -108,6 +108,7 @@ class RunResult(BaseModel):
             "created_at": self.created_at,
             "duration_s": self.duration_s,
             "tuner": spec.tuner,
+            "method": spec.method,
             "knob_name": spec.knob_name,
             "knob": spec.knob,
             "device": spec.device,

@@ -245,6 +245,7 @@ class RunSpec(_Strict):
     data: DataSpec
     tuner: str
     tuner_params: dict[str, Any]
+    method: str  # tuner plus a method-changing variant ('vpt-deep', 'fact-tk'): what tables and plots name
     knob_name: str | None
     knob: float | None
     batch_size: int = Field(gt=0)
@@ -266,7 +267,7 @@ class RunSpec(_Strict):
     def label(self) -> str:
         """Human label: 'lora rank=8 bs=32 fp32'."""
         knob = f" {self.knob_name}={_fmt_num(self.knob)}" if self.knob_name is not None else ""
-        return f"{self.tuner}{knob} bs={self.batch_size} {self.precision}"
+        return f"{self.method}{knob} bs={self.batch_size} {self.precision}"
 
 
 def _fmt_num(value: float | None) -> str:
@@ -500,6 +501,7 @@ def expand(suite: Suite, device: Device) -> list[RunSpec]:
                         data=suite.data,
                         tuner=config.name,
                         tuner_params=config.model_dump(mode="json"),
+                        method=config.method(),
                         knob_name=config.knob,
                         knob=config.knob_value(),
                         batch_size=batch_size,

@@ -37,6 +37,10 @@ class TunerConfig(BaseModel):
     knob: ClassVar[str | None] = None  # the headline knob shown in the unified `knob` column
     summary: ClassVar[str] = ""
 
+    def method(self) -> str:
+        """The method's name in tables and plots: the tuner, plus a variant that changes the method (vpt-deep)."""
+        return self.name
+
     def knob_value(self) -> float | None:
         """Value of the headline knob, or None for tuners without one (full, linear)."""
         if self.knob is None:
@@ -89,6 +93,9 @@ class VptConfig(TunerConfig):
     deep: bool = Field(True, description="deep VPT: one prompt set per block (L sets); False: shallow, one set")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompts (training mode only)")
 
+    def method(self) -> str:
+        return "vpt-deep" if self.deep else "vpt-shallow"
+
 
 class FactConfig(TunerConfig):
     name = "fact"
@@ -105,8 +112,49 @@ class FactConfig(TunerConfig):
     scale: float = Field(1.0, gt=0, description="global scale s of every increment (the official configs use 0.01-100)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on each core's output (the r-dim code before V)")
 
+    def method(self) -> str:
+        return f"fact-{self.variant}"
 
-_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (FullConfig, LinearConfig, LoraConfig, VptConfig, FactConfig)
+
+class SqtConfig(TunerConfig):
+    name = "sqt"
+    knob = "num_queries"
+    summary = (
+        "SQT/SynQT: learned per-layer queries read the frozen backbone's keys/values; only the query path "
+        "and an instance-aware head train."
+    )
+
+    num_queries: int = Field(4, gt=0, description="query tokens per layer n (the paper uses 1, 4 or 16)")
+    rank: int = Field(48, gt=0, description="bottleneck of the projection, FFN and head adapters")
+    attn_rank: int = Field(8, gt=0, description="bottleneck of the q/k/v/o adapters of the query self-attention")
+    attn_scale: float = Field(0.1, description="initial value of each layer's learnable attention-branch scale")
+    ffn_scale: float = Field(0.1, description="initial value of each layer's learnable FFN-branch scale")
+    feat_scale: float = Field(0.1, description="initial value of the shared scale on the previous layer's query")
+    dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="dropout in the rank adapters, query attention and head weight generator"
+    )
+    head_drop_path: float = Field(0.3, ge=0.0, lt=1.0, description="per-token drop path on head tokens 2..3L+1")
+    token_drop_path: bool = Field(
+        True,
+        description="keep the backbone's drop path active on the frozen token path in training (official code); "
+        "false runs the token path without it",
+    )
+    pre_logits: str | None = Field(
+        None,
+        min_length=1,
+        description="original ViT .npz whose pre_logits/kernel,bias become a frozen tanh layer before the "
+        "classifier (timm-0.4.12 in21k models); None: no pre-logits",
+    )
+
+
+_BUILTIN: Final[tuple[type[TunerConfig], ...]] = (
+    FullConfig,
+    LinearConfig,
+    LoraConfig,
+    VptConfig,
+    FactConfig,
+    SqtConfig,
+)
 
 
 def _build_registry(configs: Iterable[type[TunerConfig]]) -> Mapping[str, type[TunerConfig]]:

@@ -13,6 +13,7 @@ from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
+from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.vpt import Vpt
 
 AnyTuner = type[Tuner[Any]]
@@ -28,7 +29,7 @@ def _build(tuners: Iterable[AnyTuner]) -> Mapping[str, AnyTuner]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build([Full, Linear, Lora, Vpt, Fact])
+TUNERS: Final = _build([Full, Linear, Lora, Vpt, Fact, Sqt])
 
 
 def tuner_classes() -> Mapping[str, AnyTuner]:

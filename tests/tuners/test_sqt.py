@@ -1,0 +1,393 @@
+"""SQT/SynQT (METHODS.md §1): parameter formula, what autograd keeps, head layout, drop-path switch, pre-logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from petlbench.backbone import build_backbone
+from petlbench.errors import TunerError
+from petlbench.measure.memory import tracked_train_step
+from petlbench.step import TrainStep, make_optimizer
+from petlbench.suite import BackboneSpec, OptimizerSpec
+from petlbench.tuners import SqtConfig
+from petlbench.tuners.base import TunedModel, build_tuned_model
+from petlbench.tuners.registry import make_tuner
+from petlbench.tuners.sqt import (
+    Adapter,
+    InstanceAwareHead,
+    QuerySynthesis,
+    SqtModel,
+    head_tokens,
+    knowledge_extraction,
+    last_block_kv,
+)
+from tests.conftest import TINY_BACKBONE, TINY_CLASSES, TinyVitFactory
+
+DEPTH = 3  # the tiny ViT's blocks (tests/conftest.py)
+
+
+def sqt(backbone: nn.Module, seed: int = 1, **params: Any) -> TunedModel:
+    torch.manual_seed(seed)
+    return build_tuned_model(backbone, make_tuner("sqt", params))
+
+
+def root(tuned: TunedModel) -> SqtModel:
+    assert isinstance(tuned.module, SqtModel)
+    return tuned.module
+
+
+# -- 1. parameter accounting against the official formula ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, 2_681_297), (4, 2_708_945), (16, 2_819_537)])
+def test_trainable_parameters_match_official_minus_unused(n: int, expected: int) -> None:
+    """METHODS §1.11: official printout 2,613,650 + 9,216n + 769C, less the 18,469 parameters it never uses."""
+    with torch.device("meta"):
+        backbone = build_backbone(BackboneSpec(), 100)
+        tuned = build_tuned_model(backbone, make_tuner("sqt", {"num_queries": n}))
+    assert tuned.params_trainable == expected == 2_613_650 + 9_216 * n + 769 * 100 - 18_469
+    assert tuned.params_added == expected - (768 * 100 + 100)  # everything but the classifier is new
+    frozen = sum(p.numel() for p in tuned.backbone.parameters() if not p.requires_grad)
+    assert frozen == 85_798_656  # the whole ViT-B/16 stays frozen, classifier aside
+
+
+# -- 2. the token path keeps nothing for backward -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_only_query_path_and_kv_are_saved_for_backward(
+    tiny_vit: TinyVitFactory, tiny_batch: tuple[torch.Tensor, torch.Tensor], fused_attn: bool, monkeypatch: Any
+) -> None:
+    tuned = sqt(tiny_vit(fused_attn=fused_attn))
+    model = root(tuned)
+    model.train()
+    x, y = tiny_batch
+
+    kv_storages: set[int] = set()
+    kv_bytes: set[int] = set()
+    token_path = model.token_path
+
+    def recording_token_path(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        kvs = token_path(images)
+        for k, v in kvs:
+            assert not k.requires_grad and not v.requires_grad
+            kv_storages.update(t.untyped_storage().data_ptr() for t in (k, v))
+            kv_bytes.update(t.untyped_storage().nbytes() for t in (k, v))
+        return kvs
+
+    monkeypatch.setattr(model, "token_path", recording_token_path)
+    block_outputs: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda m, a, out: block_outputs.append(out)) for blk in model.blocks]
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}  # storage → bytes, for every tensor autograd keeps that is not a weight
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    for h in hooks:
+        h.remove()
+
+    assert len(block_outputs) == DEPTH - 1  # the last block's token path is skipped (only its K/V run)
+    assert all(not out.requires_grad for out in block_outputs)
+    assert len(kv_storages) == 2 * DEPTH
+    assert kv_storages <= saved.keys(), "every layer's K and V must be what the query path attends to"
+    (token_tensor,) = kv_bytes  # K, V are B x heads x N x hd: one B x N x D token tensor each
+    assert token_tensor == len(x) * 17 * model.backbone.embed_dim * 4  # 16 patches + cls, fp32
+    biggest_other = max(nbytes for ptr, nbytes in saved.items() if ptr not in kv_storages)
+    assert biggest_other < token_tensor, "a token-sized backbone activation is kept for backward"
+
+    loss.backward()
+    grad = model.queries.grad
+    assert grad is not None and all(grad[i].abs().sum() > 0 for i in range(DEPTH))
+
+
+def test_gradient_reaches_first_layer_queries_through_the_query_chain(
+    tiny_vit: TinyVitFactory, tiny_batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """With the instance weights forced to 0, the head sees only H_L: P_1 learns only via H_1 → QSM_2 → … → H_L."""
+    model = root(sqt(tiny_vit()))
+    model.eval()
+    with torch.no_grad():
+        model.instance_head.weight_gen.weight.zero_()
+        model.instance_head.weight_gen.bias.zero_()
+    x, y = tiny_batch
+    F.cross_entropy(model(x), y).backward()
+    grad = model.queries.grad
+    assert grad is not None and grad[0].abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.feat_scale.zero_()  # cut the chain: layer 1 no longer reaches the head
+    F.cross_entropy(model(x), y).backward()
+    grad = model.queries.grad
+    assert grad is not None and grad[0].abs().sum() == 0 and grad[-1].abs().sum() > 0
+
+
+# -- 3. the math of the pieces ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_knowledge_extraction_is_the_frozen_block_for_queries(tiny_vit: TinyVitFactory, fused_attn: bool) -> None:
+    """Queries equal to the block's own input tokens, over that block's K/V, reproduce the block's output."""
+    model = root(sqt(tiny_vit(fused_attn=fused_attn)))
+    model.eval()
+    backbone = model.backbone
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(x))))
+        kvs = model.token_path(x)
+        for blk, (k, v) in zip(model.blocks, kvs, strict=True):
+            torch.testing.assert_close(last_block_kv(blk, tokens), (k, v), rtol=1e-5, atol=1e-6)
+            h, f_att, f_ffn = knowledge_extraction(blk, tokens, k, v)
+            expected = blk(tokens)
+            torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h, tokens + f_att + f_ffn, rtol=1e-5, atol=1e-5)
+            tokens = expected
+
+
+def test_adapter_contains_the_identity() -> None:
+    adapter = Adapter(16, 4, 0.1, {"device": torch.device("cpu"), "dtype": torch.float32}).train()
+    u = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        adapter.fc2.weight.zero_()
+        adapter.fc2.bias.zero_()
+    torch.testing.assert_close(adapter(u), u, rtol=0, atol=0)
+    adapter.eval()
+    with torch.no_grad():
+        adapter.fc2.bias.fill_(1.0)
+        torch.testing.assert_close(adapter(u), u + 1.0)
+
+
+def test_head_tokens_order_and_count(tiny_vit: TinyVitFactory) -> None:
+    batch, dim = 2, 8
+    hs = [torch.full((batch, dim), 10.0 + i) for i in range(1, DEPTH + 1)]
+    att = [torch.full((batch, dim), 20.0 + i) for i in range(1, DEPTH + 1)]
+    ffn = [torch.full((batch, dim), 30.0 + i) for i in range(1, DEPTH + 1)]
+    tokens = head_tokens(hs, att, ffn)
+    assert tokens.shape == (batch, 3 * DEPTH + 1, dim)
+    assert tokens[0, :, 0].tolist() == [13.0, 11.0, 12.0, 13.0, 21.0, 22.0, 23.0, 31.0, 32.0, 33.0]
+
+    head = root(sqt(tiny_vit())).instance_head
+    assert head.num_tokens == 3 * DEPTH + 1
+    assert head.weight_gen.out_features == 3 * DEPTH
+
+
+def test_instance_head_is_a_weighted_mean_with_anchor_weight_one(tiny_vit: TinyVitFactory) -> None:
+    model = root(sqt(tiny_vit()))
+    head = model.instance_head.eval()
+    tokens = torch.randn(4, 3 * DEPTH + 1, 64)
+    t = tokens + head.adapter(head.norm(tokens))
+    w = torch.tanh(F.gelu(head.weight_gen(t[:, 0])))
+    omega = torch.cat([torch.ones(4, 1), w], dim=1)
+    expected = head.final_norm((omega.unsqueeze(-1) * t).mean(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(head(tokens), expected, rtol=1e-5, atol=1e-5)
+    # LN_head starts as a trainable copy of the backbone's final norm, not the same tensors
+    norm = model.backbone.norm
+    assert torch.equal(head.final_norm.weight, norm.weight) and head.final_norm.weight is not norm.weight
+    assert head.final_norm.eps == norm.eps
+
+
+def test_head_drop_path_drops_whole_tokens_but_never_the_anchor() -> None:
+    cfg = SqtConfig(head_drop_path=0.5, dropout=0.0)
+    factory: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32}
+    head = InstanceAwareHead(16, 7, cfg, nn.Identity(), factory).train()
+    captured: list[torch.Tensor] = []
+    head.weight_gen.register_forward_hook(lambda m, a, out: captured.append(a[0]))
+    tokens = torch.randn(64, 7, 16)
+    torch.manual_seed(0)
+    train_out = head(tokens)
+    head.eval()
+    with torch.no_grad():
+        eval_out = head(tokens)
+    assert torch.equal(captured[0], captured[1])  # the anchor token (weights come from it) is never dropped
+    assert not torch.allclose(train_out, eval_out)
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_query_synthesis_follows_the_official_formula(fused_attn: bool) -> None:
+    cfg = SqtConfig(attn_scale=0.3, ffn_scale=0.7)
+    factory: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32}
+    torch.manual_seed(0)
+    qsm = QuerySynthesis(32, cfg, fused_attn, factory).eval()
+    z = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        zp = qsm.proj(z)
+        a = qsm.norm_a(zp)
+        attn = qsm.attn
+        q, k, v = attn.q(attn.norm_q(a)), attn.k(attn.norm_kv(a)), attn.v(attn.norm_kv(a))
+        s = torch.softmax(q @ k.transpose(-2, -1) / 32**0.5, dim=-1)
+        zp = zp + 0.3 * attn.o(s @ v)
+        expected = zp + 0.7 * qsm.ffn(qsm.norm_b(zp))
+        torch.testing.assert_close(qsm(z), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- 4. drop path on the token path --------------------------------------------------------------------------------
+
+
+def drop_path_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone(TINY_BACKBONE.model_copy(update={"drop_path_rate": 0.5}), TINY_CLASSES)
+
+
+def last_kv(model: SqtModel, x: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return model.token_path(x)[-1][0]
+
+
+def test_token_drop_path_on_keeps_stochastic_depth_on_the_token_path() -> None:
+    model = root(sqt(drop_path_vit(), token_drop_path=True, dropout=0.0, head_drop_path=0.0))
+    x = torch.randn(16, 3, 32, 32)
+    model.eval()
+    reference = last_kv(model, x, 0)
+    assert torch.equal(reference, last_kv(model, x, 1))  # eval: deterministic
+    model.train()
+    assert model.blocks[-1].drop_path1.training
+    assert not torch.equal(last_kv(model, x, 0), reference)
+    assert not torch.equal(last_kv(model, x, 0), last_kv(model, x, 1))
+
+
+def test_token_drop_path_off_makes_the_token_path_deterministic_but_not_the_query_path() -> None:
+    model = root(sqt(drop_path_vit(), token_drop_path=False, dropout=0.0, head_drop_path=0.0))
+    x = torch.randn(16, 3, 32, 32)
+    model.eval()
+    reference = last_kv(model, x, 0)
+    with torch.no_grad():
+        eval_logits = model(x)
+    model.train()
+    assert model.training and model.blocks[-1].training and not model.blocks[-1].drop_path1.training
+    assert torch.equal(last_kv(model, x, 0), reference)
+    assert torch.equal(last_kv(model, x, 1), reference)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        train_logits = model(x)
+    assert not torch.allclose(train_logits, eval_logits)  # the query path still uses each block's drop path
+    # the same backbone with the switch on differs in the token path, and agrees in eval mode
+    other = root(sqt(drop_path_vit(), token_drop_path=True, dropout=0.0, head_drop_path=0.0))
+    other.eval()
+    torch.testing.assert_close(last_kv(other, x, 0), reference, rtol=0, atol=0)
+
+
+# -- 5. frozen pre-logits from an original ViT .npz ----------------------------------------------------------------
+
+
+def write_npz(path: Path, dim: int, out: int | None = None, keys: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((dim, out or dim)).astype(np.float32) * 0.2
+    bias = rng.standard_normal(out or dim).astype(np.float32) * 0.1
+    arrays = {"pre_logits/kernel": kernel, "pre_logits/bias": bias} if keys else {"other": bias}
+    np.savez(path, **arrays, **{"Transformer/encoder_norm/scale": np.ones(dim, np.float32)})
+    return kernel, bias
+
+
+def test_pre_logits_from_npz_is_frozen_and_applied(tiny_vit: TinyVitFactory, tmp_path: Path) -> None:
+    path = tmp_path / "ViT-tiny.npz"
+    kernel, bias = write_npz(path, 64)
+    plain = sqt(tiny_vit(), seed=3)
+    tuned = sqt(tiny_vit(), seed=3, pre_logits=str(path))
+    model = root(tuned)
+    assert model.pre_logits is not None
+    assert tuned.params_trainable == plain.params_trainable  # nothing new trains
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.startswith("pre_logits") for n in names)
+    assert {n for n, _ in model.named_buffers()} >= {"pre_logits.weight", "pre_logits.bias"}
+    torch.testing.assert_close(model.pre_logits.weight, torch.from_numpy(kernel.T.copy()))
+    torch.testing.assert_close(model.pre_logits.bias, torch.from_numpy(bias))
+
+    plain.module.eval()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = root(plain).features(x)
+        expected = model.backbone.get_classifier()(
+            torch.tanh(features @ model.pre_logits.weight.T + model.pre_logits.bias)
+        )
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x), plain.module(x))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("missing", "no such file"), ("nokeys", "no pre_logits/kernel"), ("width", "do not fit"), ("classes", "expects")],
+)
+def test_pre_logits_errors_name_the_field(tiny_vit: TinyVitFactory, tmp_path: Path, case: str, message: str) -> None:
+    path = tmp_path / "vit.npz"
+    if case == "nokeys":
+        write_npz(path, 64, keys=False)
+    elif case == "width":
+        write_npz(path, 32)
+    elif case == "classes":
+        write_npz(path, 64, out=48)  # representation size 48, but the classifier takes 64 features
+    with pytest.raises(TunerError, match=message):
+        sqt(tiny_vit(), pre_logits=str(path))
+
+
+# -- 6. memory -----------------------------------------------------------------------------------------------------
+
+
+def activation_bytes(tuned: TunedModel, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Activation bytes at the peak of a tracked third training step (AdamW state exists from step 1)."""
+    model = tuned.module.train()
+    step = TrainStep(model, make_optimizer(tuned.trainable_parameters(), OptimizerSpec()), "fp32", "cpu")
+    step(x, y)
+    step(x, y)
+    return tracked_train_step(step, x, y).by_category["activations"]
+
+
+def test_sqt_keeps_far_fewer_activations_than_lora_on_a_small_vit() -> None:
+    """test_vit at 64 px (65 tokens, so n=4 queries are few, as on ViT-B): a real-tensor tracked step."""
+    spec = TINY_BACKBONE.model_copy(update={"img_size": 64})
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(TINY_CLASSES, (8,))
+    lora = activation_bytes(build_tuned_model(build_backbone(spec, TINY_CLASSES), make_tuner("lora", {})), x, y)
+    ours = activation_bytes(sqt(build_backbone(spec, TINY_CLASSES)), x, y)
+    assert ours < 0.5 * lora, f"SQT activations {ours} B vs LoRA {lora} B"
+
+
+@pytest.mark.slow
+def test_sqt_activations_on_vit_b_are_a_quarter_of_loras() -> None:
+    """ViT-B/16, B=8, fp32, fake CPU tensors (byte-exact vs real): SQT n=4 keeps 24 % of LoRA r=8's activations.
+
+    K/V of 12 layers are 24 token tensors per sample; the peak is in the frozen forward of block 11
+    (20 + 2 K/V + 11 working set + 1 image ≈ 34 per sample) against LoRA's ≈ 141.5.
+    """
+
+    def fake_activation_bytes(tuner: str) -> int:
+        with torch.device("meta"):
+            tuned = build_tuned_model(build_backbone(BackboneSpec(), 100), make_tuner(tuner, {}))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            tuned.module.to_empty(device="cpu")
+            return activation_bytes(tuned, torch.randn(8, 3, 224, 224), torch.randint(100, (8,)))
+
+    lora, ours = fake_activation_bytes("lora"), fake_activation_bytes("sqt")
+    unit = 8 * 197 * 768 * 4  # one [B, 197, 768] fp32 token tensor
+    assert ours < 0.25 * lora
+    assert 24 * unit < ours < 36 * unit  # at least the 12 layers' K and V, and not much more
+
+
+# -- config and backbone checks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [{"num_queries": 0}, {"rank": 0}, {"dropout": 1.0}, {"head_drop_path": -0.1}, {"x": 1}])
+def test_config_rejects_bad_knobs(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SqtConfig.model_validate(bad)
+
+
+def test_rejects_a_backbone_without_timm_blocks(tiny_vit: TinyVitFactory) -> None:
+    backbone = tiny_vit()
+    backbone.blocks[1] = nn.Identity()
+    with pytest.raises(TunerError, match=r"blocks\[1\]"):
+        sqt(backbone)
