@@ -7,7 +7,8 @@ tracker sees exactly the bytes a real CPU run allocates, for any batch size, wit
 tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are estimated on fake
 CPU tensors too, with the deltas listed in petlbench/prediction.py.
 
-Many runs, one process (`python -m petlbench.estimate REQUEST.json OUT.json`, what the CLI starts): runs that
+Many runs, one process (`python -m petlbench.estimate`, serving JSON requests on stdin, is what the CLI starts;
+`python -m petlbench.estimate REQUEST.json OUT.json` answers one request from a file): runs that
 build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one fake model and
 optimizer. It is warmed up once (AdamW creates its state on the first step; every later step has the same
 allocation pattern), then each run is one tracked step (plus one tracked inference forward) at its batch size and
@@ -18,7 +19,6 @@ those allocated inside the step, exactly as in the worker, so a reused model giv
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -43,6 +43,7 @@ from petlbench.measure.memory import CUDA_BLOCK, tracked_inference, tracked_trai
 from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
 from petlbench.prediction import (
     ESTIMATE_SOURCE,
+    MESSAGE_PREFIX,
     Estimate,
     EstimateRequest,
     EstimateResponse,
@@ -51,7 +52,7 @@ from petlbench.prediction import (
     has_dropout,
     model_key,
 )
-from petlbench.results import Metrics
+from petlbench.results import EnvValue, Metrics
 from petlbench.step import TrainStep, autocast, make_optimizer
 from petlbench.suite import RunSpec
 from petlbench.worker import build_model, model_img_size
@@ -288,28 +289,42 @@ def estimate_many(specs: Sequence[RunSpec], search: SearchRequest | None = None)
         yield i, estimate
 
 
+def _emit(message: dict[str, Any]) -> None:
+    print(MESSAGE_PREFIX + json.dumps(message), flush=True)
+
+
+def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateResponse:
+    results: list[Estimate | None] = [None] * len(request.specs)
+    for i, estimate in estimate_many(request.specs, request.search):
+        estimate.env = env
+        results[i] = estimate
+        _emit({"label": request.specs[i].label()})  # the parent's progress bar
+    return EstimateResponse(estimates=[e for e in results if e is not None])
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Serve requests (one JSON EstimateRequest per stdin line, answered on stdout), or answer one from a file."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m petlbench.estimate REQUEST.json OUT.json", file=sys.stderr)
+    if len(args) not in (0, 2):
+        print(
+            "usage: python -m petlbench.estimate [REQUEST.json OUT.json]  (no arguments: serve stdin)", file=sys.stderr
+        )
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    request = EstimateRequest.model_validate_json(Path(args[0]).read_text())
     from petlbench.measure.env import collect_env
 
     env = collect_env(torch.device("cpu"))
-    results: list[Estimate | None] = [None] * len(request.specs)
-    for done, (i, estimate) in enumerate(estimate_many(request.specs, request.search), 1):
-        estimate.env = env
-        results[i] = estimate
-        # one JSON line per run on stdout: the parent's progress bar
-        print(json.dumps({"done": done, "total": len(results), "label": request.specs[i].label()}), flush=True)
-    out = Path(args[1])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(EstimateResponse(estimates=[e for e in results if e is not None]).model_dump_json())
-    os.replace(tmp, out)
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
+    if args:
+        response = _answer(EstimateRequest.model_validate_json(Path(args[0]).read_text()), env)
+        out = Path(args[1])
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(response.model_dump_json())
+        os.replace(tmp, out)
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            response = _answer(EstimateRequest.model_validate_json(line), env)
+            _emit({"response": response.model_dump(mode="json")})
     return 0
 
 

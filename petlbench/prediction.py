@@ -1,8 +1,9 @@
 """Predicted memory before anything runs (parent side, torch-free): the estimator subprocess, limits, rows.
 
-The parent never imports torch, so every estimate is made by one `python -m petlbench.estimate REQUEST OUT`
-process for a whole list of runs (fake-tensor steps take a fraction of a second; imports take seconds). The
-child reuses one fake model per model configuration across batch sizes and precisions.
+The parent never imports torch, so estimates are made by `python -m petlbench.estimate` processes (up to
+`--jobs`, default 2), each serving one model configuration at a time over stdin/stdout and reusing one fake model
+for all of its batch sizes and precisions (imports take seconds; a configuration takes seconds, a run milliseconds
+once its configuration is traced).
 
 Where estimate rows live: `results/<suite>.estimate/<run_id>.parquet`, with the same run_id as the measured run,
 `suite` = `<suite>.estimate` and `memory_source = estimate`. A measured row and its estimate therefore never share
@@ -243,20 +244,20 @@ def split_predicted_oom(
 # The estimator subprocess
 
 Progress = Callable[[int, int, str], None]  # (done, total, label of the run just estimated)
+MESSAGE_PREFIX: Final = "@petlbench-estimate "  # marks the child's protocol lines on its stdout
 
 
-def _chunks(specs: Sequence[RunSpec], jobs: int) -> list[list[RunSpec]]:
-    """Split specs into at most `jobs` lists, keeping each model configuration in one list (its model is reused).
-
-    A process costs seconds of imports, so there is one per three configurations at most.
-    """
+def groups_of(specs: Sequence[RunSpec]) -> list[list[RunSpec]]:
+    """Specs grouped by model configuration (suite order): a group shares one fake model in the estimator."""
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
         groups.setdefault(model_key(spec), []).append(spec)
-    chunks: list[list[RunSpec]] = [[] for _ in range(max(1, min(jobs, -(-len(groups) // 3))))]
-    for group in sorted(groups.values(), key=len, reverse=True):
-        min(chunks, key=len).extend(group)
-    return [c for c in chunks if c]
+    return list(groups.values())
+
+
+def processes_for(groups: int, jobs: int) -> int:
+    """A process costs seconds of imports, so one per three configurations at most."""
+    return max(1, min(jobs, -(-groups // 3)))
 
 
 def run_estimates(
@@ -267,69 +268,111 @@ def run_estimates(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Estimate]:
-    """Estimate every spec in `jobs` `python -m petlbench.estimate` processes; run_id → Estimate.
+    """Estimate every spec in up to `jobs` `python -m petlbench.estimate` processes; run_id → Estimate.
 
-    A process that dies turns its specs into Estimates with an error (the log tail), never an exception.
+    Each process serves requests on stdin, one model configuration at a time, and takes the next configuration when
+    it is done (configurations differ tenfold in cost, so a static split leaves one process idle). A process that
+    dies turns its configuration into Estimates with an error (its log tail), never an exception.
     """
     if not specs:
         return {}
-    chunks = _chunks(specs, jobs)
-    total = len(specs)
-    events: queue.Queue[str | None] = queue.Queue()
+    groups = groups_of(specs)
+    work: queue.Queue[list[RunSpec]] = queue.Queue()
+    for group in groups:
+        work.put(group)
+    events: queue.Queue[tuple[str, object]] = queue.Queue()
+    results: dict[str, Estimate] = {}
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    total, done = len(specs), 0
     with tempfile.TemporaryDirectory(prefix="petlbench-estimate-") as tmp:
-        procs: list[tuple[subprocess.Popen[str], Path, Path, list[RunSpec]]] = []
+        procs: list[subprocess.Popen[str]] = []
         try:
-            for i, chunk in enumerate(chunks):
-                request, out, log = Path(tmp) / f"request{i}.json", Path(tmp) / f"out{i}.json", Path(tmp) / f"log{i}"
-                request.write_text(EstimateRequest(specs=chunk, search=search).model_dump_json())
+            for i in range(processes_for(len(groups), jobs)):
+                log = Path(tmp) / f"log{i}"
                 with log.open("w") as log_file:
                     proc = subprocess.Popen(
-                        [python, "-m", "petlbench.estimate", str(request), str(out)],
-                        stdin=subprocess.DEVNULL,
+                        [python, "-m", "petlbench.estimate"],
+                        stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=log_file,
                         text=True,
                         env=child_env,
                         start_new_session=True,
                     )
-                procs.append((proc, out, log, chunk))
-                threading.Thread(target=_pump, args=(proc, events), daemon=True).start()
-            done, running = 0, len(procs)
+                procs.append(proc)
+                threading.Thread(target=_serve, args=(proc, log, work, search, events), daemon=True).start()
+            running = len(procs)
+            last_error = "every estimator process exited"
             while running:
-                line = events.get()
-                if line is None:
+                kind, payload = events.get()
+                if kind == "exit":
                     running -= 1
-                    continue
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    label = str(json.loads(line)["label"])
+                elif kind == "result":
+                    assert isinstance(payload, dict)
+                    results.update(payload)
+                    died = [e.error for e in payload.values() if e.error and e.error.startswith("estimator process")]
+                    last_error = died[0] if died else last_error
+                elif kind == "progress":
                     done += 1
                     if on_progress:
-                        on_progress(done, total, label)
-            results: dict[str, Estimate] = {}
-            for proc, out, log, chunk in procs:
-                code = proc.wait()
-                results.update(_read_output(out, log, code, chunk))
+                        on_progress(done, total, str(payload))
+            while not work.empty():  # every process died before taking these
+                for spec in work.get():
+                    results[spec.run_id] = Estimate(run_id=spec.run_id, error=last_error)
             return results
         finally:
-            for proc, *_ in procs:
+            for proc in procs:
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
 
 
-def _pump(proc: subprocess.Popen[str], events: queue.Queue[str | None]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        events.put(line)
-    events.put(None)
+def _serve(
+    proc: subprocess.Popen[str],
+    log: Path,
+    work: queue.Queue[list[RunSpec]],
+    search: SearchRequest | None,
+    events: queue.Queue[tuple[str, object]],
+) -> None:
+    """Feed one estimator process configurations until none is left (runs in a thread per process)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        while True:
+            try:
+                group = work.get_nowait()
+            except queue.Empty:
+                break
+            response: EstimateResponse | None = None
+            try:
+                proc.stdin.write(EstimateRequest(specs=group, search=search).model_dump_json() + "\n")
+                proc.stdin.flush()
+                while response is None:
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    if not line.startswith(MESSAGE_PREFIX):
+                        continue  # something else printed to stdout
+                    message = json.loads(line[len(MESSAGE_PREFIX) :])
+                    if "label" in message:
+                        events.put(("progress", message["label"]))
+                    elif "response" in message:
+                        response = EstimateResponse.model_validate(message["response"])
+            except (OSError, ValueError):
+                response = None
+            if response is None:
+                code = proc.wait()
+                events.put(("result", _died(log, code, group)))
+                return
+            events.put(("result", {e.run_id: e for e in response.estimates}))
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.wait()
+    finally:
+        events.put(("exit", None))
 
 
-def _read_output(out: Path, log: Path, code: int, chunk: Sequence[RunSpec]) -> dict[str, Estimate]:
-    if code == 0 and out.exists():
-        response = EstimateResponse.model_validate_json(out.read_text())
-        return {e.run_id: e for e in response.estimates}
+def _died(log: Path, code: int, group: Sequence[RunSpec]) -> dict[str, Estimate]:
     tail = "\n".join(log.read_text(errors="replace").rstrip().splitlines()[-10:]) if log.exists() else ""
     error = f"estimator process exited with code {code} without a result\n{tail}".rstrip()
-    return {spec.run_id: Estimate(run_id=spec.run_id, error=error) for spec in chunk}
+    return {spec.run_id: Estimate(run_id=spec.run_id, error=error) for spec in group}

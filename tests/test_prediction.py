@@ -11,10 +11,11 @@ from petlbench.errors import ConfigError
 from petlbench.fmt import parse_bytes
 from petlbench.prediction import (
     Estimate,
-    _chunks,
     estimate_device,
     estimate_result,
+    groups_of,
     memory_limit,
+    processes_for,
     split_predicted_oom,
 )
 from petlbench.results import Metrics, RunResult, load_results, now_iso, write_result
@@ -104,12 +105,17 @@ def test_estimate_rows_live_beside_measured_rows_and_reading_a_folder_skips_them
     assert list(estimates["run_id"]) == list(everything["run_id"])  # joinable on run_id
 
 
-def test_chunks_keep_a_configuration_together() -> None:
+def test_groups_keep_a_configuration_together_and_processes_are_few() -> None:
     specs = runs(precision=["fp32", "bf16-mixed"], tuners=[{"tuner": "lora", "grid": {"rank": [1, 2, 3, 4, 5, 6]}}])
-    chunks = _chunks(specs, jobs=2)
-    assert len(chunks) == 2 and sorted(len(c) for c in chunks) == [12, 12]
-    for chunk in chunks:
-        ranks = {s.knob for s in chunk}
-        assert all(s.knob in ranks for s in specs if s in chunk)
-        assert not ranks & {s.knob for other in chunks if other is not chunk for s in other}
-    assert len(_chunks(specs[:4], jobs=2)) == 1  # a process costs imports: one per three configurations at most
+    groups = groups_of(specs)
+    assert len(groups) == 6 and all(len(g) == 4 for g in groups)  # 2 batch sizes × 2 precisions per rank
+    assert all(len({s.knob for s in g}) == 1 for g in groups)
+    assert [g[0].knob for g in groups] == [1, 2, 3, 4, 5, 6]  # suite order
+    assert processes_for(6, jobs=2) == 2 and processes_for(2, jobs=2) == 1 and processes_for(18, jobs=1) == 1
+
+
+def test_a_dead_estimator_process_becomes_error_estimates() -> None:
+    specs = runs()
+    results = prediction.run_estimates(specs, python="/bin/false")
+    assert set(results) == {s.run_id for s in specs}
+    assert all(e.metrics is None and "exited with code 1" in (e.error or "") for e in results.values())

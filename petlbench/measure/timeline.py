@@ -123,7 +123,28 @@ class RecordingTracker(TensorTracker):
     def timeline(self) -> Timeline:
         """The events so far; later frees (tensors that outlive the region) are not logged."""
         self._open = False
-        return Timeline(tuple(self._events), tuple(self._shapes), frozenset(self._ops))
+        return Timeline(_canonical(self._events), tuple(self._shapes), frozenset(self._ops))
+
+
+def _canonical(events: list[tuple[int, int, Category, int]]) -> tuple[tuple[int, int, Category, int], ...]:
+    """Frees that follow each other are sorted by key.
+
+    Their order cannot change a peak (peaks are taken at allocations), but it is not always deterministic: leaving
+    autocast clears its cache of low-precision weight copies, a hash map, so the same copies are freed in a
+    different order from one trace to the next. Sorted, two traces of the same step match event for event.
+    """
+    out: list[tuple[int, int, Category, int]] = []
+    run: list[tuple[int, int, Category, int]] = []
+    for event in events:
+        if event[0] == FREE:
+            run.append(event)
+            continue
+        if run:
+            out.extend(sorted(run, key=lambda e: e[1]))
+            run = []
+        out.append(event)
+    out.extend(sorted(run, key=lambda e: e[1]))
+    return tuple(out)
 
 
 def replay(timeline: Timeline, round_to: int = 1) -> TrackedPeak:
