@@ -75,13 +75,22 @@ class _CudaDropout(TorchFunctionMode):
     """Dropout as CUDA runs it: the fused `native_dropout`, which saves a 1-byte bool mask for backward.
 
     On CPU, `F.dropout` multiplies by a float noise tensor and autograd saves that (4 bytes per element in fp32).
+    Attention dropout cannot be mapped: CPU SDPA falls back to the math path (N×N saved), CUDA kernels do not; a
+    call of `F.scaled_dot_product_attention` with dropout_p > 0 is noted in `attention_dropout` instead.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_dropout = False
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.dropout:
+        if func is F.scaled_dot_product_attention:
+            p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            self.attention_dropout |= isinstance(p, int | float) and p > 0
+        elif func is F.dropout:
             bound = dict(zip(("input", "p", "training", "inplace"), args, strict=False)) | kwargs
             p, training = float(bound.get("p", 0.5)), bool(bound.get("training", True))
             if training and 0.0 < p < 1.0:
@@ -136,11 +145,13 @@ class _FakeModel:
         self.warm = False
         # (precision, device, inference) → batch size → (training timeline, inference timeline or None)
         self.traces: dict[tuple[str, str, bool], dict[int, tuple[Timeline, Timeline | None]]] = {}
+        self.attention_dropout = False  # a CUDA trace saw SDPA with dropout: CPU ran the math path instead
 
     def _trace(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
         """Run the tracked inference forward and training step at the spec's batch size; their timelines."""
         infer: Timeline | None = None
-        with self.mode, _CudaDropout() if spec.device == "cuda" and has_dropout(spec) else nullcontext():
+        dropout = _CudaDropout() if spec.device == "cuda" and has_dropout(spec) else None
+        with self.mode, dropout if dropout is not None else nullcontext():
             x = torch.empty(spec.batch_size, 3, self.img_size, self.img_size)
             y = torch.zeros(spec.batch_size, dtype=torch.int64)
             if spec.measure.inference:
@@ -155,6 +166,7 @@ class _FakeModel:
             recorder = RecordingTracker()
             tracked_train_step(step, x, y, tracker=recorder)
             train = recorder.timeline()
+        self.attention_dropout |= dropout is not None and dropout.attention_dropout
         return train, infer
 
     def _create_optimizer_state(self) -> None:
@@ -197,6 +209,10 @@ class _FakeModel:
         metrics.estimate_note, metrics.estimate_approximate = estimate_caveats(spec)
         round_to = CUDA_BLOCK if spec.device == "cuda" else 1
         train, infer = self._timelines(spec)
+        if spec.device == "cuda" and self.attention_dropout:
+            metrics.estimate_approximate = True
+            joiner = ", " if "approximate:" in (metrics.estimate_note or "") else "; approximate: "
+            metrics.estimate_note = f"{metrics.estimate_note}{joiner}attention dropout (CPU SDPA runs math)"
         if infer is not None:
             metrics.peak_infer_bytes = replay(infer, round_to).peak_bytes
         tracked = replay(train, round_to)

@@ -154,10 +154,10 @@ def fits(peak: int | None, limit: int | None) -> bool | None:
 
 
 def has_dropout(spec: RunSpec) -> bool:
-    """Whether any dropout that F.dropout implements is on (backbone drop_rate, proj/pos dropout, tuner dropout)."""
+    """Whether any dropout is on: backbone drop_rate, proj/pos/attention dropout, the tuner's `dropout` knob."""
     kwargs = spec.backbone.kwargs
     rates = [spec.backbone.drop_rate, spec.tuner_params.get("dropout")]
-    rates += [kwargs.get(k) for k in ("proj_drop_rate", "pos_drop_rate")]
+    rates += [kwargs.get(k) for k in ("proj_drop_rate", "pos_drop_rate", "attn_drop_rate")]
     return any(isinstance(p, int | float) and not isinstance(p, bool) and p > 0 for p in rates)
 
 
@@ -167,12 +167,8 @@ def estimate_caveats(spec: RunSpec) -> tuple[str | None, bool]:
         return None, False
     applied = ["512-B rounding"]
     approx: list[str] = []
-    kwargs = spec.backbone.kwargs
     if has_dropout(spec):
         applied.append("1-B dropout masks")
-    attn_drop = kwargs.get("attn_drop_rate")
-    if isinstance(attn_drop, int | float) and attn_drop > 0:
-        approx.append("attention dropout (CPU SDPA falls back to math)")
     if spec.precision != "fp32":
         approx.append("CPU autocast op lists stand in for CUDA's")
     if spec.precision == "fp16-mixed":

@@ -30,7 +30,10 @@ def suite(**overrides: Any) -> dict[str, Any]:
     }
 
 
-NO_DROPOUT = [{"tuner": n, "params": {"dropout": 0.0}} if n == "fact" else {"tuner": n} for n in sorted(TUNER_CONFIGS)]
+NO_DROPOUT = [
+    {"tuner": n, "params": {"dropout": 0.0}} if "dropout" in TUNER_CONFIGS[n].model_fields else {"tuner": n}
+    for n in sorted(TUNER_CONFIGS)
+]
 
 
 def specs(device: str = "cpu", **overrides: Any) -> list[RunSpec]:
@@ -75,6 +78,10 @@ def test_cuda_estimates_apply_the_documented_deltas() -> None:
     cpu, cuda = estimate_memory(specs("cpu", **lora)[0]), estimate_memory(specs("cuda", **lora)[0])
     assert cuda.estimate_note is not None and "1-B dropout masks" in cuda.estimate_note
     assert (cuda.mem_activations_bytes or 0) < (cpu.mem_activations_bytes or 0)
+    assert cuda.estimate_approximate is False  # linear-layer dropout maps exactly onto CUDA's kernel
+    # attention dropout does not map: SQT's query attention runs SDPA with dropout_p
+    sqt = estimate_memory(specs("cuda", tuners=[{"tuner": "sqt", "params": {"dropout": 0.1}}])[0])
+    assert sqt.estimate_approximate is True and "attention dropout" in (sqt.estimate_note or "")
     bf16 = estimate_memory(specs("cuda", precision="bf16-mixed", tuners=[{"tuner": "linear"}])[0])
     assert bf16.estimate_approximate is True and "autocast" in (bf16.estimate_note or "")
 
