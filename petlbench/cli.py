@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -27,8 +28,7 @@ from rich.text import Text
 
 from petlbench import cli_memory
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
-from petlbench.executors import RunFinished, RunStarted
-from petlbench.executors.local import LocalExecutor
+from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.gpus import visible_gpus
 from petlbench.render import check_table, result_line, runs_table, summary_table, tuners_table
 from petlbench.report import Plot
@@ -76,9 +76,20 @@ def builtin_quickstart() -> Path:
     return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
 
 
-def _load(suite_path: Path | None, device: str | None) -> tuple[Suite, list]:  # type: ignore[type-arg]
+def _load(suite_path: Path | None, device: str | None, local_gpus: bool = True) -> tuple[Suite, list]:  # type: ignore[type-arg]
     suite = load_suite(suite_path or builtin_quickstart())
-    return suite, expand(suite, resolve_device(device or suite.device, visible_gpus()))
+    requested = device or suite.device
+    if requested == "cuda" and not local_gpus:  # the GPUs are on the cluster, not necessarily on this machine
+        return suite, expand(suite, "cuda")
+    return suite, expand(suite, resolve_device(requested, visible_gpus()))
+
+
+def _running(labels: Sequence[str], shown: int = 2) -> str:
+    """Progress text for the runs in flight: 'lora rank=4 bs=8 fp32', or '3 running: a · b · +1'."""
+    if len(labels) <= 1:
+        return labels[0] if labels else "waiting"
+    more = [f"+{len(labels) - shown}"] if len(labels) > shown else []
+    return f"{len(labels)} running: " + " · ".join([*labels[:shown], *more])
 
 
 @app.command()
@@ -91,6 +102,30 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="runs at once; CPU: default 1, each run gets its share of the cores; CUDA: default and at most one "
+            "run per visible GPU; ray: cap on runs in flight",
+            show_default=False,
+        ),
+    ] = None,
+    executor: Annotated[
+        ExecutorKind,
+        typer.Option(
+            "--executor", help="local: subprocesses on this machine; ray: Ray tasks (pip install petlbench[ray])"
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="ray: a running cluster ('auto', or HOST:6379); omitted: a local Ray instance for this sweep",
+            show_default=False,
+        ),
+    ] = None,
     skip_predicted_oom: Annotated[bool, cli_memory.SKIP_OPTION] = False,
     memory_limit: Annotated[str | None, cli_memory.LIMIT_OPTION] = None,
 ) -> None:
@@ -101,10 +136,11 @@ def run(
     Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
     try:
-        suite_obj, runs = _load(suite, device)
+        suite_obj, runs = _load(suite, device, local_gpus=executor == "local")
+        runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
         if suite_obj.auto_batch_size:
             cli_memory.run_auto_batch_command(
-                suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, out, err
+                suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, runner, out, err
             )
             return
         if memory_limit is not None and not skip_predicted_oom:
@@ -119,6 +155,7 @@ def run(
         f"({len(todo.done)} done, {len(todo.todo)} to run"
         + (f", {len(todo.retry)} retried" if todo.retry else "")
         + ")"
+        + ("" if str(runner) == "local" else f" · {runner}")
     )
     if dry_run:
         out.print(runs_table(todo.todo, title="runs to execute"))
@@ -150,14 +187,17 @@ def run(
     with ExitStack() as stack:
         stack.enter_context(progress)
         task = progress.add_task("starting", total=len(specs))
+        running: dict[str, str] = {}
         try:
-            for event in execute(specs, LocalExecutor(results_dir), results_dir):
+            for event in execute(specs, runner, results_dir):
                 if isinstance(event, RunStarted):
-                    progress.update(task, description=event.spec.label())
+                    running[event.spec.run_id] = event.spec.label()
                 elif isinstance(event, RunFinished):
+                    running.pop(event.result.run_id, None)
                     results.append(event.result)
                     progress.console.print(result_line(event.result))
                     progress.advance(task)
+                progress.update(task, description=_running(list(running.values())))
         except KeyboardInterrupt:
             interrupted = True
         except PetlbenchError as exc:

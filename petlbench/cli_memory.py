@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from petlbench.autobatch import AutoBatchOutcome, run_auto_batch, stored_probes
 from petlbench.errors import PetlbenchError
-from petlbench.executors.local import LocalExecutor
+from petlbench.executors import Executor
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_seconds
 from petlbench.gpus import visible_gpus
 from petlbench.prediction import (
@@ -210,6 +210,7 @@ def run_auto_batch_command(
     dry_run: bool,
     strict: bool,
     limit_text: str | None,
+    executor: Executor,
     out: Console,
     err: Console,
 ) -> None:
@@ -240,7 +241,7 @@ def run_auto_batch_command(
             templates,
             estimates,
             limit,
-            LocalExecutor(results_dir),
+            executor,
             results_dir,
             stored,
             r.min,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from petlbench.cli import app
 from petlbench.results import load_results
+from tests.test_parallel import workers_with
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -90,9 +92,11 @@ def test_rerun_runs_nothing_and_force_reruns_identically(tmp_path: Path) -> None
 def test_ctrl_c_keeps_finished_runs_and_stops_the_worker(tmp_path: Path) -> None:
     suite = write_suite(tmp_path, "interrupt", ["linear", "test_hang"], timeout=300)
     results = tmp_path / "results"
+    marker = uuid.uuid4().hex  # finds this test's workers, not those of other sweeps on the machine
     env = {
         **os.environ,
         "PETLBENCH_PLUGINS": "tests.plugins.fault_tuners",
+        "PETLBENCH_TEST_MARKER": marker,
         "PYTHONPATH": str(ROOT),
     }
     parent = subprocess.Popen(
@@ -112,5 +116,4 @@ def test_ctrl_c_keeps_finished_runs_and_stops_the_worker(tmp_path: Path) -> None
     assert "run the same command to resume" in stderr
     frame = load_results([results])
     assert list(frame["tuner"]) == ["linear"] and list(frame["status"]) == ["ok"]
-    leftovers = subprocess.run(["pgrep", "-f", "petlbench.worker"], capture_output=True, text=True).stdout.split()
-    assert not [pid for pid in leftovers if int(pid) != os.getpid()], "worker survived the interrupt"
+    assert not workers_with(marker), "worker survived the interrupt"

@@ -39,8 +39,8 @@ def measured() -> dict[str, Metrics]:
 
 def test_peak_ordering(measured: dict[str, Metrics]) -> None:
     peak = {name: m.peak_allocated_bytes or 0 for name, m in measured.items()}
-    full, vpt, lora = peak["full"], peak["vpt prompt_len=50"], peak["lora rank=8"]
-    fact, sqt, linear = peak["fact rank=8"], peak["sqt num_queries=4"], peak["linear"]
+    full, vpt, lora = peak["full"], peak["vpt-deep prompt_len=50"], peak["lora rank=8"]
+    fact, sqt, linear = peak["fact-tt rank=8"], peak["sqt num_queries=4"], peak["linear"]
     assert full > vpt > lora
     assert full > fact > lora  # FacT keeps full-FT-sized activations: its fc2 delta needs the 4·D GELU output
     assert min(lora, fact) > sqt > linear

@@ -2,28 +2,38 @@
 
 A fresh interpreter per run means a fresh CUDA context and caching allocator, so one run's fragmentation or
 OOM never leaks into the next. The child's stdout/stderr go to `results/<suite>/logs/<run_id>.log`.
+
+Runs go `jobs` at a time through a thread pool (a thread only waits on its child): a CUDA run leases one GPU
+from a `DevicePool` and its child sees only that GPU; with more than one job, each child gets an equal share of
+the CPU cores as its thread budget. An interrupt kills every running child and starts nothing new.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from petlbench.errors import ConfigError
 from petlbench.executors import RunEvent, RunFinished, RunStarted
+from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.suite import RunSpec
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
+LOG_LIMIT = 1 << 20  # a run on another node sends back at most the last MiB of its log
 
 
 def log_path(results_dir: Path, spec: RunSpec) -> Path:
@@ -58,13 +68,52 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+class Children:
+    """The worker processes running now, so that an interrupt in the main thread can kill them all.
+
+    After `close()` nothing new may run: a child registered later is killed at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen[bytes]] = set()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            if not self._closed:
+                self._procs.add(proc)
+                return
+        _kill(proc)
+
+    def discard(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def close(self) -> None:
+        """Kill every running child (and its process group) and refuse new ones."""
+        with self._lock:
+            self._closed = True
+            procs = list(self._procs)
+        for proc in procs:
+            _kill(proc)
+
+
 def run_in_subprocess(
     spec: RunSpec,
     results_dir: Path,
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    children: Children | None = None,
 ) -> RunResult:
-    """Run one spec in a fresh worker process; always returns exactly one result."""
+    """Run one spec in a fresh worker process; always returns exactly one result.
+
+    `children`, when given, holds the process while it runs, so another thread can kill it on an interrupt.
+    """
     log = log_path(results_dir, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -81,6 +130,8 @@ def run_in_subprocess(
                 env=child_env,
                 start_new_session=True,  # Ctrl-C reaches only the parent, which then stops the child cleanly
             )
+            if children is not None:
+                children.add(proc)
             try:
                 code = proc.wait(timeout=spec.timeout_s)
             except subprocess.TimeoutExpired:
@@ -95,6 +146,9 @@ def run_in_subprocess(
             except BaseException:
                 _kill(proc)
                 raise
+            finally:
+                if children is not None:
+                    children.discard(proc)
         duration = time.monotonic() - start
         if out_file.exists():
             try:
@@ -106,14 +160,92 @@ def run_in_subprocess(
         )
 
 
-class LocalExecutor:
-    """Runs specs one after another, each in its own subprocess."""
+def run_on_node(spec_json: str, env: dict[str, str]) -> tuple[str, str]:
+    """A run on another machine (a Ray task, a SLURM job): the worker in a subprocess, logging to a temp folder.
 
-    def __init__(self, results_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    Returns the RunResult as JSON and the end of the worker log (at most LOG_LIMIT bytes), for the driver to
+    store. An interrupt (a cancelled task) kills the worker, as `run_in_subprocess` does.
+    """
+    spec = RunSpec.model_validate_json(spec_json)
+    with tempfile.TemporaryDirectory(prefix="petlbench-node-") as tmp:
+        result = run_in_subprocess(spec, Path(tmp), env)
+        try:
+            with log_path(Path(tmp), spec).open("rb") as file:
+                file.seek(max(0, file.seek(0, os.SEEK_END) - LOG_LIMIT))
+                log = file.read().decode(errors="replace")
+        except OSError:
+            log = ""
+    return result.model_dump_json(), log
+
+
+class LocalExecutor:
+    """Runs specs `jobs` at a time, each in its own subprocess; CUDA runs each on a GPU of their own.
+
+    Args:
+        results_dir: where the worker logs go (`results/<suite>/logs/`); the caller writes the results.
+        env: extra environment for every worker.
+        jobs: runs at once. For CUDA runs, at most one per GPU in `gpus` whatever `jobs` says.
+        gpus: the GPUs CUDA runs may use (CUDA_VISIBLE_DEVICES entries); a CUDA run with none becomes an error row.
+    """
+
+    def __init__(
+        self,
+        results_dir: Path,
+        env: Mapping[str, str] | None = None,
+        jobs: int = 1,
+        gpus: Sequence[str] = (),
+    ) -> None:
+        if jobs < 1:
+            raise ConfigError(f"--jobs: must be ≥ 1, got {jobs}")
         self.results_dir = results_dir
         self.env = dict(env or {})
+        self.jobs = jobs
+        self.gpus = list(gpus)
+
+    def __str__(self) -> str:
+        return "local" + (f", {self.jobs} runs at a time" if self.jobs > 1 else "")
+
+    def _child_env(self, device: str | None) -> dict[str, str]:
+        env = dict(self.env)
+        if self.jobs > 1:
+            env.update(thread_env(threads_per_run(self.jobs)))
+        if device is not None:
+            env.update(gpu_env(device))
+        return env
 
     def execute(self, specs: Sequence[RunSpec]) -> Iterator[RunEvent]:
-        for spec in specs:
-            yield RunStarted(spec)
-            yield RunFinished(run_in_subprocess(spec, self.results_dir, self.env))
+        if not specs:
+            return
+        events: queue.Queue[RunEvent] = queue.Queue()
+        children = Children()
+        gpus = DevicePool(self.gpus) if self.gpus else None
+
+        def run(spec: RunSpec) -> None:
+            if children.closed:  # interrupted before this run started
+                return
+            if spec.device == "cuda" and gpus is None:
+                events.put(RunStarted(spec))
+                events.put(RunFinished(failed_result(spec, "error", "device cuda: the executor was given no GPU")))
+                return
+            try:
+                with gpus.lease() if spec.device == "cuda" and gpus else contextlib.nullcontext() as device:
+                    if children.closed:
+                        return
+                    events.put(RunStarted(spec))
+                    result = run_in_subprocess(spec, self.results_dir, self._child_env(device), children=children)
+            except Exception as exc:  # a bug here must not hang the sweep: the run still gets its row
+                result = failed_result(spec, "error", f"local executor failed: {type(exc).__name__}: {exc}")
+            events.put(RunFinished(result))
+
+        pool = ThreadPoolExecutor(max_workers=min(self.jobs, len(specs)), thread_name_prefix="petlbench-run")
+        try:
+            for spec in specs:
+                pool.submit(run, spec)
+            finished = 0
+            while finished < len(specs):
+                event = events.get()
+                finished += isinstance(event, RunFinished)
+                yield event
+        finally:  # done, interrupted (KeyboardInterrupt), or the caller stopped listening (GeneratorExit)
+            children.close()
+            pool.shutdown(wait=True, cancel_futures=True)
