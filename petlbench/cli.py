@@ -26,8 +26,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from petlbench import cli_memory
 from petlbench.dataspec import DATA_ROOT_ENV, resolve_data_root
-from petlbench.errors import BudgetExceeded, PetlbenchError, is_config_error
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, is_config_error
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.gpus import visible_gpus
 from petlbench.preflight import DataCheck, check_data_root, preflight
@@ -159,18 +160,29 @@ def run(
     ] = None,
     data_root: DataRootOpt = None,
     preflight_checks: PreflightOpt = True,
+    skip_predicted_oom: Annotated[bool, cli_memory.SKIP_OPTION] = False,
+    memory_limit: Annotated[str | None, cli_memory.LIMIT_OPTION] = None,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
+    With `batch_size: auto` each configuration's largest batch under the memory limit is searched instead.
     Exit code 2 when the suite, its data or a run's configuration is invalid (a bad image found by a worker
     included); the other runs still finish and are saved.
 
-    Example: petlbench run suites/accuracy-vtab.yaml --data-root /data
+    Examples: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom;
+    petlbench run suites/accuracy-vtab.yaml --data-root /data
     """
     try:
         suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks, local_gpus=executor == "local")
-        todo = plan(runs, results_dir, force)
         runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
+        if suite_obj.auto_batch_size:
+            cli_memory.run_auto_batch_command(
+                suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, runner, out, err
+            )
+            return
+        if memory_limit is not None and not skip_predicted_oom:
+            raise ConfigError("--memory-limit: only used with --skip-predicted-oom or a suite with batch_size: auto")
+        todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
         _fail(exc)
     where = suite_dir(results_dir, suite_obj.name)
@@ -190,6 +202,13 @@ def run(
         return
 
     results: list[RunResult] = []
+    specs = todo.todo
+    if skip_predicted_oom:
+        try:
+            specs, skipped = cli_memory.skip_predicted_oom(specs, memory_limit, visible_gpus(), results_dir, out)
+        except PetlbenchError as exc:
+            _fail(exc)
+        results.extend(skipped)
     interrupted = False
     progress = Progress(
         SpinnerColumn(),
@@ -204,10 +223,10 @@ def run(
     )
     with ExitStack() as stack:
         stack.enter_context(progress)
-        task = progress.add_task("starting", total=len(todo.todo))
+        task = progress.add_task("starting", total=len(specs))
         running: dict[str, str] = {}
         try:
-            for event in execute(todo.todo, runner, results_dir):
+            for event in execute(specs, runner, results_dir):
                 if isinstance(event, RunStarted):
                     running[event.spec.run_id] = event.spec.label()
                 elif isinstance(event, RunFinished):
@@ -286,6 +305,9 @@ def validate(
         out.print(check.describe())
     data_note = "" if preflight_checks else " (pre-flight skipped: data files and weights not checked)"
     out.print(f"{suite}: valid, {len(runs)} runs{data_note}")
+
+
+app.command()(cli_memory.estimate)
 
 
 @app.command()

@@ -3,58 +3,346 @@
 MEASURE-NOTES.md §2: build on the meta device (outside the fake mode: timm's drop-path schedule calls `.item()`),
 enter `FakeTensorMode(allow_non_fake_inputs=True)`, materialise with `to_empty(device="cpu")`, and run the same
 warm-up and tracked step as the worker. Fake tensors carry shapes, dtypes and storages but no data, so the
-tracker sees exactly the bytes a real CPU run allocates — ViT-L at batch 512 estimates in well under a second per
-step on a laptop. Fake *CUDA* tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA
-runs are estimated on fake CPU tensors too.
+tracker sees exactly the bytes a real CPU run allocates, for any batch size, with no real memory. Fake *CUDA*
+tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are estimated on fake
+CPU tensors too, with the deltas listed in petlbench/prediction.py.
+
+Many runs, one process (`python -m petlbench.estimate`, serving JSON requests on stdin, is what the CLI starts;
+`python -m petlbench.estimate REQUEST.json OUT.json` answers one request from a file): runs that
+build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one fake model and
+optimizer. It is warmed up once (AdamW creates its state on the first step; every later step has the same
+allocation pattern), then each run is one tracked step (plus one tracked inference forward) at its batch size and
+precision. The tracker counts only the tensors it is shown (weights, gradients, optimizer state, the batch) and
+those allocated inside the step, exactly as in the worker, so a reused model gives the same bytes as a fresh one
+(tests/test_estimate.py checks both against real CPU runs).
 """
 
 from __future__ import annotations
 
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+
+from petlbench.autobatch import linear_seed, search_max_batch
 from petlbench.data import num_classes
-from petlbench.measure.memory import tracked_inference, tracked_train_step
-from petlbench.results import Metrics
+from petlbench.errors import PetlbenchError
+from petlbench.measure.memory import CUDA_BLOCK, tracked_inference, tracked_train_step
+from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
+from petlbench.prediction import (
+    ESTIMATE_SOURCE,
+    MESSAGE_PREFIX,
+    Estimate,
+    EstimateRequest,
+    EstimateResponse,
+    SearchRequest,
+    estimate_caveats,
+    has_dropout,
+    model_key,
+)
+from petlbench.results import EnvValue, Metrics
 from petlbench.step import TrainStep, autocast, make_optimizer
 from petlbench.suite import RunSpec
 from petlbench.worker import build_model, model_img_size
 
+log = logging.getLogger("petlbench.estimate")
+
+_LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
 
 def estimate_memory(spec: RunSpec) -> Metrics:
-    """Predicted peak bytes and their breakdown for one run, as a CPU run of the same spec would measure them."""
-    classes = num_classes(spec.data, spec.data_root)
-    with torch.device("meta"):
-        tuned = build_model(spec, classes)
-    img_size = model_img_size(tuned.backbone, spec.backbone.img_size)
-    metrics = Metrics(
-        memory_source="estimate",
-        params_total=tuned.params_total,
-        params_trainable=tuned.params_trainable,
-        params_added=tuned.params_added,
-        weights_frozen_bytes=tuned.weights_frozen_bytes,
-        weights_trainable_bytes=tuned.weights_trainable_bytes,
-    )
-    # the precision's device type: autocast op lists differ between CPU and CUDA; CPU is what runs here
-    device_type = "cpu"
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = tuned.module.to_empty(device="cpu")
-        x = torch.empty(spec.batch_size, 3, img_size, img_size)
-        y = torch.zeros(spec.batch_size, dtype=torch.int64)
-        if spec.measure.inference:
-            model.eval()
-            metrics.peak_infer_bytes = tracked_inference(model, x, autocast(spec.precision, device_type)).peak_bytes
-        model.train()
-        optimizer = make_optimizer(tuned.trainable_parameters(), spec.optimizer)
-        step = TrainStep(model, optimizer, spec.precision, device_type)
-        for _ in range(spec.measure.warmup_steps):
-            step(x, y)
-        tracked = tracked_train_step(step, x, y)
-    metrics.peak_allocated_bytes = tracked.peak_bytes
-    metrics.mem_tracked_peak_bytes = tracked.peak_bytes
-    metrics.mem_weights_bytes = tracked.by_category["weights"]
-    metrics.mem_grads_bytes = tracked.by_category["gradients"]
-    metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
-    metrics.mem_activations_bytes = tracked.by_category["activations"]
-    metrics.attn_kernel = tracked.attn_kernel
-    return metrics
+    """Predicted peak bytes and their breakdown for one run, as a run of the same spec would measure them.
+
+    For a CPU spec this is what the worker's tensor tracker measures, to the byte; for a CUDA spec, the same with
+    the CPU→CUDA deltas applied (petlbench/prediction.py).
+    """
+    return Estimator().estimate(spec)
+
+
+class _CudaDropout(TorchFunctionMode):
+    """Dropout as CUDA runs it: the fused `native_dropout`, which saves a 1-byte bool mask for backward.
+
+    On CPU, `F.dropout` multiplies by a float noise tensor and autograd saves that (4 bytes per element in fp32).
+    Attention dropout cannot be mapped: CPU SDPA falls back to the math path (N×N saved), CUDA kernels do not; a
+    call of `F.scaled_dot_product_attention` with dropout_p > 0 is noted in `attention_dropout` instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_dropout = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            self.attention_dropout |= isinstance(p, int | float) and p > 0
+        elif func is F.dropout:
+            bound = dict(zip(("input", "p", "training", "inplace"), args, strict=False)) | kwargs
+            p, training = float(bound.get("p", 0.5)), bool(bound.get("training", True))
+            if training and 0.0 < p < 1.0:
+                return torch.native_dropout(bound["input"], p, True)[0]
+        return func(*args, **kwargs)
+
+
+def _autocast(spec: RunSpec) -> AbstractContextManager[object]:
+    """CPU autocast for the spec's precision: the worker's own helper for CPU specs (fp16 on CPU fails there
+    too), plain CPU autocast in the low-precision dtype for CUDA specs."""
+    if spec.device == "cpu":
+        return autocast(spec.precision, "cpu")
+    dtype = _LOW_PRECISION.get(spec.precision)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+
+
+class _Fp16Step(TrainStep):
+    """A CUDA fp16-mixed step estimated on CPU: fp16 CPU autocast, no GradScaler (its inf check calls `.item()`,
+    which fake tensors cannot answer; the scaler itself only holds scalars)."""
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss.backward()
+        return loss.detach()
+
+
+def _train_step(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainStep:
+    if spec.device == "cuda" and spec.precision == "fp16-mixed":
+        return _Fp16Step(model, optimizer, "fp32", "cpu")
+    return TrainStep(model, optimizer, spec.precision, "cpu")  # the worker's step, on CPU autocast
+
+
+class _FakeModel:
+    """One model configuration materialised as fake CPU tensors, with its optimizer; reused across runs.
+
+    Each (precision, device) is traced at up to two batch sizes; other batch sizes are replayed from those two
+    (measure/timeline.py) when the step is affine in the batch, else traced too. Batch 1 is always traced and
+    never an anchor: size-1 dimensions change strides and contiguity, so some copies disappear (full fine-tuning
+    of a ViT allocates 4 KiB less at batch 1 than the line through batch 4 and 12 says).
+    """
+
+    def __init__(self, spec: RunSpec) -> None:
+        with torch.device("meta"):
+            self.tuned = build_model(spec, num_classes(spec.data, spec.data_root))
+        self.img_size = model_img_size(self.tuned.backbone, spec.backbone.img_size)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            self.model = self.tuned.module.to_empty(device="cpu")
+            self.optimizer = make_optimizer(self.tuned.trainable_parameters(), spec.optimizer)
+        self.warm = False
+        # (precision, device, inference) → batch size → (training timeline, inference timeline or None)
+        self.traces: dict[tuple[str, str, bool], dict[int, tuple[Timeline, Timeline | None]]] = {}
+        self.attention_dropout = False  # a CUDA trace saw SDPA with dropout: CPU ran the math path instead
+
+    def _trace(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
+        """Run the tracked inference forward and training step at the spec's batch size; their timelines."""
+        infer: Timeline | None = None
+        dropout = _CudaDropout() if spec.device == "cuda" and has_dropout(spec) else None
+        with self.mode, dropout if dropout is not None else nullcontext():
+            x = torch.empty(spec.batch_size, 3, self.img_size, self.img_size)
+            y = torch.zeros(spec.batch_size, dtype=torch.int64)
+            if spec.measure.inference:
+                self.model.eval()
+                recorder = RecordingTracker()
+                tracked_inference(self.model, x, _autocast(spec), tracker=recorder)
+                infer = recorder.timeline()
+            self.model.train()
+            step = _train_step(spec, self.model, self.optimizer)
+            if not self.warm:
+                self._create_optimizer_state()
+            recorder = RecordingTracker()
+            tracked_train_step(step, x, y, tracker=recorder)
+            train = recorder.timeline()
+        self.attention_dropout |= dropout is not None and dropout.attention_dropout
+        return train, infer
+
+    def _create_optimizer_state(self) -> None:
+        """What the worker's warm-up steps leave behind: the optimizer's state (AdamW/SGD create it lazily in their
+        first `step()`), no gradients. A step on zero gradients creates the same state without a forward/backward;
+        every later step allocates alike (MEASURE-NOTES.md §1: step 2 = step 3)."""
+        for param in self.tuned.trainable_parameters():
+            param.grad = torch.zeros_like(param)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warm = True
+
+    def _timelines(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
+        traced = self.traces.setdefault((spec.precision, spec.device, spec.measure.inference), {})
+        batch = spec.batch_size
+        if batch in traced:
+            return traced[batch]
+        anchors = sorted(b for b in traced if b >= 2)
+        if batch >= 2 and len(anchors) >= 2:
+            lo, hi = anchors[0], anchors[-1]
+            train = at_batch(traced[lo][0], lo, traced[hi][0], hi, batch)
+            infer_lo, infer_hi = traced[lo][1], traced[hi][1]
+            infer = at_batch(infer_lo, lo, infer_hi, hi, batch) if infer_lo and infer_hi else None
+            if train is not None and (infer is not None or not spec.measure.inference):
+                return train, infer
+            log.info("%s: the step is not affine in the batch size; tracing batch %d", spec.label(), batch)
+        traced[batch] = self._trace(spec)
+        return traced[batch]
+
+    def estimate(self, spec: RunSpec) -> Metrics:
+        tuned = self.tuned
+        metrics = Metrics(
+            memory_source=ESTIMATE_SOURCE,
+            params_total=tuned.params_total,
+            params_trainable=tuned.params_trainable,
+            params_added=tuned.params_added,
+            weights_frozen_bytes=tuned.weights_frozen_bytes,
+            weights_trainable_bytes=tuned.weights_trainable_bytes,
+        )
+        metrics.estimate_note, metrics.estimate_approximate = estimate_caveats(spec)
+        round_to = CUDA_BLOCK if spec.device == "cuda" else 1
+        train, infer = self._timelines(spec)
+        if spec.device == "cuda" and self.attention_dropout:
+            metrics.estimate_approximate = True
+            joiner = ", " if "approximate:" in (metrics.estimate_note or "") else "; approximate: "
+            metrics.estimate_note = f"{metrics.estimate_note}{joiner}attention dropout (CPU SDPA runs math)"
+        if infer is not None:
+            metrics.peak_infer_bytes = replay(infer, round_to).peak_bytes
+        tracked = replay(train, round_to)
+        metrics.peak_allocated_bytes = tracked.peak_bytes
+        metrics.mem_tracked_peak_bytes = tracked.peak_bytes
+        metrics.mem_weights_bytes = tracked.by_category["weights"]
+        metrics.mem_grads_bytes = tracked.by_category["gradients"]
+        metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
+        metrics.mem_activations_bytes = tracked.by_category["activations"]
+        metrics.attn_kernel = tracked.attn_kernel
+        return metrics
+
+
+class Estimator:
+    """Estimates runs one after another, reusing the fake model of the previous run when it builds the same one.
+
+    Only the latest model is kept, so feed runs grouped by model configuration (`estimate_many` does).
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._model: _FakeModel | None = None
+
+    def _fake_model(self, spec: RunSpec) -> _FakeModel:
+        key = model_key(spec)
+        if self._model is None or key != self._key:
+            self._model = None  # fake tensors hold no memory: no gc.collect() needed (it costs 0.3 s)
+            self._model, self._key = _FakeModel(spec), key
+        return self._model
+
+    def estimate(self, spec: RunSpec) -> Metrics:
+        try:
+            return self._fake_model(spec).estimate(spec)
+        except BaseException:
+            self._model = self._key = None  # a failed step can leave the model half-updated
+            raise
+
+    def search(self, spec: RunSpec, request: SearchRequest) -> Estimate:
+        """The largest batch predicted to fit `request.limit_bytes` for this spec's configuration."""
+        peaks: dict[int, Metrics] = {}
+        training_only = spec.model_copy(update={"measure": spec.measure.model_copy(update={"inference": False})})
+
+        def peak(batch: int) -> int:
+            if batch not in peaks:
+                peaks[batch] = self.estimate(training_only.model_copy(update={"batch_size": batch}))
+            return peaks[batch].peak_allocated_bytes or 0
+
+        g = request.multiple_of
+        b1 = max(request.min, g)
+        b2 = min(request.max // g * g, b1 + 8 * g)
+        seed = linear_seed(b1, peak(b1), b2, peak(b2), request.limit_bytes)
+        result = search_max_batch(
+            lambda b: peak(b) <= request.limit_bytes, lo=request.min, hi=request.max, multiple_of=g, seed=seed
+        )
+        best = None
+        if result.best is not None:  # the full estimate (inference peak too) at the answer
+            best = self.estimate(spec.model_copy(update={"batch_size": result.best}))
+        return Estimate(
+            run_id=spec.run_id,
+            metrics=best,
+            max_batch=result.best,
+            first_over=result.first_over,
+            probes=sorted((b, m.peak_allocated_bytes or 0) for b, m in peaks.items()),
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PetlbenchError):
+        return str(exc)
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def estimate_many(specs: Sequence[RunSpec], search: SearchRequest | None = None) -> Iterator[tuple[int, Estimate]]:
+    """(index into `specs`, estimate) for every spec, processed grouped by model configuration for reuse."""
+    order = sorted(range(len(specs)), key=lambda i: model_key(specs[i]))  # stable: suite order within a group
+    estimator = Estimator()
+    for i in order:
+        spec = specs[i]
+        start = time.perf_counter()
+        try:
+            if search is not None:
+                estimate = estimator.search(spec, search)
+            else:
+                estimate = Estimate(run_id=spec.run_id, metrics=estimator.estimate(spec))
+        except Exception as exc:
+            log.error("estimate of %s (%s) failed:\n%s", spec.run_id, spec.label(), traceback.format_exc())
+            estimate = Estimate(run_id=spec.run_id, error=_describe(exc))
+        estimate.seconds = time.perf_counter() - start
+        yield i, estimate
+
+
+def _emit(message: dict[str, Any]) -> None:
+    print(MESSAGE_PREFIX + json.dumps(message), flush=True)
+
+
+def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateResponse:
+    results: list[Estimate | None] = [None] * len(request.specs)
+    for i, estimate in estimate_many(request.specs, request.search):
+        estimate.env = env
+        results[i] = estimate
+        _emit({"label": request.specs[i].label()})  # the parent's progress bar
+    return EstimateResponse(estimates=[e for e in results if e is not None])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve requests (one JSON EstimateRequest per stdin line, answered on stdout), or answer one from a file."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (0, 2):
+        print(
+            "usage: python -m petlbench.estimate [REQUEST.json OUT.json]  (no arguments: serve stdin)", file=sys.stderr
+        )
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    from petlbench.measure.env import collect_env
+
+    env = collect_env(torch.device("cpu"))
+    if args:
+        response = _answer(EstimateRequest.model_validate_json(Path(args[0]).read_text()), env)
+        out = Path(args[1])
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(response.model_dump_json())
+        os.replace(tmp, out)
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            response = _answer(EstimateRequest.model_validate_json(line), env)
+            _emit({"response": response.model_dump(mode="json")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 
 def _missing(value: float | None) -> bool:
@@ -63,3 +64,36 @@ def fmt_knob(name: str | None, value: float | None) -> str:
     assert value is not None
     shown = str(int(value)) if float(value).is_integer() else f"{value:g}"
     return f"{name}={shown}"
+
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' → 85899345920; '2 GB' → 2·10^9; '512M' → 512 MiB (K/M/G/T alone are binary); '1000' → bytes.
+
+    Raises ValueError with the accepted forms for anything else.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a memory size: {text!r}; write e.g. 80GiB, 16GB, 512MiB or a byte count")
+    value = float(match.group(1)) * _BYTE_UNITS[unit or ""]
+    if value <= 0:
+        raise ValueError(f"memory size must be > 0, got {text!r}")
+    return int(value)

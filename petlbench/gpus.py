@@ -46,3 +46,29 @@ def _nvml_device_count() -> int:
         return 0
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_memory_bytes(gpu: str = "0") -> int | None:
+    """Total memory of one GPU by its CUDA_VISIBLE_DEVICES-style identifier ('0', 'GPU-…'), from NVML; None if unknown.
+
+    Used as the default memory limit of CUDA runs (estimate FITS/OOM, `run --skip-predicted-oom`, `batch_size:
+    auto`); the parent never imports torch, and NVML needs no CUDA context.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        if gpu.startswith(("GPU-", "MIG-")):
+            handle = pynvml.nvmlDeviceGetHandleByUUID(gpu)
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.errors import ResultsError
-from petlbench.suite import SCHEMA_VERSION, RunSpec
+from petlbench.suite import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,6 +43,12 @@ class Metrics(BaseModel):
     weights_trainable_bytes: int | None = None
     # memory: the headline peak is `peak_allocated_bytes` (CUDA allocator, or the CPU tensor tracker)
     memory_source: str | None = None  # cuda_allocator | cpu_tracker | estimate
+    # the limit a run was judged against (estimate FITS/OOM, run --skip-predicted-oom, batch_size: auto)
+    memory_limit_bytes: int | None = None
+    # estimates only (memory_source=estimate): True where a CPU→CUDA difference is not modelled (mixed precision,
+    # attention dropout, foreach); `estimate_note` lists the deltas applied and what is approximate
+    estimate_approximate: bool | None = None
+    estimate_note: str | None = None
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     peak_driver_bytes: int | None = None  # NVML, includes the CUDA context; never mixed into the headline
@@ -180,14 +186,28 @@ def write_result(results_dir: Path, result: RunResult) -> Path:
     return path
 
 
+def estimate_dir(results_dir: Path, suite: str) -> Path:
+    """Where `petlbench estimate` writes suite `suite`'s predictions: beside, never inside, its measured rows."""
+    return results_dir / f"{suite}{ESTIMATE_SUFFIX}"
+
+
 def result_files(paths: Iterable[Path]) -> list[Path]:
-    """All result files under the given files/folders, sorted (deterministic)."""
+    """All result files under the given files/folders, sorted (deterministic).
+
+    Estimate folders (`<suite>.estimate/`) below a given folder are left out, so reading `results/` never mixes
+    predictions into measurements; name an estimate folder itself to read it.
+    """
     files: list[Path] = []
     for path in paths:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(p for p in path.rglob(f"*{RESULT_SUFFIX}") if not p.name.startswith("."))
+            files.extend(
+                p
+                for p in path.rglob(f"*{RESULT_SUFFIX}")
+                if not p.name.startswith(".")
+                and not any(part.endswith(ESTIMATE_SUFFIX) for part in p.relative_to(path).parts[:-1])
+            )
         else:
             raise ResultsError(f"{path}: no such results file or folder; run `petlbench run SUITE` first")
     return sorted(files)

@@ -132,6 +132,30 @@ class TrainSpec(_Strict):
     eval_batch_size: int | None = Field(None, gt=0, description="test-split batch size; None: the run's batch size")
 
 
+class AutoBatchSpec(_Strict):
+    """The search range of `batch_size: auto`: the largest batch in [min, max] (a multiple of `multiple_of`) that fits
+    the memory limit, seeded by the estimate and confirmed by real runs (petlbench/autobatch.py)."""
+
+    min: int = Field(1, gt=0, description="smallest batch size tried")
+    max: int = Field(4096, gt=0, description="largest batch size tried")
+    multiple_of: int = Field(1, gt=0, description="only batch sizes that are multiples of this (e.g. 8 on GPUs)")
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoBatchSpec:
+        if self.max < self.min:
+            raise ValueError(f"max must be >= min ({self.min}), got {self.max}")
+        if self.min % self.multiple_of:
+            raise ValueError(f"min must be a multiple of multiple_of ({self.multiple_of}), got {self.min}")
+        if self.max < self.multiple_of:
+            raise ValueError(f"max must be >= multiple_of ({self.multiple_of}), got {self.max}")
+        return self
+
+
+AUTO: Final = "auto"
+# Estimate rows of suite X live in results/X.estimate/, so the name suffix is reserved (petlbench/prediction.py).
+ESTIMATE_SUFFIX: Final = ".estimate"
+
+
 class TunerEntry(_Strict):
     """One tuner in a suite: fixed `params`, a `grid` of knob values to sweep, and optimizer overrides."""
 
@@ -158,7 +182,10 @@ class Suite(_Strict):
     backbone: BackboneSpec | list[BackboneSpec] = Field(default_factory=BackboneSpec)
     data: DataSpec | list[DataSpec] = Field(description="a dataset, or a list of datasets to sweep")
     tuners: list[TunerEntry] = Field(min_length=1)
-    batch_size: int | list[int] = 32
+    batch_size: int | list[int] | Literal["auto"] = Field(
+        32, description="a size, a list of sizes, or 'auto': the largest that fits the memory limit (see auto_batch)"
+    )
+    auto_batch: AutoBatchSpec | None = Field(None, description="search range for batch_size: auto")
     precision: Precision | list[Precision] = "fp32"
     grad_checkpointing: bool | list[bool] = False
     seed: int | list[int] = 0
@@ -176,13 +203,46 @@ class Suite(_Strict):
             raise ValueError("empty list; give at least one value")
         return value
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_shape(cls, value: Any) -> Any:
+        # one clear line instead of one pydantic error per member of the union
+        if isinstance(value, str) and value != AUTO:
+            raise ValueError("must be a positive integer, a list of them, or 'auto'")
+        if isinstance(value, list):
+            if AUTO in value:
+                raise ValueError("'auto' cannot be combined with other batch sizes; write batch_size: auto")
+            for i, item in enumerate(value):
+                if not isinstance(item, int) or isinstance(item, bool):
+                    raise ValueError(f"must be a positive integer, a list of them, or 'auto'; item {i} is {item!r}")
+        return value
+
     @field_validator("batch_size")
     @classmethod
-    def _positive_batch(cls, value: int | list[int]) -> int | list[int]:
+    def _positive_batch(cls, value: int | list[int] | str) -> int | list[int] | str:
+        if value == AUTO:
+            return value
         for bs in _as_list(value):
-            if bs <= 0:
-                raise ValueError(f"must be > 0, got {bs}")
+            if isinstance(bs, int) and bs <= 0:
+                raise ValueError(f"must be > 0, got {bs}" if isinstance(value, list) else "must be > 0")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_estimate_folder(cls, value: str) -> str:
+        if value.endswith(ESTIMATE_SUFFIX):
+            raise ValueError(f"names ending in {ESTIMATE_SUFFIX!r} are reserved for estimate results")
+        return value
+
+    @property
+    def auto_batch_size(self) -> bool:
+        """True for `batch_size: auto` (each configuration searches its own largest batch)."""
+        return self.batch_size == AUTO
+
+    @property
+    def batch_range(self) -> AutoBatchSpec:
+        """The auto-batch search range (defaults when the suite has no auto_batch section)."""
+        return self.auto_batch or AutoBatchSpec()
 
     @property
     def source(self) -> str:
@@ -296,6 +356,11 @@ def parse_suite(raw: Mapping[str, Any], source: str = "<suite>") -> Suite:
     except ValidationError as exc:
         raise ConfigError("\n".join(format_validation_error(exc, source, Suite))) from None
     suite._source = source
+    if suite.auto_batch is not None and not suite.auto_batch_size:
+        raise ConfigError(
+            f"{source}: auto_batch: only used with batch_size: auto, got batch_size {suite.batch_size!r}; "
+            "remove auto_batch or set batch_size: auto"
+        )
     return suite
 
 
@@ -354,11 +419,12 @@ def _union_tags(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[int]:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             continue
+        current = _strip_none(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(part)
             if field is None:
                 return skip
-            current = field.annotation
+            current = _strip_none(field.annotation)
             continue
         if len(_flatten_annotation(current)) > 1:  # a union: this part names the member pydantic tried
             skip.add(i)
@@ -366,6 +432,12 @@ def _union_tags(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[int]:
             continue
         return skip
     return skip
+
+
+def _strip_none(annotation: Any) -> Any:
+    """`X | None` → X: pydantic validates optional fields without naming a union member in the error loc."""
+    members = [m for m in _flatten_annotation(annotation) if m is not type(None)]
+    return members[0] if len(members) == 1 and len(_flatten_annotation(annotation)) == 2 else annotation
 
 
 def _union_member(annotation: Any, part: str) -> Any:
@@ -394,8 +466,9 @@ def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
     for part in loc:
         if isinstance(part, int):
             continue
+        current = _strip_none(current)
         if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
+            current = _strip_none(current.model_fields[part].annotation)
         else:
             member = _union_member(current, part)
             if member is None:
@@ -413,7 +486,13 @@ def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]
 
 def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[RunSpec]:
     """All runs of a suite, in a fixed order: backbone × data × tuner entry × grid point × precision × batch × ckpt
-    × seed. `data_root` (the resolved --data-root) is carried to the workers; it is not part of any run_id."""
+    × seed. `data_root` (the resolved --data-root) is carried to the workers; it is not part of any run_id.
+
+    With `batch_size: auto` each configuration appears once, at `auto_batch.min`: the templates of the search
+    (petlbench/autobatch.py), each itself the search's smallest probe.
+    """
+    fixed = cast(int | list[int], suite.batch_size)
+    batch_sizes = [suite.batch_range.min] if suite.auto_batch_size else _as_list(fixed)
     configs = tuner_configs()
     datasets = suite.datasets()
     tasks = [task_key(d) for d in datasets]
@@ -430,7 +509,7 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
                     config = _tuner_config(config_cls, params, entry, suite.source, where, task)
                     for precision, batch_size, ckpt, seed in itertools.product(
                         cast(list[Precision], _as_list(suite.precision)),
-                        _as_list(suite.batch_size),
+                        batch_sizes,
                         _as_list(suite.grad_checkpointing),
                         _as_list(suite.seed),
                     ):

@@ -75,7 +75,7 @@ def test_suite_name_defaults_to_file_stem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (BASE + "tuners: [{tuner: full}]\nbogus: 1\n", "bogus: unknown key; valid keys: backbone, batch_size"),
+        (BASE + "tuners: [{tuner: full}]\nbogus: 1\n", "bogus: unknown key; valid keys: auto_batch, backbone"),
         (BASE + "tuners: [{tuner: lroa}]\n", "tuners[0].tuner: unknown tuner 'lroa'; did you mean 'lora'? valid: "),
         (BASE + "tuners: [{tuner: lora, grid: {rank: [4, -4]}}]\n", "tuners[0].grid.rank: Input should be greater"),
         (BASE + "tuners: [{tuner: lora, params: {rank: -4}}]\n", "tuners[0].params.rank: Input should be greater"),

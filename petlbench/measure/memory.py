@@ -26,10 +26,24 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tens
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def tracked_train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> TrackedPeak:
-    """Run one training step under the tensor tracker; the peak and its breakdown by category."""
+def _round_to(x: torch.Tensor, round_to: int | None) -> int:
+    return round_to if round_to is not None else CUDA_BLOCK if x.device.type == "cuda" else 1
+
+
+def tracked_train_step(
+    step: TrainStep,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    round_to: int | None = None,
+    tracker: TensorTracker | None = None,
+) -> TrackedPeak:
+    """Run one training step under the tensor tracker; the peak and its breakdown by category.
+
+    `round_to` defaults to the device's allocation granularity (512 B on CUDA, 1 B on CPU); the estimator passes
+    512 to predict a CUDA run from fake CPU tensors, or its own (recording) `tracker`.
+    """
     model, optimizer = step.model, step.optimizer
-    tracker = TensorTracker(round_to=CUDA_BLOCK if x.device.type == "cuda" else 1)
+    tracker = tracker if tracker is not None else TensorTracker(round_to=_round_to(x, round_to))
     tracker.register(model.parameters(), "weights")
     tracker.register(model.buffers(), "weights")
     tracker.register((p.grad for p in model.parameters()), "gradients")
@@ -52,9 +66,15 @@ def tracked_train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> Tra
     return tracker.result()
 
 
-def tracked_inference(model: nn.Module, x: torch.Tensor, precision_ctx: object) -> TrackedPeak:
+def tracked_inference(
+    model: nn.Module,
+    x: torch.Tensor,
+    precision_ctx: object,
+    round_to: int | None = None,
+    tracker: TensorTracker | None = None,
+) -> TrackedPeak:
     """Peak live tensor bytes of one inference forward (no grad), weights included."""
-    tracker = TensorTracker(round_to=CUDA_BLOCK if x.device.type == "cuda" else 1)
+    tracker = tracker if tracker is not None else TensorTracker(round_to=_round_to(x, round_to))
     tracker.register(model.parameters(), "weights")
     tracker.register(model.buffers(), "weights")
     tracker.register([x], "activations")

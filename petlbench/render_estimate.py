@@ -1,0 +1,170 @@
+"""Rich renderings for predicted memory: `petlbench estimate`, `run --skip-predicted-oom`, `batch_size: auto`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+from petlbench.autobatch import AutoBatchOutcome
+from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct
+from petlbench.prediction import Estimate, fits
+from petlbench.render import backbone_label, result_line
+from petlbench.results import RunResult
+from petlbench.suite import RunSpec
+
+
+def _varying(runs: Sequence[RunSpec]) -> dict[str, list[str]]:
+    """Spec columns that differ between runs (the rest go into the caption)."""
+    columns: dict[str, list[str]] = {
+        "backbone": [backbone_label(r) for r in runs],
+        "precision": [r.precision for r in runs],
+        "ckpt": ["yes" if r.grad_checkpointing else "no" for r in runs],
+        "seed": [str(r.seed) for r in runs],
+    }
+    return {k: v for k, v in columns.items() if len(set(v)) > 1}
+
+
+def _shared(runs: Sequence[RunSpec], varying: Mapping[str, list[str]]) -> str:
+    if not runs:
+        return ""
+    first = runs[0]
+    parts = {
+        "backbone": backbone_label(first),
+        "device": first.device,
+        "precision": first.precision,
+        "ckpt": "yes" if first.grad_checkpointing else "no",
+    }
+    return ", ".join(f"{k}: {v}" for k, v in parts.items() if k not in varying)
+
+
+def fit_text(peak: int | None, limit: int | None) -> Text:
+    verdict = fits(peak, limit)
+    if verdict is None:
+        return Text("-", style="dim")
+    return Text("FITS", style="green") if verdict else Text("OOM", style="bold red")
+
+
+def estimate_table(
+    runs: Sequence[RunSpec], estimates: Mapping[str, Estimate], limit: int | None, title: str | None = None
+) -> Table:
+    """One line per run: predicted peak by category, inference peak, and FITS/OOM against `limit`."""
+    varying = _varying(runs)
+    caption = _shared(runs, varying)
+    if limit is not None:
+        caption += f"; limit {fmt_bytes(limit)} ({limit:,} B)"
+    if any(e.metrics is not None and e.metrics.estimate_approximate for e in estimates.values()):
+        caption += "; ≈ approximate (see estimate_note)"
+    table = Table(title=title, caption=caption or None, header_style="bold")
+    left = {"run_id", "tuner", "knob", "fit", *varying}
+    for column in ("#", "run_id", "tuner", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ."):
+        table.add_column(column, justify="left" if column in left else "right")
+    for column in ("infer", "fit", "headroom"):
+        table.add_column(column, justify="left" if column in left else "right")
+    for i, run in enumerate(runs, 1):
+        estimate = estimates.get(run.run_id)
+        m = estimate.metrics if estimate is not None else None
+        knob = fmt_knob(run.knob_name, run.knob)
+        cells: list[str | Text] = [str(i), run.run_id, run.tuner, knob, str(run.batch_size)]
+        cells += [values[i - 1] for values in varying.values()]
+        if m is None:
+            error = (estimate.error or "not estimated") if estimate is not None else "not estimated"
+            cells += [Text("error", style="red"), "", "", "", "", "", Text(error.splitlines()[0][:80], style="red"), ""]
+        else:
+            peak = m.peak_allocated_bytes
+            mark = "≈" if m.estimate_approximate else ""
+            headroom = "-" if limit is None or peak is None else fmt_pct((limit - peak) / limit)
+            cells += [
+                mark + fmt_bytes(peak),
+                fmt_bytes(m.mem_weights_bytes),
+                fmt_bytes(m.mem_grads_bytes),
+                fmt_bytes(m.mem_optimizer_bytes),
+                fmt_bytes(m.mem_activations_bytes),
+                fmt_bytes(m.peak_infer_bytes),
+                fit_text(peak, limit),
+                headroom,
+            ]
+        table.add_row(*cells)
+    return table
+
+
+def max_batch_table(
+    templates: Sequence[RunSpec], estimates: Mapping[str, Estimate], limit: int, title: str | None = None
+) -> Table:
+    """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration."""
+    varying = _varying(templates)
+    table = Table(title=title, caption=f"limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
+    for column in ("tuner", "knob", *varying, "max batch", "peak there", "left", "first over", "over by"):
+        table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
+    for i, run in enumerate(templates):
+        estimate = estimates.get(run.run_id)
+        cells: list[str | Text] = [run.tuner, fmt_knob(run.knob_name, run.knob)]
+        cells += [values[i] for values in varying.values()]
+        if estimate is None or estimate.error is not None:
+            error = estimate.error if estimate is not None and estimate.error else "not estimated"
+            cells += [Text("error", style="red"), Text(error.splitlines()[0][:80], style="red"), "", "", ""]
+        else:
+            probes = dict(estimate.probes)
+            best, over = estimate.max_batch, estimate.first_over
+            at_best = probes.get(best) if best is not None else None
+            at_over = probes.get(over) if over is not None else None
+            cells += [
+                Text(str(best), style="bold") if best is not None else Text("none fits", style="red"),
+                fmt_bytes(at_best),
+                fmt_bytes(limit - at_best) if at_best is not None else "-",
+                str(over) if over is not None else "(max)",
+                fmt_bytes(at_over - limit) if at_over is not None else "-",
+            ]
+        table.add_row(*cells)
+    return table
+
+
+def probe_line(result: RunResult, fit: bool | None, reused: bool, limit: int) -> Text:
+    """One auto-batch probe: the run line plus whether it fits the limit."""
+    line = result_line(result)
+    if fit is True:
+        line.append(f"  fits ≤ {fmt_bytes(limit)}", style="green")
+    elif fit is False:
+        over = "oom" if result.status == "oom" else f"over {fmt_bytes(limit)}"
+        line.append(f"  does not fit ({over})", style="yellow")
+    if reused:
+        line.append("  (stored result)", style="dim")
+    return line
+
+
+def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: str | None = None) -> Table:
+    """The max feasible batch per configuration: predicted (estimate) vs confirmed (real runs)."""
+    templates = [o.template for o in outcomes]
+    varying = _varying(templates)
+    table = Table(title=title, caption=f"memory limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
+    for column in ("tuner", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes"):
+        table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
+    table.add_column("note")
+    for i, outcome in enumerate(outcomes):
+        run = outcome.template
+        cells: list[str | Text] = [run.tuner, fmt_knob(run.knob_name, run.knob)]
+        cells += [values[i] for values in varying.values()]
+        predicted = str(outcome.predicted) if outcome.predicted is not None else "-"
+        search = outcome.search
+        best_result = outcome.best_result
+        note = outcome.failure or ""
+        if search is None:
+            cells += [predicted, Text("unknown", style="red"), "-", "-", "-", str(len(outcome.results))]
+        else:
+            if search.first_over is None and search.best is not None:
+                note = note or "the largest batch allowed fits (raise auto_batch.max)"
+            if search.best is None:
+                note = note or "even the smallest batch does not fit"
+            peak = best_result.metrics.peak_allocated_bytes if best_result is not None else None
+            cells += [
+                predicted,
+                Text(str(search.best), style="bold green") if search.best is not None else Text("none", style="red"),
+                fmt_bytes(peak),
+                fmt_bytes(limit - peak) if peak is not None else "-",
+                f"{search.first_over} ✗" if search.first_over is not None else "-",
+                str(len(search.probes)),
+            ]
+        cells.append(Text(note, style="dim"))
+        table.add_row(*cells)
+    return table

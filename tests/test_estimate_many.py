@@ -1,0 +1,137 @@
+"""Estimating many runs in one process: reused fake models, batch sizes replayed from two traces, the CUDA deltas,
+and the `python -m petlbench.estimate` subprocess the CLI uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from petlbench.estimate import Estimator, estimate_many, estimate_memory
+from petlbench.measure.timeline import ALLOC, FREE, Timeline, at_batch, replay
+from petlbench.prediction import SearchRequest, estimate_caveats, run_estimates
+from petlbench.results import Metrics
+from petlbench.suite import RunSpec, expand, parse_suite
+from petlbench.tuners import TUNER_CONFIGS
+from petlbench.worker import execute
+from tests.conftest import TINY_BACKBONE
+
+
+def suite(**overrides: Any) -> dict[str, Any]:
+    return {
+        "name": "many",
+        "device": "cpu",
+        "data": {"name": "synthetic", "num_classes": 10},
+        "backbone": TINY_BACKBONE.model_dump(),
+        "batch_size": [4, 12],
+        "measure": {"warmup_steps": 2, "steps": 1},
+        "tuners": [{"tuner": name} for name in sorted(TUNER_CONFIGS)],
+        **overrides,
+    }
+
+
+NO_DROPOUT = [
+    {"tuner": n, "params": {"dropout": 0.0}} if "dropout" in TUNER_CONFIGS[n].model_fields else {"tuner": n}
+    for n in sorted(TUNER_CONFIGS)
+]
+
+
+def specs(device: str = "cpu", **overrides: Any) -> list[RunSpec]:
+    return expand(parse_suite(suite(**overrides)), "cuda" if device == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reused_and_replayed_estimates_equal_fresh_traces(device: str) -> None:
+    # batch sizes 4 and 12 are traced; 2, 3, 7 and 40 are replayed (inside and outside the traced range); 1 is
+    # traced (size-1 dimensions change the op sequence: full fine-tuning allocates 4 KiB less than the line says)
+    runs = specs(device, batch_size=[4, 12, 1, 2, 3, 7, 40], precision=["fp32", "bf16-mixed"])
+    many = dict(estimate_many(runs))
+    assert len(many) == len(runs)
+    for i, run in enumerate(runs):
+        fresh = estimate_memory(run)  # its own model, traced at exactly this batch size
+        assert many[i].error is None, many[i].error
+        assert many[i].metrics == fresh, (run.label(), many[i].metrics, fresh)
+
+
+def test_bf16_and_batch_1_estimates_equal_the_real_cpu_run() -> None:
+    bf16 = specs(batch_size=[4, 12], precision="bf16-mixed", tuners=[{"tuner": "lora"}, {"tuner": "vpt"}])
+    for run in [*bf16, *specs(batch_size=[1, 2], tuners=[{"tuner": "full"}])]:
+        real = execute(run)
+        assert real.status == "ok", real.error
+        predicted = estimate_memory(run)
+        assert predicted.peak_allocated_bytes == real.metrics.peak_allocated_bytes, run.label()
+        assert predicted.peak_infer_bytes == real.metrics.peak_infer_bytes, run.label()
+
+
+def test_cuda_estimates_apply_the_documented_deltas() -> None:
+    for cpu_run, cuda_run in zip(specs("cpu", tuners=NO_DROPOUT), specs("cuda", tuners=NO_DROPOUT), strict=True):
+        cpu, cuda = estimate_memory(cpu_run), estimate_memory(cuda_run)
+        assert cpu.estimate_note is None and cpu.estimate_approximate is False
+        assert cuda.estimate_note is not None and "512-B rounding" in cuda.estimate_note
+        assert cuda.estimate_approximate is False  # fp32, no dropout, single-tensor AdamW
+        # every storage is rounded up to 512 B: more bytes, never more than 511 per storage
+        assert cpu.peak_allocated_bytes is not None and cuda.peak_allocated_bytes is not None
+        assert cpu.peak_allocated_bytes < cuda.peak_allocated_bytes < cpu.peak_allocated_bytes + 511 * 2000
+        assert cuda.peak_allocated_bytes % 512 == 0
+    # dropout: CUDA's fused kernel keeps a 1-byte mask where CPU keeps a 4-byte float one
+    lora = {"tuners": [{"tuner": "lora", "params": {"dropout": 0.5}}], "batch_size": 64}
+    cpu, cuda = estimate_memory(specs("cpu", **lora)[0]), estimate_memory(specs("cuda", **lora)[0])
+    assert cuda.estimate_note is not None and "1-B dropout masks" in cuda.estimate_note
+    assert (cuda.mem_activations_bytes or 0) < (cpu.mem_activations_bytes or 0)
+    assert cuda.estimate_approximate is False  # linear-layer dropout maps exactly onto CUDA's kernel
+    # attention dropout does not map: SQT's query attention runs SDPA with dropout_p
+    sqt = estimate_memory(specs("cuda", tuners=[{"tuner": "sqt", "params": {"dropout": 0.1}}])[0])
+    assert sqt.estimate_approximate is True and "attention dropout" in (sqt.estimate_note or "")
+    bf16 = estimate_memory(specs("cuda", precision="bf16-mixed", tuners=[{"tuner": "linear"}])[0])
+    assert bf16.estimate_approximate is True and "autocast" in (bf16.estimate_note or "")
+
+
+def test_caveats_name_what_is_approximate() -> None:
+    run = specs("cuda", optimizer={"foreach": True}, precision="fp16-mixed", tuners=[{"tuner": "full"}])[0]
+    note, approximate = estimate_caveats(run)
+    assert approximate and note is not None
+    assert "foreach" in note and "no GradScaler" in note and "autocast" in note
+
+
+def test_fp16_cuda_estimate_runs_on_cpu_autocast() -> None:
+    fp16 = estimate_memory(specs("cuda", precision="fp16-mixed", tuners=[{"tuner": "lora"}])[0])
+    fp32 = estimate_memory(specs("cuda", tuners=[{"tuner": "lora"}])[0])
+    assert fp16.peak_allocated_bytes is not None and fp32.peak_allocated_bytes is not None
+    assert fp16.peak_allocated_bytes < fp32.peak_allocated_bytes
+
+
+def test_at_batch_refuses_what_is_not_affine() -> None:
+    def timeline(batch: int, shape: tuple[int, ...], nbytes: int) -> Timeline:
+        return Timeline(((ALLOC, 0, "activations", nbytes), (FREE, 0, "activations", nbytes)), (shape,), frozenset())
+
+    linear_a, linear_b = timeline(2, (2, 5), 40), timeline(6, (6, 5), 120)
+    predicted = at_batch(linear_a, 2, linear_b, 6, 10)
+    assert predicted is not None and replay(predicted).peak_bytes == 200
+    # B in two dimensions (B×B) is quadratic even when two points look affine
+    assert at_batch(timeline(2, (2, 2), 16), 2, timeline(6, (6, 6), 144), 6, 10) is None
+    # a different sequence of events
+    other = Timeline(((ALLOC, 0, "gradients", 120),), ((6, 5),), frozenset())
+    assert at_batch(linear_a, 2, other, 6, 10) is None
+
+
+def test_the_estimator_search_finds_the_largest_batch_under_a_limit() -> None:
+    run = specs(batch_size=1, tuners=[{"tuner": "lora"}])[0]
+    at_40 = estimate_memory(run.model_copy(update={"batch_size": 40})).peak_allocated_bytes or 0
+    result = Estimator().search(run, SearchRequest(limit_bytes=at_40, min=1, max=4096))
+    assert result.max_batch == 40 and result.first_over == 41
+    assert result.metrics is not None and result.metrics.peak_allocated_bytes == at_40
+    assert result.metrics.peak_infer_bytes is not None  # the answer is a full estimate
+
+
+def test_subprocess_estimates_match_in_process_and_failures_become_errors() -> None:
+    runs = specs(batch_size=4)  # five configurations: two estimator processes
+    broken = runs[0].model_copy(update={"precision": "fp16-mixed"})  # fp16 needs CUDA, on CPU as in the worker
+    progress: list[tuple[int, int]] = []
+    results = run_estimates([*runs, broken], jobs=2, on_progress=lambda d, t, _: progress.append((d, t)))
+    assert sorted(progress)[-1] == (len(runs) + 1, len(runs) + 1)
+    for run in runs:
+        metrics = results[run.run_id].metrics
+        assert isinstance(metrics, Metrics) and metrics == estimate_memory(run)
+        assert results[run.run_id].env.get("torch")
+    assert results[broken.run_id].metrics is None
+    assert "fp16-mixed needs device cuda" in (results[broken.run_id].error or "")

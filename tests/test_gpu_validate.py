@@ -1,0 +1,120 @@
+"""The GPU validation kit: end to end in its CPU mode on a tiny model (estimate = measurement to the byte), and
+the comparison table it writes, on synthetic rows."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petlbench import calibration
+from petlbench.prediction import Estimate, estimate_result
+from petlbench.results import Metrics, RunResult, now_iso, write_result
+from petlbench.suite import expand, parse_suite
+from tests.conftest import TINY_BACKBONE
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT_SUITE = """\
+name: kit
+device: cpu
+backbone: {model: test_vit, img_size: 32, kwargs: {patch_size: 8, depth: 3}}
+data: {name: synthetic, num_classes: 10}
+batch_size: 4
+precision: [fp32, bf16-mixed]
+measure: {warmup_steps: 2, steps: 1}
+timeout_s: 120
+tuners: [{tuner: linear}, {tuner: lora, params: {rank: 4}}]
+"""
+
+
+@pytest.mark.slow
+def test_the_kit_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    suite = tmp_path / "kit.yaml"
+    suite.write_text(KIT_SUITE)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "gpu-validate.sh"),
+            "--device",
+            "cpu",
+            "--suite",
+            str(suite),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exact: all 4 estimates equal the measured bytes" in done.stdout
+    assert "GPU tests not run (device cpu" in done.stdout
+    with (out / "estimate-vs-measured.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["precision"] for r in rows} == {"fp32", "bf16-mixed"}
+    assert all(float(r["allocated_abs_error_bytes"]) == 0 and float(r["infer_abs_error_bytes"]) == 0 for r in rows)
+    assert all(float(r["estimate_bytes"]) == float(r["allocated_bytes"]) > 0 for r in rows)
+    markdown = (out / "estimate-vs-measured.md").read_text()
+    assert "| allocated | 4 | +0.00% | 0.00% |" in markdown
+    for name in ("environment.txt", "run.log", "estimate.log", "compare.log"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_the_kit_rejects_bad_arguments() -> None:
+    kit = str(ROOT / "scripts" / "gpu-validate.sh")
+    bad = subprocess.run(["bash", kit, "--device", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device: expected cuda or cpu" in bad.stderr
+    missing = subprocess.run(["bash", kit, "--suite", "nope.yaml"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.yaml: no such file" in missing.stderr
+
+
+def _rows(tmp_path: Path, measured_peak: int, estimated_peak: int, reserved: int | None) -> None:
+    suite = parse_suite(
+        {
+            "name": "cal",
+            "device": "cuda",
+            "data": {"name": "synthetic"},
+            "backbone": TINY_BACKBONE.model_dump(),
+            "tuners": [{"tuner": "linear"}],
+        }
+    )
+    spec = expand(suite, "cuda")[0]
+    measured = Metrics(
+        memory_source="cuda_allocator",
+        peak_allocated_bytes=measured_peak,
+        peak_reserved_bytes=reserved,
+        peak_driver_bytes=None if reserved is None else reserved + 500_000_000,
+        mem_tracked_peak_bytes=measured_peak - 1000,
+        peak_infer_bytes=100,
+    )
+    write_result(tmp_path, RunResult(spec=spec, status="ok", metrics=measured, created_at=now_iso()))
+    predicted = Metrics(memory_source="estimate", peak_allocated_bytes=estimated_peak, peak_infer_bytes=100)
+    write_result(tmp_path, estimate_result(spec, Estimate(run_id=spec.run_id, metrics=predicted), None))
+
+
+def test_the_table_reports_absolute_and_relative_errors_per_view(tmp_path: Path) -> None:
+    _rows(tmp_path, measured_peak=1_000_000, estimated_peak=950_000, reserved=1_200_000)
+    assert calibration.main([str(tmp_path), "cal", str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "estimate-vs-measured.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["allocated_abs_error_bytes"]) == -50_000
+    assert float(row["allocated_rel_error"]) == pytest.approx(-0.05)
+    assert float(row["reserved_rel_error"]) == pytest.approx(950_000 / 1_200_000 - 1)
+    assert float(row["nvml_bytes"]) == 501_200_000
+    assert float(row["tracked_bytes"]) == 999_000
+    assert "| allocated | 1 | -5.00% | 5.00% |" in (tmp_path / "out" / "estimate-vs-measured.md").read_text()
+    # --exact (the CPU mode) fails on any byte of difference
+    assert calibration.main([str(tmp_path), "cal", str(tmp_path / "out"), "--exact"]) == 1
+
+
+def test_exact_mode_passes_only_on_equal_bytes(tmp_path: Path) -> None:
+    _rows(tmp_path, measured_peak=1_000_000, estimated_peak=1_000_000, reserved=None)
+    assert calibration.main([str(tmp_path), "cal", str(tmp_path / "out"), "--exact"]) == 0
+    assert calibration.main([str(tmp_path), "other", str(tmp_path / "out")]) == 2  # no such results folder
