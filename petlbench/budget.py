@@ -7,6 +7,7 @@ A budget selects result rows (suite, tuner, knob, batch size, precision, device,
         max_peak_allocated_bytes: 2.1MiB     # human units (KiB/MiB/GiB/TiB, KB/MB/GB/TB) or plain bytes
         max_params_trainable: 6794
         min_train_images_per_s: 900          # GPU rows only: CPU timings are too noisy for a gate
+        min_acc_top1: 0.9                    # suites that train: final-epoch test accuracy (a fraction)
     ratios:
       - select: {tuner: linear}
         versus: {tuner: full}                # paired on suite/device/GPU/precision/batch/backbone/data/seed
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 OneOrMany: TypeAlias = T | list[T]
-Kind: TypeAlias = Literal["bytes", "count", "rate", "ratio"]
+Kind: TypeAlias = Literal["bytes", "count", "rate", "fraction", "ratio"]
 Op: TypeAlias = Literal["<=", ">="]
 
 _BYTE_UNITS: Final = {
@@ -142,6 +143,7 @@ LIMITS: Final[Mapping[str, tuple[str, Op, Kind]]] = {
     "max_peak_infer_bytes": ("peak_infer_bytes", "<=", "bytes"),
     "max_params_trainable": ("params_trainable", "<=", "count"),
     "min_train_images_per_s": ("train_images_per_s", ">=", "rate"),
+    "min_acc_top1": ("acc_top1", ">=", "fraction"),
 }
 
 RatioMetric: TypeAlias = Literal[
@@ -181,6 +183,7 @@ class Budget(_Strict):
     max_peak_infer_bytes: ByteCount | None = None
     max_params_trainable: int | None = Field(None, ge=0)
     min_train_images_per_s: float | None = Field(None, gt=0)
+    min_acc_top1: float | None = Field(None, gt=0, le=1, description="final-epoch top-1 as a fraction (0.9 = 90%)")
 
     @model_validator(mode="after")
     def _some_limit(self) -> Budget:
@@ -465,7 +468,8 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
         f"# Regenerate: {command}",
         "# Fields: select (suite, tuner, method, knob, batch_size, precision, device, backbone, grad_checkpointing,",
         "# gpu_name, memory_source; a list means any of), max_peak_allocated_bytes / max_peak_reserved_bytes /",
-        "# max_peak_infer_bytes (bytes or 1.5GiB), max_params_trainable, min_train_images_per_s (GPU only);",
+        "# max_peak_infer_bytes (bytes or 1.5GiB), max_params_trainable, min_train_images_per_s (GPU only),",
+        "# min_acc_top1 (a fraction);",
         "# ratios: select, versus, metric, max_ratio / min_ratio, paired on suite, device, GPU, precision,",
         "# batch size, backbone, data and seed.",
         "budgets:",
@@ -578,6 +582,8 @@ def format_value(value: float | None, kind: Kind) -> str:
         return f"{value:,.0f}"
     if kind == "rate":
         return f"{value:,.1f} img/s"
+    if kind == "fraction":
+        return f"{100 * value:.1f}%"
     return f"{value:.3g}×"
 
 

@@ -169,8 +169,7 @@ def run(
     Exit code 2 when the suite, its data or a run's configuration is invalid (a bad image found by a worker
     included); the other runs still finish and are saved.
 
-    Examples: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom;
-    petlbench run suites/accuracy-vtab.yaml --data-root /data
+    Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
     try:
         suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks, local_gpus=executor == "local")
@@ -362,6 +361,8 @@ def report(
     for note in summary.notes:
         err.print(f"note: {note}")
     out.print(f"{len(summary.figures)} figures (.png + .svg) → {summary.out}/")
+    if summary.vtab_methods:
+        out.print(f"VTAB-1k tables: {summary.vtab_methods} methods × 19 tasks, group and flat means (in the report)")
     out.print(f"report → {summary.markdown}  {summary.html}")
 
 

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from petlbench.autobatch import linear_seed, search_max_batch
 from petlbench.data import num_classes
 from petlbench.errors import PetlbenchError
-from petlbench.measure.memory import CUDA_BLOCK, tracked_inference, tracked_train_step
+from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
 from petlbench.prediction import (
     ESTIMATE_SOURCE,
@@ -217,12 +217,7 @@ class _FakeModel:
             metrics.peak_infer_bytes = replay(infer, round_to).peak_bytes
         tracked = replay(train, round_to)
         metrics.peak_allocated_bytes = tracked.peak_bytes
-        metrics.mem_tracked_peak_bytes = tracked.peak_bytes
-        metrics.mem_weights_bytes = tracked.by_category["weights"]
-        metrics.mem_grads_bytes = tracked.by_category["gradients"]
-        metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
-        metrics.mem_activations_bytes = tracked.by_category["activations"]
-        metrics.attn_kernel = tracked.attn_kernel
+        record_breakdown(metrics, tracked)
         return metrics
 
 

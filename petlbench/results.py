@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
+from petlbench.dataspec import data_label
 from petlbench.errors import ResultsError
 from petlbench.suite import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
 
@@ -128,7 +129,7 @@ class RunResult(BaseModel):
             "precision": spec.precision,
             "grad_checkpointing": spec.grad_checkpointing,
             "seed": spec.seed,
-            "dataset": spec.data.name,
+            "dataset": data_label(spec.data),  # vtab1k/dtd: tasks are different datasets
             "timeout_s": spec.timeout_s,
         }
         for key, value in spec.tuner_params.items():

@@ -604,16 +604,22 @@ def _tuner_config(
         raise ConfigError("\n".join(lines)) from None
 
 
+_Section = TypeVar("_Section", bound=BaseModel)
+
+
+def _override(base: _Section, overrides: dict[str, Any], source: str, where: str) -> _Section:
+    """A suite section with a tuner entry's overrides applied, validated as a whole (errors name `where`)."""
+    cls = type(base)
+    try:
+        return cls.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError("\n".join(format_validation_error(exc, source, cls, prefix=where))) from None
+
+
 def _merge_optimizer(suite: Suite, entry: TunerEntry, where: str) -> OptimizerSpec:
     if not entry.optimizer:
         return suite.optimizer
-    merged = {**suite.optimizer.model_dump(), **entry.optimizer}
-    try:
-        return OptimizerSpec.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(
-            "\n".join(format_validation_error(exc, suite.source, OptimizerSpec, prefix=f"{where}.optimizer"))
-        ) from None
+    return _override(suite.optimizer, entry.optimizer, suite.source, f"{where}.optimizer")
 
 
 def _merge_train(suite: Suite, entry: TunerEntry, where: str) -> TrainSpec | None:
@@ -621,13 +627,7 @@ def _merge_train(suite: Suite, entry: TunerEntry, where: str) -> TrainSpec | Non
         return suite.train
     if suite.train is None:
         raise ConfigError(f"{suite.source}: {where}.train: the suite has no train section to override; add one")
-    merged = {**suite.train.model_dump(), **entry.train}
-    try:
-        return TrainSpec.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(
-            "\n".join(format_validation_error(exc, suite.source, TrainSpec, prefix=f"{where}.train"))
-        ) from None
+    return _override(suite.train, entry.train, suite.source, f"{where}.train")
 
 
 def resolve_device(requested: str, gpus: Sequence[str]) -> Device:

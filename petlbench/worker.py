@@ -32,7 +32,14 @@ from petlbench.dataspec import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError, PetlbenchError
 from petlbench.measure.accuracy import train_and_evaluate
 from petlbench.measure.env import collect_env
-from petlbench.measure.memory import NvmlSampler, peak_rss, reset_peak_rss, tracked_inference, tracked_train_step
+from petlbench.measure.memory import (
+    NvmlSampler,
+    peak_rss,
+    record_breakdown,
+    reset_peak_rss,
+    tracked_inference,
+    tracked_train_step,
+)
 from petlbench.measure.speed import time_steps
 from petlbench.results import Metrics, RunResult, Status, now_iso
 from petlbench.step import TrainStep, autocast, make_optimizer
@@ -87,7 +94,7 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
     if isinstance(spec.data, VtabData | ImageFolderData):  # index (and check) the files first: cheap, no decoding
         data = load_data(spec.data, spec.data_root)
         record_data(data, metrics)
-    classes = data.num_classes if data is not None else num_classes(spec.data)
+    classes = data.num_classes if data is not None else num_classes(spec.data, spec.data_root)
     metrics.num_classes = classes
     tuned = build_model(spec, classes, device)
     identity = weights_identity(spec.backbone, tuned.backbone)
@@ -133,12 +140,7 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
 
     if spec.measure.breakdown or not cuda:
         tracked = tracked_train_step(step, x, y)
-        metrics.mem_tracked_peak_bytes = tracked.peak_bytes
-        metrics.mem_weights_bytes = tracked.by_category["weights"]
-        metrics.mem_grads_bytes = tracked.by_category["gradients"]
-        metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
-        metrics.mem_activations_bytes = tracked.by_category["activations"]
-        metrics.attn_kernel = tracked.attn_kernel
+        record_breakdown(metrics, tracked)
         if not cuda:
             metrics.peak_allocated_bytes = tracked.peak_bytes  # CPU headline: exact and deterministic
 

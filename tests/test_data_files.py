@@ -306,7 +306,7 @@ def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: P
         write_result(tmp_path, result)
     frame = load_results([tmp_path]).set_index(["data.task", "tuner"], drop=False)
     assert len(frame) == len(runs) and frame["acc_top1"].notna().all() and frame["acc_top1_best"].notna().all()
-    assert set(frame["dataset"]) == {"vtab1k", "imagefolder"}
+    assert set(frame["dataset"]) == {"vtab1k/kitti", "vtab1k/patch_camelyon", "imagefolder/pets"}
     kitti = frame.loc[("kitti", "linear")]
     assert (kitti["data_task"], kitti["data_train_split"], kitti["data_test_split"]) == (
         "kitti",
@@ -317,7 +317,7 @@ def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: P
     assert kitti["data_folder"] == str(data_root / "vtab-1k" / "kitti") and len(kitti["data_fingerprint"]) == 12
     assert kitti["weights_source"] == "random" and kitti["weights_ref"] is None
     assert kitti["env.torch_threads"] == 1  # measure.cpu_threads, recorded as in effect
-    pets = frame[frame["dataset"] == "imagefolder"].iloc[0]
+    pets = frame[frame["dataset"] == "imagefolder/pets"].iloc[0]
     assert (pets["data_task"], pets["data_test_split"], pets["num_classes"]) == ("pets", "val", 3)
     camelyon = frame.loc[("patch_camelyon", "full")]
     assert camelyon["data_test_split"] == "test.json" and camelyon["num_classes"] == 2

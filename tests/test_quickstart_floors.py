@@ -1,29 +1,27 @@
-"""The quickstart's accuracy floors (suites/budgets-quickstart.yaml): always checked for coverage, and checked
-against real quickstart results when given:
+"""The quickstart's accuracy floors (suites/budgets-quickstart.yaml): they cover every quickstart run, and
+`petlbench check` applies them. Real results are checked with
 
-    petlbench run --results-dir /tmp/qs --force
-    PETLBENCH_QUICKSTART_RESULTS=/tmp/qs pytest tests/test_quickstart_floors.py
+    petlbench run && petlbench check --budgets suites/budgets-quickstart.yaml results/quickstart
 
-(Training the quickstart takes minutes, so no unit test does it.)
+(training the quickstart takes minutes, so no unit test does it).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from petlbench.budget import check_files
 from petlbench.cli import builtin_quickstart
-from petlbench.results import load_results
+from petlbench.results import Metrics, RunResult
 from petlbench.suite import expand, load_suite
 from petlbench.tuners import TUNER_CONFIGS
+from tests.report_rows import write
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ROOT / "suites" / "budgets-quickstart.yaml"
-RESULTS_ENV = "PETLBENCH_QUICKSTART_RESULTS"
 
 
 def floors() -> list[dict[str, Any]]:
@@ -53,19 +51,23 @@ def test_every_quickstart_run_has_a_floor() -> None:
     assert [f["min_acc_top1"] for f in full] == [0.90]
 
 
-@pytest.mark.skipif(RESULTS_ENV not in os.environ, reason=f"set {RESULTS_ENV}=<results dir of a quickstart run>")
-def test_quickstart_results_meet_the_floors() -> None:
-    frame = load_results([Path(os.environ[RESULTS_ENV])])
-    rows = [r for r in frame.to_dict("records") if r["suite"] == "quickstart"]
-    expected = {r.run_id for r in expand(load_suite(builtin_quickstart()), "cpu")}
-    assert expected <= {r["run_id"] for r in rows}, "results lack runs of the current quickstart; rerun it"
-    failures = []
-    for floor in floors():
-        selected = [r for r in rows if r["run_id"] in expected and selects(floor["select"], r)]
-        assert selected, f"{floor['name']}: selects no row"
-        for row in selected:
-            acc = row["acc_top1"]
-            label = f"{row['tuner']} knob={row['knob']} bs={row['batch_size']}"
-            if row["status"] != "ok" or acc is None or acc < floor["min_acc_top1"]:
-                failures.append(f"{label}: acc_top1 {acc} (status {row['status']}) < {floor['min_acc_top1']}")
-    assert not failures, "\n".join(failures)
+def quickstart_rows(acc: dict[str, float]) -> list[dict[str, Any]]:
+    """One result row per quickstart run, as `RunResult.to_row` writes them, with a given accuracy per tuner."""
+    rows = []
+    for spec in expand(load_suite(builtin_quickstart()), "cpu"):
+        metrics = Metrics(acc_top1=acc[spec.tuner], params_trainable=1, peak_allocated_bytes=1)
+        result = RunResult(spec=spec, status="ok", metrics=metrics, created_at="2026-01-01T00:00:00+00:00")
+        rows.append(result.to_row())
+    return rows
+
+
+def test_check_passes_quickstart_results_above_the_floors_and_fails_one_below(tmp_path: Path) -> None:
+    good = dict.fromkeys(TUNER_CONFIGS, 0.45) | {"full": 0.91}
+    write(quickstart_rows(good), tmp_path / "good")
+    outcome = check_files([tmp_path / "good"], FLOORS)
+    assert outcome.checks and not outcome.failed and not outcome.uncovered
+
+    write(quickstart_rows(good | {"full": 0.89, "sqt": 0.39}), tmp_path / "bad")
+    failed = check_files([tmp_path / "bad"], FLOORS).failed
+    assert {c.row.split()[0] for c in failed} == {"full", "sqt"}
+    assert all(c.metric == "acc_top1" and c.op == ">=" for c in failed)

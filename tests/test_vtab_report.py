@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +115,44 @@ def test_methods_can_be_split_by_a_knob_column() -> None:
     table = vtab_table(rows, method=("tuner", "tuner.variant"))
     assert [r.method for r in table.rows] == ["fact variant=tk", "fact variant=tt"]
     assert table.rows[0].group_mean == pytest.approx(75.55, abs=0.005)
+
+
+def test_report_shows_both_vtab_tables_when_vtab_rows_exist(tmp_path: Path) -> None:
+    from petlbench.report import build_report
+    from tests.report_rows import row, write
+
+    rows = []
+    for method, values in (("lora", PUBLISHED["lora"]), ("vpt-deep", PUBLISHED["vpt-deep"])):
+        for task, value in zip(VTAB_TASKS, values.split(), strict=True):
+            acc = float(value) / 100
+            rows.append(
+                row(
+                    method,
+                    64,
+                    acc=acc,
+                    method=method,
+                    dataset=f"vtab1k/{task.name}",
+                    suite="vtab",
+                    **{
+                        "data.name": "vtab1k",
+                        "data.task": task.name,
+                    },
+                )
+            )
+    summary = build_report([write(rows, tmp_path / "results")], ["pareto"], tmp_path / "report")
+    markdown = summary.markdown.read_text()
+    assert summary.vtab_methods == 2
+    assert len(summary.groups) == 19  # a figure never mixes tasks: each is its own dataset
+    assert "## VTAB-1k: final-epoch top-1 (%)" in markdown
+    assert "## VTAB-1k: best-of-evaluations top-1 (%), test-selected" in markdown
+    lora = next(line for line in markdown.splitlines() if line.startswith("| lora | 67.1 |"))
+    assert lora.endswith("| 74.60 | 72.25 |")
+
+
+def test_report_without_vtab_rows_has_no_vtab_table(tmp_path: Path) -> None:
+    from petlbench.report import build_report
+    from tests.report_rows import row, write
+
+    folder = write([row("lora", 8, peak=1e9, acc=0.5, knob=8.0)], tmp_path / "results")
+    summary = build_report([folder], ["pareto"], tmp_path / "report")
+    assert summary.vtab_methods == 0 and "VTAB-1k" not in summary.markdown.read_text()

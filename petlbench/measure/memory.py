@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from petlbench.measure.tracker import TensorTracker, TrackedPeak
+from petlbench.results import Metrics
 from petlbench.step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,16 @@ def tracked_train_step(
         for hook in hooks:
             hook.remove()
     return tracker.result()
+
+
+def record_breakdown(metrics: Metrics, tracked: TrackedPeak) -> None:
+    """Store a tracked training step's peak, what was live at it by category, and the attention kernel seen."""
+    metrics.mem_tracked_peak_bytes = tracked.peak_bytes
+    metrics.mem_weights_bytes = tracked.by_category["weights"]
+    metrics.mem_grads_bytes = tracked.by_category["gradients"]
+    metrics.mem_optimizer_bytes = tracked.by_category["optimizer"]
+    metrics.mem_activations_bytes = tracked.by_category["activations"]
+    metrics.attn_kernel = tracked.attn_kernel
 
 
 def tracked_inference(

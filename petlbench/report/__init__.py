@@ -55,6 +55,7 @@ class ReportSummary:
     rows: int
     statuses: dict[str, int]
     notes: list[str] = field(default_factory=list)  # things the reader should know (e.g. a skipped figure)
+    vtab_methods: int = 0  # methods in the VTAB-1k tables (0: no VTAB-1k rows, no tables)
 
 
 def build_report(
@@ -99,13 +100,17 @@ def build_report(
     for number, group in enumerate(groups, 1):
         pts = points(group.rows)
         blocks.extend(_group_section(number, group, pts, kinds, colors, batch_size, out, figures, notes))
+    vtab_blocks, vtab_methods = _vtab_section(rows)
+    blocks.extend(vtab_blocks)
     blocks.extend(_failures(rows, groups))
 
     markdown = out / "report.md"
     html = out / "report.html"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
     html.write_text(to_html(blocks, "petlbench report"), encoding="utf-8")
-    return ReportSummary(out, markdown, html, figures, [g.title for g in groups], split_by, len(rows), statuses, notes)
+    return ReportSummary(
+        out, markdown, html, figures, [g.title for g in groups], split_by, len(rows), statuses, notes, vtab_methods
+    )
 
 
 def _kinds(plots: Collection[str]) -> list[str]:
@@ -382,6 +387,23 @@ def _breakdown_section(
         Image(stem, f"Memory breakdown at batch size {batch}, {group.title}"),
         Table(columns, rows, frozenset(range(1, len(columns)))),
     ]
+
+
+def _vtab_section(rows: pd.DataFrame) -> tuple[list[Block], int]:
+    """The VTAB-1k tables (tasks × methods, both means), final-epoch and best-of-evaluations, when VTAB rows exist."""
+    from petlbench.report.vtab import vtab_table
+
+    if "data.name" not in rows or not (rows["data.name"] == "vtab1k").any():
+        return [], 0
+    records = rows[rows["data.name"] == "vtab1k"].to_dict("records")
+    blocks: list[Block] = []
+    methods = 0
+    for metric in ("acc_top1", "acc_top1_best"):
+        table = vtab_table(records, metric)
+        if table.rows:
+            blocks.extend(table.blocks())
+            methods = max(methods, len(table.rows))
+    return blocks, methods
 
 
 def _failures(rows: pd.DataFrame, groups: list[Group]) -> list[Block]:

@@ -10,8 +10,7 @@ renders itself as report blocks (`blocks()`, for `petlbench report`'s document) 
     print(vtab_table(rows, metric="acc_top1").to_markdown())       # final-epoch accuracy
     print(vtab_table(rows, metric="acc_top1_best").to_markdown())  # best of the test evaluations (test-selected)
 
-In `build_report`, when rows have `dataset == "vtab1k"`: `blocks += vtab_table(records, m).blocks()` for
-m in (acc_top1, acc_top1_best).
+`petlbench report` (`build_report`) adds both tables whenever its rows include VTAB-1k rows.
 """
 
 from __future__ import annotations
