@@ -40,11 +40,12 @@ def specs(device: str = "cpu", **overrides: Any) -> list[RunSpec]:
     return expand(parse_suite(suite(**overrides)), "cuda" if device == "cuda" else "cpu")
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_reused_and_replayed_estimates_equal_fresh_traces(device: str) -> None:
-    # batch sizes 4 and 12 are traced; 2, 3, 7 and 40 are replayed (inside and outside the traced range); 1 is
-    # traced (size-1 dimensions change the op sequence: full fine-tuning allocates 4 KiB less than the line says)
-    runs = specs(device, batch_size=[4, 12, 1, 2, 3, 7, 40], precision=["fp32", "bf16-mixed"])
+@pytest.mark.parametrize(("device", "precision"), [("cpu", "fp32"), ("cpu", "bf16-mixed"), ("cuda", "bf16-mixed")])
+def test_reused_and_replayed_estimates_equal_fresh_traces(device: str, precision: str) -> None:
+    # batch sizes 4 and 12 are traced; 3 and 40 are replayed (inside and outside the traced range); 1 is traced
+    # (size-1 dimensions change the op sequence: full fine-tuning allocates 4 KiB less than the line says).
+    # CUDA specs differ from CPU ones by the 512-B rounding (applied at replay) and the dropout mapping (traced).
+    runs = specs(device, batch_size=[4, 12, 1, 3, 40], precision=precision)
     many = dict(estimate_many(runs))
     assert len(many) == len(runs)
     for i, run in enumerate(runs):

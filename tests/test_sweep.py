@@ -45,7 +45,7 @@ def write_suite(tmp_path: Path, name: str, tuners: list[str], timeout: int = 120
 
 
 def test_crash_oom_and_timeout_each_become_one_row(tmp_path: Path, plugin_env: None) -> None:
-    suite = write_suite(tmp_path, "faults", ["linear", "test_crash", "test_oom", "test_hang"], timeout=25)
+    suite = write_suite(tmp_path, "faults", ["linear", "test_crash", "test_oom", "test_hang"], timeout=15)
     results = tmp_path / "results"
     outcome = CliRunner().invoke(app, ["run", str(suite), "--results-dir", str(results)])
     assert outcome.exit_code == 0, outcome.output
@@ -59,7 +59,7 @@ def test_crash_oom_and_timeout_each_become_one_row(tmp_path: Path, plugin_env: N
     assert rows.loc["test_oom", "status"] == "oom"
     assert "out of memory at batch size 8" in rows.loc["test_oom", "error"]
     assert rows.loc["test_hang", "status"] == "timeout"
-    assert "timeout of 25 s" in rows.loc["test_hang", "error"]
+    assert "timeout of 15 s" in rows.loc["test_hang", "error"]
 
 
 def test_failed_runs_are_retried_and_strict_exits_1(tmp_path: Path, plugin_env: None) -> None:
