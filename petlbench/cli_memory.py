@@ -254,7 +254,7 @@ def run_auto_batch_command(
             t = outcome.template
             knob = f" {fmt_knob(t.knob_name, t.knob)}" if t.knob_name else ""
             out.print(
-                f"→ {t.tuner}{knob} {t.precision}: max feasible batch {best if best else 'none'}"
+                f"→ {t.method}{knob} {t.precision}: max feasible batch {best if best else 'none'}"
                 f" (predicted {outcome.predicted})",
                 style="bold",
             )

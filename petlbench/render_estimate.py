@@ -57,8 +57,8 @@ def estimate_table(
     if any(e.metrics is not None and e.metrics.estimate_approximate for e in estimates.values()):
         caption += "; ≈ approximate (see estimate_note)"
     table = Table(title=title, caption=caption or None, header_style="bold")
-    left = {"run_id", "tuner", "knob", "fit", *varying}
-    for column in ("#", "run_id", "tuner", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ."):
+    left = {"run_id", "method", "knob", "fit", *varying}
+    for column in ("#", "run_id", "method", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ."):
         table.add_column(column, justify="left" if column in left else "right")
     for column in ("infer", "fit", "headroom"):
         table.add_column(column, justify="left" if column in left else "right")
@@ -66,7 +66,7 @@ def estimate_table(
         estimate = estimates.get(run.run_id)
         m = estimate.metrics if estimate is not None else None
         knob = fmt_knob(run.knob_name, run.knob)
-        cells: list[str | Text] = [str(i), run.run_id, run.tuner, knob, str(run.batch_size)]
+        cells: list[str | Text] = [str(i), run.run_id, run.method, knob, str(run.batch_size)]
         cells += [values[i - 1] for values in varying.values()]
         if m is None:
             error = (estimate.error or "not estimated") if estimate is not None else "not estimated"
@@ -95,11 +95,11 @@ def max_batch_table(
     """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration."""
     varying = _varying(templates)
     table = Table(title=title, caption=f"limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("tuner", "knob", *varying, "max batch", "peak there", "left", "first over", "over by"):
-        table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
+    for column in ("method", "knob", *varying, "max batch", "peak there", "left", "first over", "over by"):
+        table.add_column(column, justify="left" if column in ("method", "knob", *varying) else "right")
     for i, run in enumerate(templates):
         estimate = estimates.get(run.run_id)
-        cells: list[str | Text] = [run.tuner, fmt_knob(run.knob_name, run.knob)]
+        cells: list[str | Text] = [run.method, fmt_knob(run.knob_name, run.knob)]
         cells += [values[i] for values in varying.values()]
         if estimate is None or estimate.error is not None:
             error = estimate.error if estimate is not None and estimate.error else "not estimated"
@@ -138,12 +138,12 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
     templates = [o.template for o in outcomes]
     varying = _varying(templates)
     table = Table(title=title, caption=f"memory limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("tuner", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes"):
-        table.add_column(column, justify="left" if column in ("tuner", "knob", *varying) else "right")
+    for column in ("method", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes"):
+        table.add_column(column, justify="left" if column in ("method", "knob", *varying) else "right")
     table.add_column("note")
     for i, outcome in enumerate(outcomes):
         run = outcome.template
-        cells: list[str | Text] = [run.tuner, fmt_knob(run.knob_name, run.knob)]
+        cells: list[str | Text] = [run.method, fmt_knob(run.knob_name, run.knob)]
         cells += [values[i] for values in varying.values()]
         predicted = str(outcome.predicted) if outcome.predicted is not None else "-"
         search = outcome.search
