@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import ConfigError
-from petlbench.hub import HUB_FILES, HUB_HINT, HUB_HOST, hub_reachable  # noqa: F401 (HUB_HOST: re-exported)
+from petlbench.hub import HUB_FILES, HUB_HINT, hub_reachable
 from petlbench.suite import BackboneSpec
 
 

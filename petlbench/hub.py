@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 HUB_HOST: Final = "huggingface.co"
 # the files timm's hub loader tries (safetensors first)
@@ -25,10 +26,16 @@ HUB_HINT: Final = (
 )
 
 
+def hub_address() -> tuple[str, int]:
+    """Host and port of the hub huggingface_hub talks to: $HF_ENDPOINT (a mirror) when set, else huggingface.co."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST}")
+    return endpoint.hostname or HUB_HOST, endpoint.port or (80 if endpoint.scheme == "http" else 443)
+
+
 def hub_reachable(timeout_s: float = 2.0) -> bool:
     """True when the Hugging Face hub answers a TCP connect within `timeout_s` (DNS failures are instant)."""
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+        with socket.create_connection(hub_address(), timeout=timeout_s):
             return True
     except OSError:
         return False

@@ -17,7 +17,7 @@ from pathlib import Path
 from petlbench.datafiles import FileIndex, index_data
 from petlbench.dataspec import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
-from petlbench.hub import HUB_HINT, HUB_HOST, hub_cache_dir, hub_offline, timm_weights_cached
+from petlbench.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline, timm_weights_cached
 from petlbench.suite import RunSpec, Suite
 
 
@@ -76,6 +76,6 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
             if not timm_weights_cached(model):
                 raise ConfigError(
                     f"{suite.source}: backbone.weights: hub: {model!r} is not in the local Hugging Face cache "
-                    f"({hub_cache_dir()}) and {HUB_HOST} is unreachable; {HUB_HINT}"
+                    f"({hub_cache_dir()}) and {hub_address()[0]} is unreachable; {HUB_HINT}"
                 )
     return checks
