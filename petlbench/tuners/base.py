@@ -25,6 +25,16 @@ from petlbench.tuners import TunerConfig
 C = TypeVar("C", bound=TunerConfig)
 
 
+class MergeableLayer(nn.Module, ABC):
+    """A wrapper whose increment can be folded into the weights of the layer it wraps, and taken out again."""
+
+    @abstractmethod
+    def merge(self) -> None: ...
+
+    @abstractmethod
+    def unmerge(self) -> None: ...
+
+
 class Tuner(ABC, Generic[C]):
     """A parameter-efficient (or full) tuning method applied to a timm VisionTransformer."""
 
@@ -53,11 +63,18 @@ class Tuner(ABC, Generic[C]):
 
     def merge(self, root: nn.Module) -> None:
         """Fold the tuner's increments into the backbone weights (mergeable tuners only)."""
-        raise TunerError(f"{self.name} is not mergeable")
+        for layer in self._mergeable_layers(root):
+            layer.merge()
 
     def unmerge(self, root: nn.Module) -> None:
         """Undo `merge`."""
-        raise TunerError(f"{self.name} is not mergeable")
+        for layer in self._mergeable_layers(root):
+            layer.unmerge()
+
+    def _mergeable_layers(self, root: nn.Module) -> list[MergeableLayer]:
+        if not self.mergeable:
+            raise TunerError(f"{self.name} is not mergeable")
+        return [m for m in root.modules() if isinstance(m, MergeableLayer)]
 
 
 @dataclass(frozen=True)

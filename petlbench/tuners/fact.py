@@ -38,7 +38,7 @@ from torch import nn
 
 from petlbench.errors import TunerError
 from petlbench.tuners import FactConfig
-from petlbench.tuners.base import Tuner, vit_blocks
+from petlbench.tuners.base import MergeableLayer, Tuner, vit_blocks
 
 Variant = Literal["tt", "tk"]
 Role = Literal["qkv", "proj", "fc1", "fc2"]
@@ -88,7 +88,7 @@ class FactFactors(nn.Module):
         return f"variant={self.variant!r}, dim={self.dim}, rank={self.rank}"
 
 
-class FactLinear(nn.Module):
+class FactLinear(MergeableLayer):
     """Wraps a frozen `nn.Linear` (kept as `base`) and adds FacT's increment to its output.
 
     `in_chunks`/`out_chunks` say how many D-wide slices the input/output has: qkv 1/3, proj 1/1, fc1 1/k, fc2 k/1.
@@ -265,13 +265,3 @@ class Fact(Tuner[FactConfig]):
                 wrapper = FactLinear(base, factors, role, in_chunks, out_chunks, col + offset, cfg.scale, cfg.dropout)
                 block.get_submodule(parent_path).register_module(name, wrapper)
         return model
-
-    def merge(self, root: nn.Module) -> None:
-        for module in root.modules():
-            if isinstance(module, FactLinear):
-                module.merge()
-
-    def unmerge(self, root: nn.Module) -> None:
-        for module in root.modules():
-            if isinstance(module, FactLinear):
-                module.unmerge()

@@ -18,12 +18,12 @@ from torch import nn
 
 from petlbench.errors import TunerError
 from petlbench.tuners import LoraConfig
-from petlbench.tuners.base import Tuner, vit_blocks
+from petlbench.tuners.base import MergeableLayer, Tuner, vit_blocks
 
 _PARTS = ("q", "k", "v")
 
 
-class LoraQkv(nn.Module):
+class LoraQkv(MergeableLayer):
     """Wraps a fused qkv `nn.Linear` (kept as `base`) and adds low-rank deltas to chosen thirds of its output."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, targets: tuple[str, ...], dropout: float) -> None:
@@ -110,13 +110,3 @@ class Lora(Tuner[LoraConfig]):
                 raise TunerError(f"lora: tuner.rank {cfg.rank} exceeds the qkv width {limit}; choose rank ≤ {limit}")
             attn.qkv = LoraQkv(qkv, cfg.rank, alpha, cfg.targets, cfg.dropout)
         return model
-
-    def merge(self, root: nn.Module) -> None:
-        for module in root.modules():
-            if isinstance(module, LoraQkv):
-                module.merge()
-
-    def unmerge(self, root: nn.Module) -> None:
-        for module in root.modules():
-            if isinstance(module, LoraQkv):
-                module.unmerge()
