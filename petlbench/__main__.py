@@ -1,5 +1,5 @@
 """`python -m petlbench` is the same as the `petlbench` command."""
 
-from petlbench.cli import main
+from petlbench.cli.app import main
 
 main()

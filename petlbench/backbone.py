@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlbench.data.hub import HUB_FILES, HUB_HINT, hub_reachable
 from petlbench.errors import ConfigError
-from petlbench.hub import HUB_FILES, HUB_HINT, hub_reachable
-from petlbench.suite import BackboneSpec
+from petlbench.spec.models import BackboneSpec
 
 
 def prepare_hub_access(spec: BackboneSpec) -> None:

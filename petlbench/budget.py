@@ -33,8 +33,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from petlbench.errors import ConfigError
 from petlbench.fmt import fmt_bytes
-from petlbench.rows import first_line, missing, row_label, run_label, setting_label
-from petlbench.suite import Device, Precision, format_validation_error, read_yaml
+from petlbench.results import first_line, missing, row_label, run_label, setting_label
+from petlbench.spec.loading import read_yaml
+from petlbench.spec.messages import format_validation_error
+from petlbench.spec.models import Device, Precision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -589,7 +591,7 @@ def format_value(value: float | None, kind: Kind) -> str:
 
 def check_files(paths: Sequence[Path], budgets_path: Path) -> CheckReport:
     """Load results and a budgets file, and check every budget (ConfigError if one selects nothing)."""
-    from petlbench.rows import load_rows
+    from petlbench.results import load_rows
 
     budgets = load_budgets(budgets_path)
     rows = load_rows(paths)
@@ -615,7 +617,7 @@ def write_baseline_file(paths: Sequence[Path], out: Path, headroom: float) -> tu
     The ratios of an existing file at `out` are carried over (they are written by hand).
     Returns the baseline and the command that regenerates it.
     """
-    from petlbench.rows import load_rows
+    from petlbench.results import load_rows
 
     keep = None
     if out.exists():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from petlbench.executors import Executor, RunEvent, RunFinished
 from petlbench.results import DONE_STATUSES, stored_statuses, suite_dir, write_result
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 
 
 @dataclass(frozen=True)

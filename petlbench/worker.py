@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from petlbench.backbone import build_backbone, prepare_hub_access, weights_identity
-from petlbench.data import FileSource, ImageSource, load_data, num_classes
-from petlbench.dataspec import ImageFolderData, VtabData, task_key
+from petlbench.data.loaders import FileSource, ImageSource, load_data, num_classes
+from petlbench.data.specs import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError, PetlbenchError
 from petlbench.measure.accuracy import train_and_evaluate
 from petlbench.measure.env import collect_env
@@ -41,11 +41,11 @@ from petlbench.measure.memory import (
     tracked_train_step,
 )
 from petlbench.measure.speed import time_steps
+from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.results import Metrics, RunResult, Status, now_iso
-from petlbench.step import TrainStep, autocast, make_optimizer
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
+from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
-from petlbench.tuners.registry import make_tuner
 
 log = logging.getLogger("petlbench.worker")
 

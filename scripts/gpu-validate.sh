@@ -89,7 +89,7 @@ else
   echo "GPU tests not run (device cpu: they need CUDA)"
 fi
 
-name=$("$py" -c "import sys; from petlbench.suite import load_suite; print(load_suite(sys.argv[1]).name)" "$suite") \
+name=$("$py" -c "import sys; from petlbench.spec.loading import load_suite; print(load_suite(sys.argv[1]).name)" "$suite") \
   || { echo "error: $suite is not a valid suite" >&2; exit 2; }
 
 step "measure: petlbench run $suite --device $device"
@@ -104,7 +104,7 @@ estimate_rc=${PIPESTATUS[0]}
 step "estimated vs measured"
 exact=()
 [ "$device" = cpu ] && exact=(--exact)
-"$py" -m petlbench.calibration "$out/results" "$name" "$out" "${exact[@]}" 2>&1 | tee "$out/compare.log"
+"$py" -m petlbench.estimate.calibration "$out/results" "$name" "$out" "${exact[@]}" 2>&1 | tee "$out/compare.log"
 compare_rc=${PIPESTATUS[0]}
 
 step "done"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from petlbench.backbone import build_backbone
-from petlbench.suite import BackboneSpec
+from petlbench.spec.models import BackboneSpec
 
 # timm's test_vit: embed 64, 2 heads, MLP ratio 3 (not 4: catches hard-coded ratios); 32 px, patch 8 → 16 patches.
 TINY_BACKBONE = BackboneSpec(model="test_vit", img_size=32, kwargs={"patch_size": 8, "depth": 3})

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from petlbench.autobatch import linear_seed, run_auto_batch, search_max_batch, stored_probes
 from petlbench.errors import ConfigError
+from petlbench.estimate.autobatch import linear_seed, run_auto_batch, search_max_batch, stored_probes
+from petlbench.estimate.client import Estimate
 from petlbench.executors import RunEvent, RunFinished, RunStarted
-from petlbench.prediction import Estimate
 from petlbench.results import Metrics, RunResult, load_results, now_iso, suite_dir
-from petlbench.suite import RunSpec, expand, load_suite, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite, parse_suite
+from petlbench.spec.models import RunSpec
 from tests.conftest import TINY_BACKBONE
 
 

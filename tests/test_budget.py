@@ -15,9 +15,9 @@ from petlbench.budget import (
     parse_bytes,
     propose_baseline,
 )
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.errors import ConfigError
-from petlbench.rows import normalise
+from petlbench.results import normalise
 from tests.report_rows import MiB, frame, row, write
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.results import RunResult, write_result
-from petlbench.suite import RunSpec, expand, load_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import RunSpec
 from petlbench.worker import execute
 
 REPO = Path(__file__).resolve().parents[1]

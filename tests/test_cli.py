@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
-from petlbench.suite import expand, load_suite
-from petlbench.tuners import TUNER_CONFIGS
+from petlbench.cli.app import app
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.tuners import TUNERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "suites" / "smoke.yaml")
@@ -21,7 +22,7 @@ runner = CliRunner()
 def test_tuners_lists_every_registered_tuner() -> None:
     result = runner.invoke(app, ["tuners"])
     assert result.exit_code == 0
-    for name in TUNER_CONFIGS:
+    for name in TUNERS:
         assert name in result.output
 
 
@@ -60,7 +61,7 @@ def test_python_dash_m_and_a_torch_free_parent() -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from petlbench.cli import app\n"
+        "from petlbench.cli.app import app\n"
         f"r = CliRunner().invoke(app, ['validate', {SMOKE!r}])\n"
         "assert r.exit_code == 0, r.output\n"
         "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"

@@ -19,14 +19,15 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from petlbench.cli import app
-from petlbench.data import FileSource, load_data
-from petlbench.datafiles import index_data
-from petlbench.dataspec import DATA_ROOT_ENV, ImageFolderData, VtabData
+from petlbench.cli.app import app
+from petlbench.data.files import index_data
+from petlbench.data.loaders import FileSource, load_data
+from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData
 from petlbench.errors import DataError
 from petlbench.results import load_results, write_result
-from petlbench.suite import expand, parse_suite
-from petlbench.tuners import TUNER_CONFIGS
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.tuners import TUNERS
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE
 from tests.datagen import make_data_root, make_imagefolder, make_vtab_task, write_png
@@ -296,10 +297,10 @@ def test_every_tuner_trains_on_vtab_and_imagefolder(data_root: Path, tmp_path: P
         "optimizer": {"lr": 1e-2},
         "measure": {"warmup_steps": 2, "steps": 1, "breakdown": False, "inference": False, "cpu_threads": 1},
         "train": {"epochs": 2, "eval_every": 1},
-        "tuners": [{"tuner": name} for name in sorted(TUNER_CONFIGS)],
+        "tuners": [{"tuner": name} for name in sorted(TUNERS)],
     }
     runs = expand(parse_suite(raw), "cpu", data_root=str(data_root))
-    assert len(runs) == 3 * len(TUNER_CONFIGS)
+    assert len(runs) == 3 * len(TUNERS)
     for spec in runs:
         result = execute(spec)
         assert result.status == "ok", (spec.label(), result.error)

@@ -15,7 +15,9 @@ from petlbench.executors import RunFinished, RunStarted, local
 from petlbench.executors.devices import DevicePool, gpu_env, resolve_jobs, thread_env, threads_per_run
 from petlbench.executors.local import LocalExecutor
 from petlbench.results import RunResult, failed_result
-from petlbench.suite import RunSpec, expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import RunSpec
 from tests.conftest import TINY_BACKBONE
 
 UUIDS = ["GPU-8f3c2a1e-0000-4d6b-9a7e-1c2d3e4f5a6b", "GPU-11111111-2222-3333-4444-555555555555"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from petlbench.estimate import estimate_memory
-from petlbench.suite import expand, parse_suite
-from petlbench.tuners.registry import TUNERS
+from petlbench.estimate.engine import estimate_memory
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.tuners import TUNERS
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
-from petlbench.estimate import estimate_memory
+from petlbench.cli.app import app
+from petlbench.estimate.engine import estimate_memory
 from petlbench.results import estimate_dir, load_results, suite_dir
-from petlbench.suite import expand, load_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -145,7 +146,7 @@ def test_estimate_leaves_torch_out_of_the_parent(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from petlbench.cli import app\n"
+        "from petlbench.cli.app import app\n"
         f"r = CliRunner().invoke(app, ['estimate', {str(suite)!r}, '--results-dir', {str(tmp_path / 'r')!r}])\n"
         "assert r.exit_code == 0, r.output\n"
         "assert 'FITS' not in r.output and '1 run estimated' in r.output, r.output\n"

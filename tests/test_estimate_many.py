@@ -1,5 +1,5 @@
 """Estimating many runs in one process: reused fake models, batch sizes replayed from two traces, the CUDA deltas,
-and the `python -m petlbench.estimate` subprocess the CLI uses."""
+and the `python -m petlbench.estimate.engine` subprocess the CLI uses."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 
-from petlbench.estimate import Estimator, estimate_many, estimate_memory
+from petlbench.estimate.client import SearchRequest, estimate_caveats, run_estimates
+from petlbench.estimate.engine import Estimator, estimate_many, estimate_memory
 from petlbench.measure.timeline import ALLOC, FREE, Timeline, at_batch, replay
-from petlbench.prediction import SearchRequest, estimate_caveats, run_estimates
 from petlbench.results import Metrics
-from petlbench.suite import RunSpec, expand, parse_suite
-from petlbench.tuners import TUNER_CONFIGS
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import RunSpec
+from petlbench.tuners import TUNERS
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE
 
@@ -25,14 +27,14 @@ def suite(**overrides: Any) -> dict[str, Any]:
         "backbone": TINY_BACKBONE.model_dump(),
         "batch_size": [4, 12],
         "measure": {"warmup_steps": 2, "steps": 1},
-        "tuners": [{"tuner": name} for name in sorted(TUNER_CONFIGS)],
+        "tuners": [{"tuner": name} for name in sorted(TUNERS)],
         **overrides,
     }
 
 
 NO_DROPOUT = [
-    {"tuner": n, "params": {"dropout": 0.0}} if "dropout" in TUNER_CONFIGS[n].model_fields else {"tuner": n}
-    for n in sorted(TUNER_CONFIGS)
+    {"tuner": n, "params": {"dropout": 0.0}} if "dropout" in TUNERS[n].model_fields else {"tuner": n}
+    for n in sorted(TUNERS)
 ]
 
 

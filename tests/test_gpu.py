@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from petlbench.results import RunResult
-from petlbench.suite import expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
 from petlbench.worker import execute
 
 pytestmark = pytest.mark.gpu

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from petlbench import calibration
-from petlbench.prediction import Estimate, estimate_result
+from petlbench.estimate import calibration
+from petlbench.estimate.client import Estimate, estimate_result
 from petlbench.results import Metrics, RunResult, now_iso, write_result
-from petlbench.suite import expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
 from tests.conftest import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]

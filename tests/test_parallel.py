@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.executors.devices import threads_per_run
 from petlbench.results import load_results
 

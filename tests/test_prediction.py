@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import petlbench.prediction as prediction
+import petlbench.estimate.client as prediction
 from petlbench.errors import ConfigError
-from petlbench.fmt import parse_bytes
-from petlbench.prediction import (
+from petlbench.estimate.client import (
     Estimate,
     estimate_device,
     estimate_result,
@@ -18,8 +17,11 @@ from petlbench.prediction import (
     processes_for,
     split_predicted_oom,
 )
+from petlbench.fmt import parse_bytes
 from petlbench.results import Metrics, RunResult, load_results, now_iso, write_result
-from petlbench.suite import RunSpec, expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import RunSpec
 from tests.conftest import TINY_BACKBONE
 
 

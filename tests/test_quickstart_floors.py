@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 from petlbench.budget import check_files
-from petlbench.cli import builtin_quickstart
+from petlbench.cli.app import builtin_quickstart
 from petlbench.results import Metrics, RunResult
-from petlbench.suite import expand, load_suite
-from petlbench.tuners import TUNER_CONFIGS
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.tuners import TUNERS
 from tests.report_rows import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ def selects(select: dict[str, Any], row: dict[str, Any]) -> bool:
 
 def test_quickstart_has_every_tuner_at_batch_32_and_64() -> None:
     runs = expand(load_suite(builtin_quickstart()), "cpu")
-    assert {r.tuner for r in runs} == set(TUNER_CONFIGS)
-    for tuner in TUNER_CONFIGS:
+    assert {r.tuner for r in runs} == set(TUNERS)
+    for tuner in TUNERS:
         assert {r.batch_size for r in runs if r.tuner == tuner} == {32, 64}, tuner
     assert sorted({r.knob for r in runs if r.tuner == "lora"}) == [4.0, 8.0]
     assert all(r.data.name == "digits" and r.backbone.img_size == 32 and r.backbone.weights == "random" for r in runs)
@@ -62,7 +63,7 @@ def quickstart_rows(acc: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def test_check_passes_quickstart_results_above_the_floors_and_fails_one_below(tmp_path: Path) -> None:
-    good = dict.fromkeys(TUNER_CONFIGS, 0.45) | {"full": 0.91}
+    good = dict.fromkeys(TUNERS, 0.45) | {"full": 0.91}
     write(quickstart_rows(good), tmp_path / "good")
     outcome = check_files([tmp_path / "good"], FLOORS)
     assert outcome.checks and not outcome.failed and not outcome.uncovered

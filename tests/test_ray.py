@@ -16,12 +16,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.executors import RunStarted
 from petlbench.executors.local import log_path
 from petlbench.executors.ray import RayExecutor, forwarded_env
 from petlbench.results import load_results
-from petlbench.suite import RunSpec, expand, load_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import RunSpec
 from petlbench.sweep import plan
 from tests.test_parallel import SAME, SMOKE, plugin_env, workers_with, write_suite
 

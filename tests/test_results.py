@@ -9,7 +9,9 @@ import pytest
 
 from petlbench.errors import ResultsError
 from petlbench.results import Metrics, RunResult, load_results, stored_statuses, write_result
-from petlbench.suite import SCHEMA_VERSION, expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import SCHEMA_VERSION
 
 SUITE = {
     "name": "unit",

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 
 from petlbench.errors import ConfigError, DeviceError
-from petlbench.suite import RunSpec, expand, load_suite, resolve_device
-from petlbench.tuners import TUNER_CONFIGS
+from petlbench.executors.devices import resolve_device
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import RunSpec
+from petlbench.tuners import TUNERS
 
 BASE = """\
 name: t
@@ -106,7 +109,7 @@ def test_malformed_suites_fail_with_one_line_naming_file_and_field(tmp_path: Pat
 def test_unknown_tuner_lists_the_valid_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_suite(write(tmp_path, BASE + "tuners: [{tuner: nope}]\n"))
-    assert str(info.value).endswith("valid: " + ", ".join(sorted(TUNER_CONFIGS)))
+    assert str(info.value).endswith("valid: " + ", ".join(sorted(TUNERS)))
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:

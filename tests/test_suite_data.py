@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
+from petlbench.cli.app import app
+from petlbench.data.vtab_tasks import VTAB_TASKS
 from petlbench.errors import ConfigError
-from petlbench.suite import RunSpec, expand, load_suite, parse_suite
-from petlbench.vtab import VTAB_TASKS
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite, parse_suite
+from petlbench.spec.models import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY_VTAB = ROOT / "suites" / "accuracy-vtab.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.results import load_results
 from tests.test_parallel import workers_with
 

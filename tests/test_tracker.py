@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from petlbench.measure.memory import tracked_train_step
+from petlbench.measure.step import TrainStep, make_optimizer
 from petlbench.measure.tracker import TensorTracker, attention_kernel
-from petlbench.step import TrainStep, make_optimizer
-from petlbench.suite import OptimizerSpec
+from petlbench.spec.models import OptimizerSpec
+from petlbench.tuners import make_tuner
 from petlbench.tuners.base import build_tuned_model
-from petlbench.tuners.registry import make_tuner
 from tests.conftest import TinyVitFactory
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from petlbench.suite import expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
 from petlbench.worker import execute
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from petlbench.estimate import estimate_memory
+from petlbench.estimate.engine import estimate_memory
 from petlbench.results import Metrics
-from petlbench.suite import expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from petlbench.data.vtab_tasks import GROUPS, VTAB_TASKS, flat_mean, group_mean
 from petlbench.report.vtab import vtab_table
-from petlbench.vtab import GROUPS, VTAB_TASKS, flat_mean, group_mean
 
 # METHODS.md §7.2 (V-PETL Bench README), per task in §0.4 order
 PUBLISHED = {

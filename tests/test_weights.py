@@ -16,9 +16,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from petlbench.backbone import build_backbone, file_sha256, prepare_hub_access, weights_identity
-from petlbench.cli import app
+from petlbench.cli.app import app
 from petlbench.errors import ConfigError
-from petlbench.suite import BackboneSpec, expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import BackboneSpec
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE
 
@@ -198,7 +200,7 @@ def test_offline_hub_tag_stops_the_suite_before_any_run(
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr("petlbench.hub.hub_reachable", lambda timeout_s=2.0: False)
+        monkeypatch.setattr("petlbench.data.hub.hub_reachable", lambda timeout_s=2.0: False)
     suite = hub_suite(tmp_path / "hub.yaml", "vit_base_patch16_224.augreg2_in21k_ft_in1k")
     for command in (["validate", str(suite)], ["run", str(suite), "--results-dir", str(tmp_path / "results")]):
         start = time.perf_counter()
@@ -227,7 +229,7 @@ def test_a_cached_hub_tag_passes_the_preflight(
 
 
 def test_the_hub_probe_follows_hf_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    from petlbench.hub import hub_address
+    from petlbench.data.hub import hub_address
 
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     assert hub_address() == ("huggingface.co", 443)

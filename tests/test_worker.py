@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from petlbench.backbone import build_backbone
-from petlbench.suite import RunSpec, expand, parse_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import RunSpec
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE
 

@@ -5,44 +5,21 @@
 
 Another engine (SLURM through submitit, say) is one more file with a class that has `execute` — submit each spec,
 yield a RunStarted when submitted and a RunFinished per result, kill what is outstanding when interrupted — and one
-more branch in `make_executor`. Executors never write results: `sweep.execute` does, on the driver, as they arrive.
+more branch in `make_executor`. Executors never write results: `sweep.execute` does, on the driver, as they
+arrive. The events and the protocol live in `base.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, TypeAlias
 
 from petlbench.errors import ConfigError
-from petlbench.results import RunResult
-from petlbench.suite import Device, RunSpec
+from petlbench.executors.base import Executor, RunEvent, RunFinished, RunStarted
+from petlbench.spec.models import Device
 
-
-@dataclass(frozen=True)
-class RunStarted:
-    spec: RunSpec
-
-
-@dataclass(frozen=True)
-class RunFinished:
-    result: RunResult
-
-
-RunEvent: TypeAlias = RunStarted | RunFinished
-
-
-class Executor(Protocol):
-    """Runs specs, yielding a RunStarted and exactly one RunFinished per spec (in any order across specs).
-
-    RunStarted means started, or submitted where the engine queues runs itself (Ray). A failure of one run is a
-    RunFinished with status oom/error/timeout, never an exception, and never stops the other runs. A
-    KeyboardInterrupt, or the caller closing the iterator, must stop every run the executor started before it
-    propagates; a run stopped that way yields no RunFinished (so it is not stored, and a rerun does it).
-    """
-
-    def execute(self, specs: Sequence[RunSpec]) -> Iterator[RunEvent]: ...
+__all__ = ["Executor", "ExecutorKind", "RunEvent", "RunFinished", "RunStarted", "make_executor"]
 
 
 ExecutorKind: TypeAlias = Literal["local", "ray"]
@@ -66,7 +43,7 @@ def make_executor(
             raise ConfigError("--address: only used with --executor ray")
         from petlbench.executors.devices import resolve_jobs
         from petlbench.executors.local import LocalExecutor
-        from petlbench.gpus import visible_gpus
+        from petlbench.measure.nvml import visible_gpus
 
         gpus = visible_gpus() if gpus is None else list(gpus)
         return LocalExecutor(results_dir, jobs=resolve_jobs(device, jobs, gpus), gpus=gpus if device == "cuda" else ())

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from petlbench.errors import ConfigError
-from petlbench.suite import Device
+from petlbench.errors import ConfigError, DeviceError
+from petlbench.spec.models import Device
 
 
 class DevicePool:
@@ -119,3 +119,19 @@ def resolve_jobs(device: Device, jobs: int | None, gpus: Sequence[str]) -> int:
             f"runs two measured runs at once, so use --jobs 1..{len(gpus)}"
         )
     return jobs
+
+
+def resolve_device(requested: str, gpus: Sequence[str]) -> Device:
+    """'auto' → cuda when a GPU is visible, else cpu; 'cuda' without a GPU is a DeviceError."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        if not gpus:
+            raise DeviceError(
+                "device cuda: no NVIDIA GPU is visible (NVML found none, or CUDA_VISIBLE_DEVICES hides them); "
+                "use --device cpu"
+            )
+        return "cuda"
+    if requested == "auto":
+        return "cuda" if gpus else "cpu"
+    raise DeviceError(f"device {requested!r}: expected auto, cpu or cuda")

@@ -26,10 +26,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from petlbench.errors import ConfigError
-from petlbench.executors import RunEvent, RunFinished, RunStarted
+from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.results import RunResult, failed_result, suite_dir
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000

@@ -26,11 +26,11 @@ from types import ModuleType
 from typing import Any, Final
 
 from petlbench.errors import ConfigError, DeviceError
-from petlbench.executors import RunEvent, RunFinished, RunStarted
+from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import thread_env
 from petlbench.executors.local import log_path, run_on_node
 from petlbench.results import RunResult, failed_result
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from petlbench.data import ImageSource
+from petlbench.data.loaders import ImageSource
 from petlbench.errors import DataError
-from petlbench.step import TrainStep, autocast, make_optimizer
-from petlbench.suite import Precision, RunSpec, TrainSpec
+from petlbench.measure.step import TrainStep, autocast, make_optimizer
+from petlbench.spec.models import Precision, RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from petlbench.measure.step import TrainStep
 from petlbench.measure.tracker import TensorTracker, TrackedPeak
 from petlbench.results import Metrics
-from petlbench.step import TrainStep
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from petlbench.errors import ConfigError
 from petlbench.fmt import fmt_bytes, fmt_params, fmt_pct, fmt_rate
 from petlbench.report.frame import Group, points, split_groups, variant_order
 from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
-from petlbench.rows import first_line, load_rows, missing
+from petlbench.results import first_line, load_rows, missing
 
 if TYPE_CHECKING:
     import pandas as pd

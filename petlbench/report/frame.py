@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from petlbench.rows import first_line, missing
+from petlbench.results import first_line, missing
 
 if TYPE_CHECKING:
     import pandas as pd

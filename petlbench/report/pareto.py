@@ -34,7 +34,7 @@ from petlbench.report.style import (
     place_labels,
     style_axis,
 )
-from petlbench.rows import knob_text
+from petlbench.results import knob_text
 
 if TYPE_CHECKING:
     import pandas as pd

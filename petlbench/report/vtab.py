@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
+from petlbench.data.vtab_tasks import GROUPS, TASKS_BY_NAME, VTAB_TASKS, Group, flat_mean, group_mean, group_means
 from petlbench.report.tables import Block, Bullets, Heading, Table, to_markdown
-from petlbench.vtab import GROUPS, TASKS_BY_NAME, VTAB_TASKS, Group, flat_mean, group_mean, group_means
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""The tuner interface and the one function that builds a tuned model.
+"""The tuner interface and the one function that builds a tuned model. Torch-free to import.
+
+A tuner *is* its validated knobs: a frozen pydantic model (so the parent process validates suites without
+importing torch) whose `attach` imports the torch side only when it runs. Tuners that need layers of their own
+keep them in a `layers.py` beside their config (`tuners/lora/`); tuners that need none are one file (`bitfit.py`).
 
 Rules for implementers:
 - Wrap, never rebind: replace a submodule with a wrapper that holds the original (`blocks[i].attn.qkv =
@@ -7,47 +11,48 @@ Rules for implementers:
 - Every parameter a tuner creates trains; existing parameters train only if `trainable_backbone_parameters`
   returns them (the head by default). `requires_grad`, the optimizer, data and device belong to the caller.
 - Custom attention honours `attn.fused_attn` so every tuner runs under the same kernel.
+- Declare what the estimator and the tests need to know as class attributes: `adds_parameters`, `mergeable`,
+  `identity_at_init`, and the dropout rates the tuner's own layers apply (`dropout_rates`).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from petlbench.errors import TunerError
-from petlbench.tuners import TunerConfig
+from petlbench.spec.base import StrictModel
 
-C = TypeVar("C", bound=TunerConfig)
-
-
-class MergeableLayer(nn.Module, ABC):
-    """A wrapper whose increment can be folded into the weights of the layer it wraps, and taken out again."""
-
-    @abstractmethod
-    def merge(self) -> None: ...
-
-    @abstractmethod
-    def unmerge(self) -> None: ...
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
-class Tuner(ABC, Generic[C]):
-    """A parameter-efficient (or full) tuning method applied to a timm VisionTransformer."""
+class Tuner(StrictModel):
+    """A parameter-efficient (or full) tuning method applied to a timm VisionTransformer, with its knobs."""
 
-    config_cls: ClassVar[type[TunerConfig]]
+    name: ClassVar[str]  # registry key, as suites write it
+    knob: ClassVar[str | None] = None  # the headline knob shown in the unified `knob` column
+    summary: ClassVar[str] = ""
+    adds_parameters: ClassVar[bool] = True  # creates parameters of its own (full, linear, BitFit do not)
     mergeable: ClassVar[bool] = False  # can fold its increments into the backbone weights
     identity_at_init: ClassVar[bool] = False  # output equals the untouched backbone's at step 0
 
-    def __init__(self, config: C) -> None:
-        self.config = config
+    def method(self) -> str:
+        """The method's name in tables and plots: the tuner, plus a variant that changes the method (vpt-deep)."""
+        return self.name
 
-    @property
-    def name(self) -> str:
-        return self.config_cls.name
+    def knob_value(self) -> float | None:
+        """Value of the headline knob, or None for tuners without one (full, linear)."""
+        if self.knob is None:
+            return None
+        return float(getattr(self, self.knob))
+
+    def dropout_rates(self) -> tuple[float, ...]:
+        """Dropout probabilities of the layers this tuner adds (the estimator maps CPU masks to CUDA's)."""
+        return ()
 
     @abstractmethod
     def attach(self, model: nn.Module) -> nn.Module:
@@ -55,11 +60,9 @@ class Tuner(ABC, Generic[C]):
 
     def trainable_backbone_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         """Existing backbone parameters that train besides the tuner's own: the classifier head by default."""
-        get_classifier = getattr(model, "get_classifier", None)
-        head = get_classifier() if callable(get_classifier) else None
-        if not isinstance(head, nn.Module):
-            raise TunerError(f"{self.name}: backbone has no classifier module to train")
-        return head.parameters()
+        from petlbench.tuners.layers import classifier
+
+        return classifier(model, self.name).parameters()
 
     def merge(self, root: nn.Module) -> None:
         """Fold the tuner's increments into the backbone weights (mergeable tuners only)."""
@@ -72,9 +75,15 @@ class Tuner(ABC, Generic[C]):
             layer.unmerge()
 
     def _mergeable_layers(self, root: nn.Module) -> list[MergeableLayer]:
+        from petlbench.tuners.layers import MergeableLayer
+
         if not self.mergeable:
             raise TunerError(f"{self.name} is not mergeable")
         return [m for m in root.modules() if isinstance(m, MergeableLayer)]
+
+
+if TYPE_CHECKING:
+    from petlbench.tuners.layers import MergeableLayer
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ class TunedModel:
 
     module: nn.Module  # what to call and train
     backbone: nn.Module  # the timm model inside it
-    tuner: Tuner[TunerConfig]
+    tuner: Tuner
     params_total: int
     params_trainable: int
     params_added: int
@@ -94,7 +103,7 @@ class TunedModel:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-def build_tuned_model(backbone: nn.Module, tuner: Tuner[TunerConfig]) -> TunedModel:
+def build_tuned_model(backbone: nn.Module, tuner: Tuner) -> TunedModel:
     """Attach `tuner` to `backbone`, freeze everything but the tuner's parameters (+ head), check invariants.
 
     Freezing is structural: parameters that did not exist before `attach` are the tuner's; nothing is chosen
@@ -114,6 +123,9 @@ def build_tuned_model(backbone: nn.Module, tuner: Tuner[TunerConfig]) -> TunedMo
         raise TunerError(f"{tuner.name}: modules with an instance-level forward (monkey-patched): {patched[:3]}")
 
     added = [p for p in params if id(p) not in original_ids]
+    if tuner.adds_parameters != bool(added):
+        says = "adds parameters" if tuner.adds_parameters else "adds no parameter"
+        raise TunerError(f"{tuner.name}: declares that it {says}, but attach() created {len(added)}")
     extra = list(tuner.trainable_backbone_parameters(backbone))
     foreign = [p for p in extra if id(p) not in original_ids]
     if foreign:
@@ -139,11 +151,3 @@ def build_tuned_model(backbone: nn.Module, tuner: Tuner[TunerConfig]) -> TunedMo
         weights_frozen_bytes=nbytes(frozen) + nbytes(root.buffers()),
         weights_trainable_bytes=nbytes(trainable),
     )
-
-
-def vit_blocks(model: nn.Module, tuner: str) -> nn.Sequential | nn.ModuleList:
-    """The transformer blocks of a timm ViT-like model, or a TunerError naming what is missing."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
-        raise TunerError(f"{tuner}: backbone {type(model).__name__} has no `blocks`; expected a timm ViT")
-    return blocks

@@ -1,19 +1,22 @@
-"""Full fine-tuning: the baseline every PETL method is measured against (METHODS.md §3)."""
+"""Full fine-tuning: the baseline every PETL method is measured against (docs/methods.md, "Full fine-tuning")."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from petlbench.tuners import FullConfig
 from petlbench.tuners.base import Tuner
 
+if TYPE_CHECKING:
+    from torch import nn
 
-class Full(Tuner[FullConfig]):
+
+class Full(Tuner):
     """Every backbone parameter and the new head train; nothing is added."""
 
-    config_cls = FullConfig
+    name = "full"
+    summary = "Full fine-tuning: every backbone parameter and the new head train."
+    adds_parameters = False
 
     def attach(self, model: nn.Module) -> nn.Module:
         return model

@@ -12,10 +12,10 @@ from torch import nn
 
 from petlbench.backbone import build_backbone
 from petlbench.errors import TunerError
-from petlbench.suite import BackboneSpec
+from petlbench.spec.models import BackboneSpec
+from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
-from petlbench.tuners.fact import FactFactors, FactLinear
-from petlbench.tuners.registry import make_tuner
+from petlbench.tuners.fact.layers import FactFactors, FactLinear
 from tests.conftest import TINY_BACKBONE, TinyVitFactory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -305,4 +305,4 @@ def test_config_bounds() -> None:
     for bad in ({"rank": 0}, {"scale": 0.0}, {"dropout": 1.0}, {"variant": "cp"}, {"alpha": 2}):
         with pytest.raises(ValidationError):
             make_tuner("fact", bad)
-    assert make_tuner("fact", {"rank": 16}).config.knob_value() == 16.0
+    assert make_tuner("fact", {"rank": 16}).knob_value() == 16.0

@@ -15,12 +15,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from petlbench.backbone import build_backbone
 from petlbench.errors import TunerError
 from petlbench.measure.memory import tracked_train_step
-from petlbench.step import TrainStep, make_optimizer
-from petlbench.suite import BackboneSpec, OptimizerSpec
-from petlbench.tuners import SqtConfig
+from petlbench.measure.step import TrainStep, make_optimizer
+from petlbench.spec.models import BackboneSpec, OptimizerSpec
+from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
-from petlbench.tuners.registry import make_tuner
-from petlbench.tuners.sqt import (
+from petlbench.tuners.sqt import Sqt
+from petlbench.tuners.sqt.model import (
     Adapter,
     InstanceAwareHead,
     QuerySynthesis,
@@ -202,7 +202,7 @@ def test_instance_head_is_a_weighted_mean_with_anchor_weight_one(tiny_vit: TinyV
 
 
 def test_head_drop_path_drops_whole_tokens_but_never_the_anchor() -> None:
-    cfg = SqtConfig(head_drop_path=0.5, dropout=0.0)
+    cfg = Sqt(head_drop_path=0.5, dropout=0.0)
     factory: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32}
     head = InstanceAwareHead(16, 7, cfg, nn.Identity(), factory).train()
     captured: list[torch.Tensor] = []
@@ -219,7 +219,7 @@ def test_head_drop_path_drops_whole_tokens_but_never_the_anchor() -> None:
 
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_query_synthesis_follows_the_official_formula(fused_attn: bool) -> None:
-    cfg = SqtConfig(attn_scale=0.3, ffn_scale=0.7)
+    cfg = Sqt(attn_scale=0.3, ffn_scale=0.7)
     factory: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32}
     torch.manual_seed(0)
     qsm = QuerySynthesis(32, cfg, fused_attn, factory).eval()
@@ -383,7 +383,7 @@ def test_sqt_activations_on_vit_b_are_a_quarter_of_loras() -> None:
 @pytest.mark.parametrize("bad", [{"num_queries": 0}, {"rank": 0}, {"dropout": 1.0}, {"head_drop_path": -0.1}, {"x": 1}])
 def test_config_rejects_bad_knobs(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        SqtConfig.model_validate(bad)
+        Sqt.model_validate(bad)
 
 
 def test_rejects_a_backbone_without_timm_blocks(tiny_vit: TinyVitFactory) -> None:

@@ -15,11 +15,11 @@ from torch import nn
 
 from petlbench.backbone import build_backbone
 from petlbench.errors import TunerError
-from petlbench.suite import BackboneSpec
-from petlbench.tuners import VptConfig
+from petlbench.spec.models import BackboneSpec
+from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
-from petlbench.tuners.registry import make_tuner
-from petlbench.tuners.vpt import VptDeepBlock, VptInsert, VptStrip, prompt_init_bound
+from petlbench.tuners.vpt import Vpt
+from petlbench.tuners.vpt.layers import VptDeepBlock, VptInsert, VptStrip, prompt_init_bound
 from tests.conftest import TINY_BACKBONE, TINY_CLASSES
 
 P = 5  # prompt length for the tiny model: distinct from its 1 prefix token, 16 patches, 64 channels, 3 blocks
@@ -304,12 +304,12 @@ def test_prompts_are_uniform_within_the_patch_fan_bound(in_chans: int, fan_in: i
 
 
 def test_config_defaults_and_bounds() -> None:
-    cfg = VptConfig()
+    cfg = Vpt()
     assert (cfg.prompt_len, cfg.deep, cfg.dropout) == (50, True, 0.0)
     assert cfg.knob_value() == 50.0
     for bad in ({"prompt_len": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"prompt_length": 5}):
         with pytest.raises(ValidationError):
-            VptConfig.model_validate(bad)
+            Vpt.model_validate(bad)
 
 
 def test_attaching_twice_is_refused() -> None:

@@ -1,8 +1,4 @@
-"""LoRA on the q and v projections of timm's fused qkv (METHODS.md §4).
-
-For a frozen W0 the layer computes `W0 x + (alpha/r)·B A x` with A (r×in) Kaiming-uniform and B (out×r) zero,
-so the tuned model equals the backbone at step 0. timm fuses q, k, v into one Linear whose output rows are
-[q | k | v]; each targeted third gets its own A/B pair, and k is left alone by default.
+"""LoRA's layer: a wrapper around timm's fused qkv Linear that adds low-rank deltas to chosen thirds of its output.
 
 The deltas are added in place into the slices of the frozen qkv output: this keeps no extra activation beyond
 what LoRA itself needs (the qkv input for A, and A's output for B), so the memory we report is LoRA's, not an
@@ -17,8 +13,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners import LoraConfig
-from petlbench.tuners.base import MergeableLayer, Tuner, vit_blocks
+from petlbench.tuners.layers import MergeableLayer, wrap_block_linears
 
 _PARTS = ("q", "k", "v")
 
@@ -88,25 +83,13 @@ class LoraQkv(MergeableLayer):
         self.merged = False
 
 
-class Lora(Tuner[LoraConfig]):
-    """LoRA on every block's attention (q and v by default)."""
+def attach_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], dropout: float) -> None:
+    """Wrap every block's `attn.qkv` in a LoraQkv."""
 
-    config_cls = LoraConfig
-    mergeable = True
-    identity_at_init = True
+    def wrap(index: int, path: str, qkv: nn.Linear) -> nn.Module:
+        limit = min(qkv.in_features, qkv.out_features // 3)
+        if rank > limit:
+            raise TunerError(f"lora: tuner.rank {rank} exceeds the qkv width {limit}; choose rank ≤ {limit}")
+        return LoraQkv(qkv, rank, alpha, targets, dropout)
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
-        for i, block in enumerate(vit_blocks(model, self.name)):
-            attn = getattr(block, "attn", None)
-            qkv = getattr(attn, "qkv", None)
-            if attn is None or not isinstance(qkv, nn.Linear):
-                raise TunerError(
-                    f"lora: blocks[{i}].attn.qkv is {type(qkv).__name__}, expected timm's fused qkv nn.Linear"
-                )
-            limit = min(qkv.in_features, qkv.out_features // 3)
-            if cfg.rank > limit:
-                raise TunerError(f"lora: tuner.rank {cfg.rank} exceeds the qkv width {limit}; choose rank ≤ {limit}")
-            attn.qkv = LoraQkv(qkv, cfg.rank, alpha, cfg.targets, cfg.dropout)
-        return model
+    wrap_block_linears(model, ["attn.qkv"], wrap, "lora")

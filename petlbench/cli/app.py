@@ -7,37 +7,29 @@ Exit codes: 0 ok, 1 findings (failed runs with --strict, budgets exceeded), 2 us
 from __future__ import annotations
 
 import importlib.resources
-import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from petlbench import cli_memory
-from petlbench.dataspec import DATA_ROOT_ENV, resolve_data_root
+from petlbench.cli import estimate as estimate_cmd
+from petlbench.cli.console import err, error_line, fail, out, progress_bar
+from petlbench.cli.tables import check_table, result_line, runs_table, summary_table, tuners_table
+from petlbench.data.preflight import DataCheck, check_data_root, preflight
+from petlbench.data.specs import DATA_ROOT_ENV, resolve_data_root
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, is_config_error
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
-from petlbench.gpus import visible_gpus
-from petlbench.preflight import DataCheck, check_data_root, preflight
-from petlbench.render import check_table, result_line, runs_table, summary_table, tuners_table
+from petlbench.executors.devices import resolve_device
+from petlbench.measure.nvml import visible_gpus
 from petlbench.report import Plot
 from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
-from petlbench.suite import Device, RunSpec, Suite, expand, load_suite, resolve_device
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import Device, RunSpec, Suite
 from petlbench.sweep import execute, plan
-from petlbench.tuners import tuner_configs
+from petlbench.tuners import available_tuners
 
 app = typer.Typer(
     name="petlbench",
@@ -49,16 +41,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-
-def _console(stderr: bool = False) -> Console:
-    """Rich console; soft_wrap keeps every message on one line, and logs/pipes get room for the tables."""
-    probe = Console(stderr=stderr)
-    width = None if probe.is_terminal or os.environ.get("COLUMNS") else 160
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
-
-
-out = _console()
-err = _console(stderr=True)
 
 ResultsDir = Annotated[Path, typer.Option("--results-dir", help="where results/<suite>/*.parquet live")]
 DeviceOpt = Annotated[
@@ -81,13 +63,6 @@ PreflightOpt = Annotated[
         "local checkpoints, and offline hub tags against the cache",
     ),
 ]
-
-
-def _fail(exc: PetlbenchError) -> NoReturn:
-    out.file.flush()  # what was printed before the error comes before it in a combined log
-    for line in str(exc).splitlines():
-        err.print(Text.assemble(("error: ", "bold red"), line))
-    raise typer.Exit(exc.exit_code)
 
 
 def builtin_quickstart() -> Path:
@@ -160,8 +135,8 @@ def run(
     ] = None,
     data_root: DataRootOpt = None,
     preflight_checks: PreflightOpt = True,
-    skip_predicted_oom: Annotated[bool, cli_memory.SKIP_OPTION] = False,
-    memory_limit: Annotated[str | None, cli_memory.LIMIT_OPTION] = None,
+    skip_predicted_oom: Annotated[bool, estimate_cmd.SKIP_OPTION] = False,
+    memory_limit: Annotated[str | None, estimate_cmd.LIMIT_OPTION] = None,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
@@ -175,7 +150,7 @@ def run(
         suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks, local_gpus=executor == "local")
         runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
         if suite_obj.auto_batch_size:
-            cli_memory.run_auto_batch_command(
+            estimate_cmd.run_auto_batch_command(
                 suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, runner, out, err
             )
             return
@@ -183,7 +158,7 @@ def run(
             raise ConfigError("--memory-limit: only used with --skip-predicted-oom or a suite with batch_size: auto")
         todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     where = suite_dir(results_dir, suite_obj.name)
     device_name = runs[0].device if runs else "-"
     out.print(
@@ -204,22 +179,12 @@ def run(
     specs = todo.todo
     if skip_predicted_oom:
         try:
-            specs, skipped = cli_memory.skip_predicted_oom(specs, memory_limit, visible_gpus(), results_dir, out)
+            specs, skipped = estimate_cmd.skip_predicted_oom(specs, memory_limit, visible_gpus(), results_dir, out)
         except PetlbenchError as exc:
-            _fail(exc)
+            fail(exc)
         results.extend(skipped)
     interrupted = False
-    progress = Progress(
-        SpinnerColumn(),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=out,
-        transient=True,
-    )
+    progress = progress_bar(eta=True)
     with ExitStack() as stack:
         stack.enter_context(progress)
         task = progress.add_task("starting", total=len(specs))
@@ -238,7 +203,7 @@ def run(
             interrupted = True
         except PetlbenchError as exc:
             progress.stop()
-            _fail(exc)
+            fail(exc)
 
     if results:
         out.print(summary_table(results, title=f"{suite_obj.name}: {len(results)} runs"))
@@ -276,7 +241,7 @@ def _fail_on_config_errors(results: list[RunResult], where: Path) -> None:
     if not failed:
         return
     for line, count in failed.items():
-        err.print(Text.assemble(("error: ", "bold red"), line + (f" ({count} runs)" if count > 1 else "")))
+        err.print(error_line(line + (f" ({count} runs)" if count > 1 else "")))
     err.print(f"{sum(failed.values())} runs failed on their configuration or data; the other results are in {where}/")
     raise typer.Exit(2)
 
@@ -298,7 +263,7 @@ def validate(
         suite_obj, runs, checks = _load(suite, device, data_root, preflight_checks)
         statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(runs_table(runs, statuses, title=f"{suite_obj.name}: {len(runs)} runs"))
     for check in checks:
         out.print(check.describe())
@@ -306,7 +271,7 @@ def validate(
     out.print(f"{suite}: valid, {len(runs)} runs{data_note}")
 
 
-app.command()(cli_memory.estimate)
+app.command()(estimate_cmd.estimate)
 
 
 @app.command()
@@ -316,9 +281,9 @@ def tuners() -> None:
     Example: petlbench tuners
     """
     try:
-        configs = tuner_configs()
+        configs = available_tuners()
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(tuners_table(configs))
 
 
@@ -353,7 +318,7 @@ def report(
     try:
         summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size)
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())
     out.print(f"{summary.rows} rows ({counts}) in {len(summary.groups)} group(s)")
     if summary.split_by:
@@ -401,7 +366,7 @@ def check(
             return
         outcome = check_files(paths, budgets)
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(check_table(outcome.checks, title=f"{budgets}: {len(outcome.checks)} checks"))
     failed = outcome.failed
     out.print(
@@ -409,7 +374,7 @@ def check(
         + (f"; {len(outcome.uncovered)} rows no budget selects" if outcome.uncovered else "")
     )
     if failed:
-        _fail(BudgetExceeded(outcome.failure_message()))
+        fail(BudgetExceeded(outcome.failure_message()))
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 The search is a small pure function over a "does batch b fit?" callable (`search_max_batch`), so it is tested
 with a stub. `petlbench run` drives it twice per configuration (tuner + knob + precision + ...):
 
-1. over the estimator (`python -m petlbench.estimate` in search mode, fake tensors, seconds): the predicted
+1. over the estimator (`python -m petlbench.estimate.engine` in search mode, fake tensors, seconds): the predicted
    largest batch, which seeds
 2. the real search: every probe is an ordinary RunSpec with a concrete batch size, run in its own worker and
    stored as a row under `results/<suite>/`, so a rerun resumes from the stored rows and reruns nothing. A
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petlbench.errors import PetlbenchError
+from petlbench.estimate.client import Estimate
 from petlbench.executors import Executor, RunFinished
-from petlbench.prediction import Estimate
 from petlbench.results import RunResult, write_result
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 
 
 @dataclass(frozen=True)

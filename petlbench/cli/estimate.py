@@ -1,8 +1,8 @@
 """The memory-planning side of the command line: `petlbench estimate`, `run --skip-predicted-oom`, `batch_size: auto`.
 
-Kept beside cli.py (which registers these) so the commands stay thin: each parses, calls the core
-(petlbench/prediction.py, petlbench/autobatch.py), renders (petlbench/render_estimate.py) and maps errors to exit
-codes. Torch-free: every estimate runs in `python -m petlbench.estimate` subprocesses.
+Kept beside app.py (which registers these) so the commands stay thin: each parses, calls the core
+(petlbench/estimate/client.py, petlbench/estimate/autobatch.py), renders (petlbench/cli/estimate_tables.py)
+and maps errors to exit codes. Torch-free: every estimate runs in `python -m petlbench.estimate.engine` subprocesses.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from petlbench.autobatch import AutoBatchOutcome, run_auto_batch, stored_probes
+from petlbench.cli.console import err, fail, out, progress_bar
+from petlbench.cli.estimate_tables import auto_batch_table, estimate_table, max_batch_table, probe_line
+from petlbench.cli.tables import result_line, runs_table
 from petlbench.errors import PetlbenchError
-from petlbench.executors import Executor
-from petlbench.fmt import fmt_bytes, fmt_knob, fmt_seconds
-from petlbench.gpus import visible_gpus
-from petlbench.prediction import (
+from petlbench.estimate.autobatch import AutoBatchOutcome, run_auto_batch, stored_probes
+from petlbench.estimate.client import (
     Estimate,
     SearchRequest,
     estimate_device,
@@ -32,10 +31,13 @@ from petlbench.prediction import (
     run_estimates,
     split_predicted_oom,
 )
-from petlbench.render import result_line, runs_table
-from petlbench.render_estimate import auto_batch_table, estimate_table, max_batch_table, probe_line
+from petlbench.executors import Executor
+from petlbench.fmt import fmt_bytes, fmt_knob, fmt_seconds
+from petlbench.measure.nvml import visible_gpus
 from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
-from petlbench.suite import RunSpec, Suite, expand, load_suite
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import RunSpec, Suite
 
 SKIP_OPTION: Any = typer.Option(
     "--skip-predicted-oom",
@@ -51,25 +53,10 @@ LIMIT_OPTION: Any = typer.Option(
 DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
-def _fail(exc: PetlbenchError) -> Any:
-    from petlbench.cli import _fail as fail
-
-    fail(exc)
-
-
 def _estimate_with_progress(
     specs: Sequence[RunSpec], console: Console, jobs: int, search: SearchRequest | None = None
 ) -> dict[str, Estimate]:
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("estimating"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bar("estimating", console=console)
     with progress:
         task = progress.add_task("starting (importing torch)", total=len(specs))
 
@@ -118,8 +105,6 @@ def estimate(
 
     Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 80GiB
     """
-    from petlbench.cli import err, out
-
     try:
         suite_obj = load_suite(suite)
         gpus = visible_gpus()
@@ -127,7 +112,7 @@ def estimate(
         runs = expand(suite_obj, resolved)
         limit = memory_limit(device_memory, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size)
     except PetlbenchError as exc:
-        _fail(exc)
+        fail(exc)
     assert runs
     folder = estimate_dir(results_dir, suite_obj.name)
     start = time.monotonic()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from petlbench.dataspec import DATA_ROOT_ENV, ImageFolderData, VtabData, resolve_root, task_key
+from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData, resolve_root, task_key
 from petlbench.errors import DataError
 
 IMAGE_EXTENSIONS: Final = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})

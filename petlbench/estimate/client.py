@@ -1,6 +1,6 @@
 """Predicted memory before anything runs (parent side, torch-free): the estimator subprocess, limits, rows.
 
-The parent never imports torch, so estimates are made by `python -m petlbench.estimate` processes (up to
+The parent never imports torch, so estimates are made by `python -m petlbench.estimate.engine` processes (up to
 `--jobs`, default 2), each serving one model configuration at a time over stdin/stdout and reusing one fake model
 for all of its batch sizes and precisions (imports take seconds; a configuration takes seconds, a run milliseconds
 once its configuration is traced).
@@ -45,9 +45,10 @@ from pydantic import BaseModel, ConfigDict
 
 from petlbench.errors import ConfigError
 from petlbench.fmt import fmt_bytes, parse_bytes
-from petlbench.gpus import gpu_memory_bytes
+from petlbench.measure.nvml import gpu_memory_bytes
 from petlbench.results import EnvValue, Metrics, RunResult, now_iso
-from petlbench.suite import ESTIMATE_SUFFIX, Device, RunSpec
+from petlbench.spec.models import ESTIMATE_SUFFIX, Device, RunSpec
+from petlbench.tuners import make_tuner
 
 ESTIMATE_SOURCE: Final = "estimate"
 MEASURED_SOURCES: Final = frozenset({"cuda_allocator", "cpu_tracker"})
@@ -154,9 +155,9 @@ def fits(peak: int | None, limit: int | None) -> bool | None:
 
 
 def has_dropout(spec: RunSpec) -> bool:
-    """Whether any dropout is on: backbone drop_rate, proj/pos/attention dropout, the tuner's `dropout` knob."""
+    """Whether any dropout is on: backbone drop_rate, proj/pos/attention dropout, the tuner's own layers'."""
     kwargs = spec.backbone.kwargs
-    rates = [spec.backbone.drop_rate, spec.tuner_params.get("dropout")]
+    rates: list[object] = [spec.backbone.drop_rate, *make_tuner(spec.tuner, spec.tuner_params).dropout_rates()]
     rates += [kwargs.get(k) for k in ("proj_drop_rate", "pos_drop_rate", "attn_drop_rate")]
     return any(isinstance(p, int | float) and not isinstance(p, bool) and p > 0 for p in rates)
 
@@ -264,7 +265,7 @@ def run_estimates(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Estimate]:
-    """Estimate every spec in up to `jobs` `python -m petlbench.estimate` processes; run_id → Estimate.
+    """Estimate every spec in up to `jobs` `python -m petlbench.estimate.engine` processes; run_id → Estimate.
 
     Each process serves requests on stdin, one model configuration at a time, and takes the next configuration when
     it is done (configurations differ tenfold in cost, so a static split leaves one process idle). A process that
@@ -287,7 +288,7 @@ def run_estimates(
                 log = Path(tmp) / f"log{i}"
                 with log.open("w") as log_file:
                     proc = subprocess.Popen(
-                        [python, "-m", "petlbench.estimate"],
+                        [python, "-m", "petlbench.estimate.engine"],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=log_file,

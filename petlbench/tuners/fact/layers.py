@@ -1,31 +1,4 @@
-"""FacT, Factor-Tuning (Jie & Deng, AAAI 2023), variants TT and TK (METHODS.md §2).
-
-FacT views the weight increments of every block's linear maps as D×D slices: q, k, v (the thirds of timm's fused
-qkv), o (proj), and the k = hidden/D slices of fc1 (output rows) and of fc2 (input columns). k is 4 for ViT-B and
-is read from the model. Each slice's increment is `s·V·M·U`: U (r×D) and V (D×r) are shared by all slices of all
-blocks, M is an r×r core.
-
-- TT: every slice has its own free core (Kaiming-uniform), so a block trains (4 + 2k)·r² numbers.
-- TK: the cores come from one r×r×r tensor C and a slice-factor matrix P (r × L·(4 + 2k)), both Xavier-uniform:
-  `M_j = Σ_c C[:, :, c]·P[c, j]`. Block b uses the next 4 + 2k columns of P, in the order q, k, v, o, fc1, fc2.
-
-Every wrapped Linear computes `base(x) + V_blocks(dropout(s·K · U_blocks(x)))`: x is cut into D-wide input chunks
-(k for fc2, one otherwise), U maps each chunk to r numbers, the layer's core map K ((out chunks·r) × (in chunks·r))
-mixes them, and V maps each r-wide output chunk to D outputs (3 for qkv, k for fc1, one otherwise). V is zero at
-init, so the tuned model equals the backbone at step 0. The increment is added in place into the frozen Linear's
-output (no concatenation with zero blocks); the scale is folded into the small core, so no full-width tensor is
-made for it in forward or backward.
-
-Merging folds `dW[o-th D rows, i-th D columns] = V·(s·K)[o-th r rows, i-th r columns]·U` into each weight
-(§2.4); biases are untouched.
-
-The TK fc1/fc2 cores follow the official code's reshape order, so official checkpoints map one to one: the k fc1
-(or fc2) slice cores form an r×r×k tensor that is flattened row-major to r×(k·r), and its k column blocks of
-width r are the per-chunk cores. Differences from the official code, none of which change the function: wrappers
-around the four Linears instead of a rebound attention/MLP forward (timm's own fused or plain attention runs
-unchanged), U·x computed once per layer instead of once per q/k/v, and one dropout over the concatenated q|k|v
-codes (the same distribution as three independent masks).
-"""
+"""FacT's layers: the shared factors and the wrapper that adds a factorised increment to a frozen Linear."""
 
 from __future__ import annotations
 
@@ -37,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners import FactConfig
-from petlbench.tuners.base import MergeableLayer, Tuner, vit_blocks
+from petlbench.tuners.layers import MergeableLayer, block_linear, vit_blocks, wrap_block_linears
 
 Variant = Literal["tt", "tk"]
 Role = Literal["qkv", "proj", "fc1", "fc2"]
@@ -188,18 +160,6 @@ class FactLinear(MergeableLayer):
         return text + (f", first_column={self.column}" if self.core is None else "")
 
 
-def _linear(module: nn.Module, path: str, index: int) -> nn.Linear:
-    """The nn.Linear at `blocks[index].<path>`, or a TunerError naming what is there instead."""
-    found: object = module
-    for part in path.split("."):
-        found = getattr(found, part, None)
-    if not isinstance(found, nn.Linear):
-        raise TunerError(
-            f"fact: blocks[{index}].{path} is {type(found).__name__}, expected an nn.Linear (timm ViT block layout)"
-        )
-    return found
-
-
 def _check_shape(layer: nn.Linear, where: str, in_features: int, out_features: int) -> None:
     if (layer.in_features, layer.out_features) != (in_features, out_features):
         raise TunerError(
@@ -208,60 +168,53 @@ def _check_shape(layer: nn.Linear, where: str, in_features: int, out_features: i
         )
 
 
-class Fact(Tuner[FactConfig]):
-    """FacT-TT / FacT-TK on every block's qkv, proj, fc1 and fc2."""
+def attach_fact(model: nn.Module, variant: Variant, rank: int, scale: float, dropout: float) -> None:
+    """Register the shared factors on `model` and wrap every block's qkv, proj, fc1 and fc2."""
+    blocks = vit_blocks(model, "fact")
+    if hasattr(model, ATTACH_NAME):
+        raise TunerError(f"fact: the model already has a `{ATTACH_NAME}` attribute; attach FacT once per model")
 
-    config_cls = FactConfig
-    mergeable = True
-    identity_at_init = True
-
-    def attach(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        blocks = vit_blocks(model, self.name)
-        if hasattr(model, ATTACH_NAME):
-            raise TunerError(f"fact: the model already has a `{ATTACH_NAME}` attribute; attach FacT once per model")
-
-        # validate every block before touching the model, so a failure leaves it as it was
-        first_qkv = _linear(blocks[0], "attn.qkv", 0)
-        dim = getattr(model, "embed_dim", None)
-        dim = dim if isinstance(dim, int) else first_qkv.in_features
-        if cfg.rank > dim:
-            raise TunerError(f"fact: tuner.rank {cfg.rank} exceeds the embedding width {dim}; choose rank ≤ {dim}")
-        layout: list[tuple[nn.Module, int, int]] = []  # (block, k, first column of P)
-        column = 0
-        for i, block in enumerate(blocks):
-            qkv, proj = _linear(block, "attn.qkv", i), _linear(block, "attn.proj", i)
-            fc1, fc2 = _linear(block, "mlp.fc1", i), _linear(block, "mlp.fc2", i)
-            _check_shape(qkv, f"blocks[{i}].attn.qkv", dim, 3 * dim)
-            _check_shape(proj, f"blocks[{i}].attn.proj", dim, dim)
-            if fc1.out_features % dim:
-                raise TunerError(
-                    f"fact: blocks[{i}].mlp.fc1 has {fc1.out_features} outputs, not a multiple of the embedding "
-                    f"width {dim}; FacT cuts the MLP into {dim}-wide slices"
-                )
-            k = fc1.out_features // dim
-            _check_shape(fc1, f"blocks[{i}].mlp.fc1", dim, k * dim)
-            _check_shape(fc2, f"blocks[{i}].mlp.fc2", k * dim, dim)
-            layout.append((block, k, column))
-            column += 4 + 2 * k
-
-        weight = first_qkv.weight
-        factors = FactFactors(dim, cfg.rank, cfg.variant, column, weight.device, weight.dtype)
-        model.add_module(ATTACH_NAME, factors)
-
-        # (path, role, in chunks, out chunks, offset of its first column of P within the block)
-        def plan(k: int) -> tuple[tuple[str, Role, int, int, int], ...]:
-            return (
-                ("attn.qkv", "qkv", 1, 3, 0),
-                ("attn.proj", "proj", 1, 1, 3),
-                ("mlp.fc1", "fc1", 1, k, 4),
-                ("mlp.fc2", "fc2", k, 1, 4 + k),
+    # validate every block before touching the model, so a failure leaves it as it was
+    first_qkv = block_linear(blocks[0], "attn.qkv", 0, "fact")
+    dim = getattr(model, "embed_dim", None)
+    dim = dim if isinstance(dim, int) else first_qkv.in_features
+    if rank > dim:
+        raise TunerError(f"fact: tuner.rank {rank} exceeds the embedding width {dim}; choose rank ≤ {dim}")
+    layout: list[tuple[nn.Module, int, int]] = []  # (block, k, first column of P)
+    column = 0
+    for i, block in enumerate(blocks):
+        qkv, proj = block_linear(block, "attn.qkv", i, "fact"), block_linear(block, "attn.proj", i, "fact")
+        fc1, fc2 = block_linear(block, "mlp.fc1", i, "fact"), block_linear(block, "mlp.fc2", i, "fact")
+        _check_shape(qkv, f"blocks[{i}].attn.qkv", dim, 3 * dim)
+        _check_shape(proj, f"blocks[{i}].attn.proj", dim, dim)
+        if fc1.out_features % dim:
+            raise TunerError(
+                f"fact: blocks[{i}].mlp.fc1 has {fc1.out_features} outputs, not a multiple of the embedding "
+                f"width {dim}; FacT cuts the MLP into {dim}-wide slices"
             )
+        k = fc1.out_features // dim
+        _check_shape(fc1, f"blocks[{i}].mlp.fc1", dim, k * dim)
+        _check_shape(fc2, f"blocks[{i}].mlp.fc2", k * dim, dim)
+        layout.append((block, k, column))
+        column += 4 + 2 * k
 
-        for i, (block, k, col) in enumerate(layout):
-            for path, role, in_chunks, out_chunks, offset in plan(k):
-                parent_path, name = path.split(".")
-                base = _linear(block, path, i)
-                wrapper = FactLinear(base, factors, role, in_chunks, out_chunks, col + offset, cfg.scale, cfg.dropout)
-                block.get_submodule(parent_path).register_module(name, wrapper)
-        return model
+    weight = first_qkv.weight
+    factors = FactFactors(dim, rank, variant, column, weight.device, weight.dtype)
+    model.add_module(ATTACH_NAME, factors)
+
+    # (path, role, in chunks, out chunks, offset of its first column of P within the block)
+    def plan(k: int) -> tuple[tuple[str, Role, int, int, int], ...]:
+        return (
+            ("attn.qkv", "qkv", 1, 3, 0),
+            ("attn.proj", "proj", 1, 1, 3),
+            ("mlp.fc1", "fc1", 1, k, 4),
+            ("mlp.fc2", "fc2", k, 1, 4 + k),
+        )
+
+    def wrap(index: int, path: str, base: nn.Linear) -> nn.Module:
+        _, k, col = layout[index]
+        roles = {p: (role, i_chunks, o_chunks, off) for p, role, i_chunks, o_chunks, off in plan(k)}
+        role, in_chunks, out_chunks, offset = roles[path]
+        return FactLinear(base, factors, role, in_chunks, out_chunks, col + offset, scale, dropout)
+
+    wrap_block_linears(model, [path for path, *_ in plan(1)], wrap, "fact")

@@ -7,8 +7,8 @@ tracker sees exactly the bytes a real CPU run allocates, for any batch size, wit
 tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are estimated on fake
 CPU tensors too, with the deltas listed in petlbench/prediction.py.
 
-Many runs, one process (`python -m petlbench.estimate`, serving JSON requests on stdin, is what the CLI starts;
-`python -m petlbench.estimate REQUEST.json OUT.json` answers one request from a file): runs that
+Many runs, one process (`python -m petlbench.estimate.engine`, serving JSON requests on stdin, is what the CLI starts;
+`python -m petlbench.estimate.engine REQUEST.json OUT.json` answers one request from a file): runs that
 build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one fake model and
 optimizer. It is warmed up once (AdamW creates its state on the first step; every later step has the same
 allocation pattern), then each run is one tracked step (plus one tracked inference forward) at its batch size and
@@ -36,12 +36,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
-from petlbench.autobatch import linear_seed, search_max_batch
-from petlbench.data import num_classes
+from petlbench.data.loaders import num_classes
 from petlbench.errors import PetlbenchError
-from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
-from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
-from petlbench.prediction import (
+from petlbench.estimate.autobatch import linear_seed, search_max_batch
+from petlbench.estimate.client import (
     ESTIMATE_SOURCE,
     MESSAGE_PREFIX,
     Estimate,
@@ -52,9 +50,11 @@ from petlbench.prediction import (
     has_dropout,
     model_key,
 )
+from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
+from petlbench.measure.step import TrainStep, autocast, make_optimizer
+from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
 from petlbench.results import EnvValue, Metrics
-from petlbench.step import TrainStep, autocast, make_optimizer
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 from petlbench.worker import build_model, model_img_size
 
 log = logging.getLogger("petlbench.estimate")
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (0, 2):
         print(
-            "usage: python -m petlbench.estimate [REQUEST.json OUT.json]  (no arguments: serve stdin)", file=sys.stderr
+            "usage: python -m petlbench.estimate.engine [REQUEST.json OUT.json]  (no arguments: serve stdin)",
+            file=sys.stderr,
         )
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -1,23 +1,14 @@
-"""SQT / SynQT: disentangled query tuning (Zhang et al., ECCV 2024; METHODS.md §1).
+"""SQT / SynQT's layers: the query synthesis modules, the query-only use of the frozen blocks, and the head.
 
-The frozen ViT runs once over the image tokens (the *token path*) under `torch.no_grad()`; nothing on it is kept
-for backward. A small trainable *query path* runs beside it: per layer i, a Query Synthesis Module (QSM) turns
-learned queries P_i and the previous layer's query feature H_{i-1} into n query tokens, and block i itself,
-applied query-only (Knowledge Extraction, KEM), lets them attend to the frozen keys/values of that block's
-input tokens and passes them through the block's frozen FFN. An instance-aware head mixes the per-layer query
-features (3L+1 tokens) into the classifier input. Gradients flow only along the query chain (n tokens, one
-token between layers), so what training keeps is the query path plus each block's K_i, V_i.
-
-Design choices (memory measured with the tensor tracker on ViT-B/16, C=100, B=8, fp32, fake CPU tensors):
+Design choices:
 
 - **K/V capture.** A forward hook on `blocks[i].attn.qkv`, installed only for the duration of the token pass,
   copies the k and v thirds of the fused qkv output into two `[B, heads, N, head_dim]` tensors (one copy each;
   `k_norm` applied as timm does). Copying rather than slicing matters: a view would pin the whole qkv output
-  (q third included, 3 token tensors per layer instead of 2). Recomputing k, v from `norm1(x)` before calling
-  the block gives the same peak (540,289,188 B both ways) but redoes LayerNorm and 2/3 of the qkv GEMM per
-  block for nothing; on CPU the hooked token pass timed like a plain `forward_features`, the recomputing one
-  slower. So the hook wins. The contiguous head-major layout lets both attention kernels read K/V without
-  copies (a `[B, N, heads, hd]` view would make the explicit path's batched matmul copy K and save the copy).
+  (q third included, 3 token tensors per layer instead of 2). Recomputing k, v from `norm1(x)` gives the same
+  peak but redoes LayerNorm and 2/3 of the qkv GEMM per block. The contiguous head-major layout lets both
+  attention kernels read K/V without copies (a `[B, N, heads, hd]` view would make the explicit path's
+  batched matmul copy K and save the copy).
 - **Last block.** Its token-path output is never used, so only `norm1` and the k/v rows of its qkv run.
 - **Query-path attention** reuses block i's `qkv` weight rows by slicing (`F.linear` on `weight[:d]`), never
   copies weights, and uses `F.scaled_dot_product_attention` exactly when `attn.fused_attn` is true (the
@@ -35,20 +26,13 @@ Design choices (memory measured with the tensor tracker on ViT-B/16, C=100, B=8,
   (its `drop_rate`) is applied before the classifier, as in timm's `forward_head`.
 - **Unused official parameters are not created.** The official module also holds 12 `pre_norm` LayerNorms
   and a 37-vector `out_combine.weight` (18,469 parameters for ViT-B) that its forward never reads. They would
-  get no gradient and cost AdamW state, so they are left out: the official printout for n=4, C=100 is
-  2,727,414 trainable parameters, this implementation trains 2,708,945 (= 2,595,181 + 9,216·n + 769·C).
+  get no gradient and cost AdamW state, so they are left out (the counts: docs/methods.md).
 - **Backbone grad checkpointing** has nothing to act on: the token path keeps no activations, and the blocks
   are called one by one (the backbone's `grad_checkpointing` flag is not consulted).
 - New LayerNorms use PyTorch's default eps (1e-5) and all new Linears PyTorch's default init, as the official
   code; queries are Uniform(-1, 1).
 
-Memory (same setting; u = one [B, 197, 768] token tensor per sample): peak 540,289,188 B = weights 354,030,404
-+ optimizer 21,673,248 + activations 164,585,536 (LoRA r=8: 685,034,376, so 24 %). The activation peak is in
-the frozen forward of the second-to-last block, 34 u: K/V of the ten blocks before it (20 u) and its own (2 u),
-that block's MLP working set (about 11 u) and the input image (1 u). After the token path 25 u remain (K/V of
-all blocks + image); the query path then saves about 7 u more for n=4 (n tokens through ~30 saved ops per
-layer), so the start of backward (about 33 u) is nearly as high. Neither the working set nor the query path can
-go without changing what the method stores, so about 23 % of LoRA is the floor of this design at n=4.
+What this keeps alive, measured, and the parameter formula: docs/methods.md, "SQT".
 """
 
 from __future__ import annotations
@@ -68,11 +52,35 @@ from torch import nn
 from typing_extensions import Self
 
 from petlbench.errors import TunerError
-from petlbench.tuners import SqtConfig
-from petlbench.tuners.base import Tuner, vit_blocks
+from petlbench.tuners.layers import vit_blocks
 
 KV = tuple[torch.Tensor, torch.Tensor]
 _Factory = dict[str, Any]  # device= and dtype= of the backbone, for every new tensor
+
+
+class SqtKnobs(Protocol):
+    """What the layers read of SQT's knobs (`petlbench.tuners.sqt.Sqt`)."""
+
+    @property
+    def num_queries(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def attn_rank(self) -> int: ...
+    @property
+    def attn_scale(self) -> float: ...
+    @property
+    def ffn_scale(self) -> float: ...
+    @property
+    def feat_scale(self) -> float: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def head_drop_path(self) -> float: ...
+    @property
+    def token_drop_path(self) -> bool: ...
+    @property
+    def pre_logits(self) -> str | None: ...
 
 
 def _dropout(p: float) -> nn.Module:
@@ -138,7 +146,7 @@ class QueryAttention(nn.Module):
 class QuerySynthesis(nn.Module):
     """QSM_i: projection adapter, then a pre-norm block (query self-attention, adapter FFN) with learnable scales."""
 
-    def __init__(self, dim: int, cfg: SqtConfig, fused_attn: bool, factory: _Factory) -> None:
+    def __init__(self, dim: int, cfg: SqtKnobs, fused_attn: bool, factory: _Factory) -> None:
         super().__init__()
         self.proj = Adapter(dim, cfg.rank, cfg.dropout, factory)
         self.norm_a = _layer_norm(dim, factory)
@@ -169,7 +177,7 @@ def drop_tokens(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class InstanceAwareHead(nn.Module):
     """Refine every head token with a shared adapter, weight them by the first token, average, normalise."""
 
-    def __init__(self, dim: int, num_tokens: int, cfg: SqtConfig, final_norm: nn.Module, factory: _Factory) -> None:
+    def __init__(self, dim: int, num_tokens: int, cfg: SqtKnobs, final_norm: nn.Module, factory: _Factory) -> None:
         super().__init__()
         self.num_tokens = num_tokens
         self.drop_path = cfg.head_drop_path
@@ -377,7 +385,7 @@ def head_tokens(
 class SqtModel(nn.Module):
     """The timm ViT (`backbone`, frozen token path) plus SQT's trainable query path and head."""
 
-    def __init__(self, backbone: nn.Module, cfg: SqtConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: SqtKnobs) -> None:
         super().__init__()
         vit: Any = backbone  # timm's VisionTransformer (untyped)
         blocks = cast(Sequence[TimmBlock], vit_blocks(backbone, "sqt"))
@@ -497,12 +505,3 @@ def _final_norm_copy(backbone: nn.Module, dim: int) -> nn.Module:
             return copy.deepcopy(norm)
     ref = next(backbone.parameters())
     return nn.LayerNorm(dim, eps=1e-6, device=ref.device, dtype=ref.dtype)
-
-
-class Sqt(Tuner[SqtConfig]):
-    """SQT/SynQT: a trainable query path reads the frozen ViT's keys/values; backprop never enters the backbone."""
-
-    config_cls = SqtConfig
-
-    def attach(self, model: nn.Module) -> nn.Module:
-        return SqtModel(model, self.config)

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-from petlbench.datafiles import FileIndex, Sample, index_data
-from petlbench.dataspec import ImageFolderData, VtabData, resolve_data_root
+from petlbench.data.files import FileIndex, Sample, index_data
+from petlbench.data.specs import DataSpec, DigitsData, ImageFolderData, SyntheticData, VtabData, resolve_data_root
 from petlbench.errors import DataError
-from petlbench.suite import DataSpec, DigitsData, SyntheticData
 
 Split: TypeAlias = Literal["train", "test"]
 Batch: TypeAlias = tuple[torch.Tensor, torch.Tensor]

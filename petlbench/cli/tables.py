@@ -10,11 +10,11 @@ from rich.table import Table
 from rich.text import Text
 
 from petlbench.budget import CheckResult, format_value
-from petlbench.dataspec import data_label
+from petlbench.data.specs import data_label
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
 from petlbench.results import RunResult
-from petlbench.suite import RunSpec
-from petlbench.tuners import TunerConfig, describe_config
+from petlbench.spec.models import RunSpec
+from petlbench.tuners import Tuner, describe_tuner
 
 STATUS_STYLE = {"ok": "green", "oom": "yellow", "error": "red", "timeout": "red", "skipped": "dim"}
 
@@ -125,15 +125,15 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table
     return table
 
 
-def tuners_table(configs: Mapping[str, type[TunerConfig]]) -> Table:
+def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Table:
     """Every tuner, its knobs and defaults (`petlbench tuners`)."""
     table = Table(header_style="bold", show_lines=True)
     table.add_column("tuner", style="bold")
     table.add_column("what it does")
     table.add_column("knobs (default)")
-    for name, cfg in configs.items():
+    for name, cfg in tuners.items():
         knobs = Text()
-        for row in describe_config(cfg):
+        for row in describe_tuner(cfg):
             if len(knobs):
                 knobs.append("\n")
             knobs.append(row["name"], style="bold" if row["headline"] else "")

@@ -1,4 +1,5 @@
-"""Suite models of the file-based datasets (torch-free): VTAB-1k task folders and ImageFolder trees.
+"""Suite models of the datasets (torch-free): synthetic tensors, scikit-learn's digits, VTAB-1k task folders and
+ImageFolder trees.
 
 Where the files are: a relative `root` is resolved against the data root — `--data-root`, else the
 `PETLBENCH_DATA_ROOT` environment variable, else the current directory — so a suite can say `root: vtab-1k` and
@@ -10,19 +11,35 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from petlbench.vtab import TASKS_BY_NAME, VTAB_TASKS
+from petlbench.data.vtab_tasks import TASKS_BY_NAME, VTAB_TASKS
+from petlbench.spec.base import StrictModel
 
 DATA_ROOT_ENV: Final = "PETLBENCH_DATA_ROOT"
 DEFAULT_NUM_WORKERS: Final = 4
 
 
-class _FileData(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SyntheticData(StrictModel):
+    """Random images and labels: for memory and speed only (accuracy is chance)."""
 
+    name: Literal["synthetic"]
+    num_classes: int = Field(100, gt=1)
+    train_size: int = Field(512, gt=0)
+    test_size: int = Field(128, gt=0)
+
+
+class DigitsData(StrictModel):
+    """The 8×8 handwritten digits shipped inside scikit-learn (1,797 real images, 10 classes), resized."""
+
+    name: Literal["digits"]
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share, stratified")
+    split_seed: int = Field(0, description="seed of the train/test split (fixed across runs)")
+
+
+class _FileData(StrictModel):
     num_workers: int = Field(
         DEFAULT_NUM_WORKERS,
         ge=0,
@@ -79,6 +96,9 @@ class ImageFolderData(_FileData):
     task: str | None = Field(None, min_length=1, description="label in reports and task_params; default: root's name")
     train_split: str = Field("train", min_length=1)
     test_split: str | None = Field(None, min_length=1, description="default: val if it exists, else test")
+
+
+DataSpec: TypeAlias = Annotated[SyntheticData | DigitsData | VtabData | ImageFolderData, Field(discriminator="name")]
 
 
 def task_key(data: BaseModel) -> str:

@@ -1,39 +1,4 @@
-"""VPT: Visual Prompt Tuning, shallow and deep (Jia et al., ECCV 2022; METHODS.md §5).
-
-p learnable prompt tokens enter the token sequence right after the prefix tokens (the class token, plus register
-tokens where a model has them) and before the patch tokens, after the positional embedding, so prompts carry no
-position. The frozen blocks then run on N + p tokens; timm's own attention (fused or not) runs unchanged.
-
-- Shallow: one prompt set P_0 (p×D), inserted once; the blocks carry the prompt outputs forward.
-- Deep: before each block after the first, the p prompt positions of the hidden state are replaced by that
-  block's own prompt set, so the previous block's prompt outputs are discarded (L sets in total).
-
-Nothing in the ViT is re-implemented or patched; three submodules are wrapped (the original kept as `base`):
-
-- `norm_pre` → `VptInsert`. It is the last stage of timm's `forward_features` before the blocks
-  (`patch_embed → _pos_embed → patch_drop → norm_pre → blocks → norm`) and an `nn.Identity` in standard ViTs, so
-  there the result is exactly the paper's `Z_0 = [CLS, P_0, patches]`. Where `norm_pre` is a real LayerNorm
-  (CLIP-style `pre_norm=True` models), the prompts are inserted *after* it: P_0 then lives in the space of the
-  block inputs, the same space as the deep prompts P_1..P_{L-1}, and the frozen pre-norm does not rescale it.
-  Inserting after `patch_drop` also keeps prompts out of timm's patch dropout.
-- `blocks[i]`, i ≥ 1 → `VptDeepBlock` (deep only): splices the block's prompts into the prompt positions, then
-  calls the block with whatever else it was given.
-- `norm` → `VptStrip`, only for models that pool over tokens instead of taking the class token. With token pooling
-  (`global_pool == "token"`, ViT-B/16's default) timm's head reads `x[:, 0]`, so prompts reach the logits only
-  through attention into the class token, exactly as in the official code, which normalises all N + p tokens and
-  keeps the class token. Average/max/attention pooling would read the prompt outputs as if they were patches, so
-  for those models the prompt positions are dropped before the final norm and `forward_features` returns the
-  backbone's own token layout; prompts again reach the head only through attention. (LayerNorm is per token, so
-  dropping before the norm equals dropping after it, at less work.)
-
-Init: every prompt set is Uniform(-v, v) with v = sqrt(6 / (in_chans·patch_h·patch_w + D)), Xavier-uniform with
-the patch projection's fan-in (v = 0.0625 for ViT-B/16). Not mergeable (prompts are extra tokens; attention cost
-grows with (N + p)²) and not the identity at init.
-
-`forward_intermediates` is not supported: timm slices prefix tokens off and reshapes the rest to the patch grid,
-which the extra prompt tokens break. The official code's habit of keeping the frozen backbone in eval mode while
-training is the runner's business (backbone drop path / dropout are `BackboneSpec` fields), not the tuner's.
-"""
+"""VPT's layers: the prompt set, the wrappers that insert and replace prompts, and the final-norm strip."""
 
 from __future__ import annotations
 
@@ -44,8 +9,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners import VptConfig
-from petlbench.tuners.base import Tuner, vit_blocks
+from petlbench.tuners.layers import vit_blocks
 
 
 class _Prompted(nn.Module):
@@ -156,31 +120,25 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-class Vpt(Tuner[VptConfig]):
-    """Prompt tokens after the prefix tokens; deep VPT gives every block its own prompt set."""
+def attach_vpt(model: nn.Module, prompt_len: int, deep: bool, dropout: float) -> None:
+    """Insert the prompts: wrap `norm_pre` (P_0), every block after the first (deep), and `norm` (token pooling)."""
+    blocks = vit_blocks(model, "vpt")
+    norm_pre, norm = _submodule(model, "norm_pre"), _submodule(model, "norm")
+    num_prefix = getattr(model, "num_prefix_tokens", None)
+    if not isinstance(num_prefix, int):
+        raise TunerError(f"vpt: backbone {type(model).__name__} has no `num_prefix_tokens`; expected a timm ViT")
+    pool = getattr(model, "global_pool", None)
+    if not isinstance(pool, str):
+        raise TunerError(f"vpt: backbone {type(model).__name__} has no `global_pool`; expected a timm ViT")
 
-    config_cls = VptConfig
+    dim, bound = _embed_dim(model), prompt_init_bound(model)
+    _, weight = _patch_projection(model)
+    factory: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+    args = (prompt_len, dim, num_prefix, dropout, bound, factory)
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        blocks = vit_blocks(model, self.name)
-        norm_pre, norm = _submodule(model, "norm_pre"), _submodule(model, "norm")
-        num_prefix = getattr(model, "num_prefix_tokens", None)
-        if not isinstance(num_prefix, int):
-            raise TunerError(f"vpt: backbone {type(model).__name__} has no `num_prefix_tokens`; expected a timm ViT")
-        pool = getattr(model, "global_pool", None)
-        if not isinstance(pool, str):
-            raise TunerError(f"vpt: backbone {type(model).__name__} has no `global_pool`; expected a timm ViT")
-
-        dim, bound = _embed_dim(model), prompt_init_bound(model)
-        _, weight = _patch_projection(model)
-        factory: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-        args = (cfg.prompt_len, dim, num_prefix, cfg.dropout, bound, factory)
-
-        model.norm_pre = VptInsert(norm_pre, *args)
-        if cfg.deep:
-            for i in range(1, len(blocks)):
-                blocks[i] = VptDeepBlock(blocks[i], *args)
-        if pool != "token":  # avg / max / avgmax / attention pooling would read the prompt outputs
-            model.norm = VptStrip(norm, cfg.prompt_len, num_prefix)
-        return model
+    model.norm_pre = VptInsert(norm_pre, *args)
+    if deep:
+        for i in range(1, len(blocks)):
+            blocks[i] = VptDeepBlock(blocks[i], *args)
+    if pool != "token":  # avg / max / avgmax / attention pooling would read the prompt outputs
+        model.norm = VptStrip(norm, prompt_len, num_prefix)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench.errors import ConfigError
-from petlbench.suite import OptimizerSpec, Precision
+from petlbench.spec.models import OptimizerSpec, Precision
 
 
 def make_optimizer(params: Iterable[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from rich.table import Table
 from rich.text import Text
 
-from petlbench.autobatch import AutoBatchOutcome
+from petlbench.cli.tables import backbone_label, result_line
+from petlbench.estimate.autobatch import AutoBatchOutcome
+from petlbench.estimate.client import Estimate, fits
 from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct
-from petlbench.prediction import Estimate, fits
-from petlbench.render import backbone_label, result_line
 from petlbench.results import RunResult
-from petlbench.suite import RunSpec
+from petlbench.spec.models import RunSpec
 
 
 def _varying(runs: Sequence[RunSpec]) -> dict[str, list[str]]:

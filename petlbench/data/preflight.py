@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from petlbench.datafiles import FileIndex, index_data
-from petlbench.dataspec import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
+from petlbench.data.files import FileIndex, index_data
+from petlbench.data.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline, timm_weights_cached
+from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
-from petlbench.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline, timm_weights_cached
-from petlbench.suite import RunSpec, Suite
+from petlbench.spec.models import RunSpec, Suite
 
 
 @dataclass(frozen=True)

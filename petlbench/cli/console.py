@@ -1,0 +1,56 @@
+"""Where the command line writes: one stdout and one stderr console, one-line errors, one progress bar."""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from petlbench.errors import PetlbenchError
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich console; soft_wrap keeps every message on one line, and logs/pipes get room for the tables."""
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def error_line(line: str) -> Text:
+    return Text.assemble(("error: ", "bold red"), line)
+
+
+def fail(exc: PetlbenchError) -> NoReturn:
+    """Print the error, one line per problem, and exit with its code (2: configuration, 1: findings)."""
+    out.file.flush()  # what was printed before the error comes before it in a combined log
+    for line in str(exc).splitlines():
+        err.print(error_line(line))
+    raise typer.Exit(exc.exit_code)
+
+
+def progress_bar(label: str | None = None, eta: bool = False, console: Console | None = None) -> Progress:
+    """The one progress bar of every long command: spinner, n/total, bar, the current task's text, elapsed (+ eta)."""
+    columns: list[ProgressColumn | str] = [SpinnerColumn()]
+    if label:
+        columns.append(TextColumn(label))
+    columns += [MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+    if eta:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+    return Progress(*columns, console=console or out, transient=True)
