@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from petlbench.data.hub import HUB_FILES, HUB_HINT, hub_reachable
 from petlbench.errors import ConfigError
+from petlbench.fmt import describe_exception, first_line
 from petlbench.spec.models import BackboneSpec
 
 
@@ -60,13 +62,32 @@ def build_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
         else:
             model = timm.create_model(spec.model, pretrained=False, **kwargs)
             load_checkpoint(model, Path(spec.weights))
-    except TypeError as exc:  # an unknown timm kwarg surfaces as a TypeError from the model constructor
-        raise ConfigError(f"backbone.kwargs: {exc}") from None
+    except TypeError as exc:  # an argument the model's constructor does not take
+        raise _constructor_error(spec, exc) from None
 
     if not isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList):
         raise ConfigError(f"backbone.model: {spec.model!r} is not a ViT with `blocks`; choose a timm vit_* model")
     _check_fused_attn(model, spec.fused_attn)
     return model
+
+
+# BackboneSpec fields petlbench passes to every timm model; a model that rejects one is not a timm ViT
+_SPEC_ARGS = {"img_size": "img_size", "drop_path_rate": "drop_path_rate", "drop_rate": "drop_rate"}
+
+
+def _constructor_error(spec: BackboneSpec, exc: TypeError) -> ConfigError:
+    """Name what the model did not accept: a `backbone.kwargs` key, or a ViT argument (then it is no ViT)."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    key = match.group(1) if match else None
+    if key is not None and key in spec.kwargs:
+        return ConfigError(
+            f"backbone.kwargs.{key}: {spec.model!r} does not take {key!r}; remove it (timm said: {first_line(exc)})"
+        )
+    if key in _SPEC_ARGS:
+        return ConfigError(
+            f"backbone.model: {spec.model!r} does not take {key} (not a timm ViT); choose a timm vit_* model"
+        )
+    return ConfigError(f"backbone.model: cannot build {spec.model!r}: {describe_exception(exc)}")
 
 
 def _from_hub(spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:
@@ -77,7 +98,7 @@ def _from_hub(spec: BackboneSpec, kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(spec.model, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "no network and not in the local Hugging Face cache" if offline else str(exc).splitlines()[0][:160]
+        why = "no network and not in the local Hugging Face cache" if offline else first_line(exc)
         raise ConfigError(
             f"backbone.weights: cannot get pretrained weights for {spec.model!r} ({why}); {HUB_HINT}"
         ) from None
@@ -164,10 +185,9 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         try:
             loader(str(path))
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else ""
             raise ConfigError(
                 f"backbone.weights: {path}: not an original ViT .npz for {type(model).__name__} "
-                f"({type(exc).__name__}: {first}); check backbone.model"
+                f"({describe_exception(exc, 200)}); check backbone.model"
             ) from None
         return
     state = _read_state_dict(path)
@@ -213,9 +233,3 @@ def _check_fused_attn(model: nn.Module, wanted: bool) -> None:
             f"backbone.fused_attn: asked for {wanted} but the built model has {sorted(flags)} "
             "(timm's exportable mode or a torch without scaled_dot_product_attention disables it)"
         )
-
-
-def fused_attn_state(model: nn.Module) -> bool | None:
-    """Whether the model's attention modules use fused SDPA (None if it has none)."""
-    flags = {bool(m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")}
-    return flags.pop() if len(flags) == 1 else None

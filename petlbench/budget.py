@@ -21,7 +21,6 @@ budget that selects no row is a configuration error (exit 2): a silent budget is
 from __future__ import annotations
 
 import math
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,14 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from petlbench.errors import ConfigError
-from petlbench.fmt import fmt_bytes
-from petlbench.results import first_line, missing, row_label, run_label, setting_label
+from petlbench.fmt import first_line, fmt_bytes, missing, parse_bytes
+from petlbench.results import row_label, run_label, setting_label
+from petlbench.spec.base import StrictModel
 from petlbench.spec.loading import read_yaml
 from petlbench.spec.messages import format_validation_error
-from petlbench.spec.models import Device, Precision
+from petlbench.spec.models import PAIR_COLUMNS, Device, Precision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,44 +46,7 @@ OneOrMany: TypeAlias = T | list[T]
 Kind: TypeAlias = Literal["bytes", "count", "rate", "fraction", "ratio"]
 Op: TypeAlias = Literal["<=", ">="]
 
-_BYTE_UNITS: Final = {
-    "b": 1,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-}
-_BYTES_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-
-
-def parse_bytes(value: Any) -> int:
-    """'1.5GiB' → 1610612736, '900MiB', '2GB' (decimal), '123456' or 123456 → bytes. ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError("expected bytes such as 1.5GiB, 900MiB or 123456")
-    if isinstance(value, int):
-        number, unit = float(value), "b"
-    elif isinstance(value, float) and math.isfinite(value):
-        number, unit = value, "b"
-    elif isinstance(value, str) and (match := _BYTES_RE.match(value)):
-        number, unit = float(match.group(1)), (match.group(2) or "b").lower()
-    else:
-        raise ValueError("expected bytes such as 1.5GiB, 900MiB or 123456")
-    if number < 0:
-        raise ValueError("must be >= 0 bytes")
-    if unit not in _BYTE_UNITS:
-        raise ValueError(f"unknown unit {unit!r}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB for powers of 1000)")
-    return math.ceil(number * _BYTE_UNITS[unit])
-
-
 ByteCount: TypeAlias = Annotated[int, BeforeValidator(parse_bytes)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # Measured, so empty on a run that failed before measuring: such a row still matches (and fails its checks),
@@ -105,7 +68,7 @@ SELECTOR_COLUMNS: Final = {
 }
 
 
-class Selector(_Strict):
+class Selector(StrictModel):
     """Which result rows a budget applies to: every given field must match (a list means any of its values)."""
 
     suite: OneOrMany[str] | None = None
@@ -157,24 +120,8 @@ RatioMetric: TypeAlias = Literal[
     "train_images_per_s",
 ]
 
-# A ratio pairs a row with the `versus` row measured under the same settings: these columns must be equal.
-PAIR_COLUMNS: Final = (
-    "suite",
-    "device",
-    "env.gpu_name",
-    "precision",
-    "batch_size",
-    "grad_checkpointing",
-    "backbone.model",
-    "backbone.img_size",
-    "backbone.kwargs",
-    "backbone.fused_attn",
-    "dataset",
-    "seed",
-)
 
-
-class Budget(_Strict):
+class Budget(StrictModel):
     """Limits on every row `select` matches."""
 
     name: str | None = None
@@ -194,7 +141,7 @@ class Budget(_Strict):
         return self
 
 
-class RatioBudget(_Strict):
+class RatioBudget(StrictModel):
     """`metric(row) / metric(versus row)` within bounds, for each selected row and its pair at the same settings."""
 
     name: str | None = None
@@ -215,7 +162,7 @@ class RatioBudget(_Strict):
         return self.name or f"{self.select.describe()} vs {self.versus.describe()}"
 
 
-class Budgets(_Strict):
+class Budgets(StrictModel):
     """A budgets file."""
 
     budgets: list[Budget] = Field(default_factory=list)
@@ -576,10 +523,7 @@ def format_value(value: float | None, kind: Kind) -> str:
     if value is None:
         return "-"
     if kind == "bytes":
-        for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
-            if abs(value) >= 1024**power:
-                return f"{value / 1024**power:.2f} {unit}"
-        return f"{value:.0f} B"
+        return fmt_bytes(value, digits=2)
     if kind == "count":
         return f"{value:,.0f}"
     if kind == "rate":

@@ -1,16 +1,41 @@
-"""Human units for tables and plots (storage stays in bytes and seconds)."""
+"""Human units for tables and plots (storage stays in bytes and seconds), and the one parser of memory sizes."""
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 
-def _missing(value: float | None) -> bool:
+def missing(value: Any) -> bool:
+    """None or NaN: 'not measured'."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def fmt_bytes(value: float | None) -> str:
+_missing = missing
+
+
+def first_line(text: Any, limit: int = 160) -> str:
+    """The first non-empty line of a message or exception, at most `limit` characters ('' for nothing).
+
+    Safe for message-less exceptions (`MemoryError()`), None and NaN cells.
+    """
+    if missing(text):
+        return ""
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[0].strip()
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """'RuntimeError: first line of its message' (just the class name when it has no message)."""
+    message = first_line(exc, limit)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def fmt_bytes(value: float | None, digits: int = 1) -> str:
     """1536 → '1.5 KiB'; binary units, as GPU memory is sold and reported."""
     if _missing(value):
         return "-"
@@ -18,7 +43,7 @@ def fmt_bytes(value: float | None) -> str:
     size = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.{digits}f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
 
@@ -82,18 +107,30 @@ _BYTE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
+BYTES_HINT = "write e.g. 80GiB, 16GB, 512MiB, 512M (K/M/G/T alone are binary) or a byte count"
+_BYTES_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*")
 
 
-def parse_bytes(text: str) -> int:
-    """'80GiB' → 85899345920; '2 GB' → 2·10^9; '512M' → 512 MiB (K/M/G/T alone are binary); '1000' → bytes.
+def parse_bytes(value: Any) -> int:
+    """A memory size as bytes, the same forms everywhere (budgets, --memory-limit, --device-memory):
+    '80GiB' → 85899345920; '2 GB' → 2·10^9; '512M' → 512 MiB; '1.5GiB'; 123456 (an int or float: bytes).
 
-    Raises ValueError with the accepted forms for anything else.
+    Fractions are rounded up. Raises ValueError (with the accepted forms) for anything else, including sizes
+    ≤ 0, booleans and non-finite numbers.
     """
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _BYTE_UNITS:
-        raise ValueError(f"not a memory size: {text!r}; write e.g. 80GiB, 16GB, 512MiB or a byte count")
-    value = float(match.group(1)) * _BYTE_UNITS[unit or ""]
-    if value <= 0:
-        raise ValueError(f"memory size must be > 0, got {text!r}")
-    return int(value)
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}; {BYTES_HINT}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a memory size: {value!r}; {BYTES_HINT}")
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (match := _BYTES_RE.fullmatch(value)):
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise ValueError(f"not a memory size: {value!r}; {BYTES_HINT}")
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"not a memory size: {value!r} (unknown unit {unit!r}); {BYTES_HINT}")
+    size = math.ceil(number * _BYTE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory size must be > 0, got {value!r}")
+    return size

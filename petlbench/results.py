@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError
-from petlbench.fmt import fmt_knob
+from petlbench.fmt import describe_exception, fmt_knob, missing
 from petlbench.spec.models import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def _read(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
         frame: pd.DataFrame = pd.read_parquet(path, columns=columns)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise ResultsError(
-            f"{path}: unreadable results file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"{path}: unreadable results file ({describe_exception(exc)}); "
             "delete it to re-run that run, or move it out of the results folder"
         ) from None
     if "schema_version" in frame.columns and len(frame):
@@ -345,11 +345,6 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     return result
 
 
-def missing(value: Any) -> bool:
-    """None or NaN."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def knob_text(name: Any, value: Any) -> str:
     """'rank=8', or '' for a tuner without a headline knob."""
     return "" if missing(name) or missing(value) else fmt_knob(str(name), float(value))
@@ -378,11 +373,3 @@ def setting_label(row: pd.Series) -> str:
 def row_label(row: pd.Series) -> str:
     """'lora rank=8 bs=8 (smoke fp32 cpu)': enough to find the run."""
     return f"{run_label(row)} ({setting_label(row)})"
-
-
-def first_line(text: Any, limit: int = 160) -> str:
-    """The first line of an error message, shortened."""
-    if missing(text) or not str(text).strip():
-        return ""
-    line = str(text).strip().splitlines()[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,14 +1,58 @@
-"""A sweep: which runs still need doing, and executing them while every finished result is written at once."""
+"""A sweep, the core of `petlbench run`: load and check a suite, plan what still needs running, run it while
+every finished result is stored at once, and judge the outcome. Nothing here prints; the CLI renders.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from petlbench.executors import Executor, RunEvent, RunFinished
-from petlbench.results import DONE_STATUSES, stored_statuses, suite_dir, write_result
-from petlbench.spec.models import RunSpec
+from petlbench.data.preflight import DataCheck, check_data_root, preflight
+from petlbench.data.specs import resolve_data_root
+from petlbench.errors import is_config_error
+from petlbench.executors.base import Executor, RunEvent, RunFinished
+from petlbench.executors.devices import resolve_device
+from petlbench.fmt import first_line
+from petlbench.measure.nvml import visible_gpus
+from petlbench.results import DONE_STATUSES, RunResult, stored_statuses, suite_dir, write_result
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite
+from petlbench.spec.models import Device, RunSpec, Suite
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A suite loaded and expanded for one device, with its data checked (when asked)."""
+
+    suite: Suite
+    runs: list[RunSpec]
+    checks: list[DataCheck]
+
+
+def prepare(
+    suite_path: Path,
+    device: str | None,
+    data_root: Path | None = None,
+    checks: bool = True,
+    local_gpus: bool = True,
+) -> Prepared:
+    """Load, validate and expand a suite; resolve its device; run the pre-flight (data files, checkpoints, hub).
+
+    `local_gpus=False` (a cluster executor): `cuda` needs no GPU on this machine.
+    """
+    suite = load_suite(suite_path)
+    root = resolve_data_root(data_root)
+    requested = device or suite.device
+    if requested == "cuda" and not local_gpus:  # the GPUs are on the cluster, not necessarily on this machine
+        resolved: Device = "cuda"
+    else:
+        resolved = resolve_device(requested, visible_gpus())
+    runs = expand(suite, resolved, str(root) if root else None)
+    if not checks:
+        return Prepared(suite, runs, [])
+    check_data_root(root, from_option=data_root is not None)
+    return Prepared(suite, runs, preflight(suite, runs, root))
 
 
 @dataclass(frozen=True)
@@ -32,9 +76,40 @@ def plan(runs: Sequence[RunSpec], results_dir: Path, force: bool = False) -> Pla
     return Plan(todo=todo, done=done, retry=retry)
 
 
-def execute(specs: Sequence[RunSpec], executor: Executor, results_dir: Path) -> Iterator[RunEvent]:
-    """Run `specs`; each result is stored before its event is yielded, so an interruption loses nothing finished."""
+def execute(
+    specs: Sequence[RunSpec], executor: Executor, results_dir: Path, memory_limit: int | None = None
+) -> Iterator[RunEvent]:
+    """Run `specs`; each result is stored before its event is yielded, so an interruption loses nothing finished.
+
+    `memory_limit` (auto-batch probes) is recorded on every row as the limit it was judged against.
+    """
     for event in executor.execute(specs):
         if isinstance(event, RunFinished):
+            if memory_limit is not None:
+                event.result.metrics.memory_limit_bytes = memory_limit
             write_result(results_dir, event.result)
         yield event
+
+
+def record(results_dir: Path, results: Iterable[RunResult]) -> None:
+    """Store rows no executor produced (runs `--skip-predicted-oom` did not start)."""
+    for result in results:
+        write_result(results_dir, result)
+
+
+def config_errors(results: Iterable[RunResult]) -> dict[str, int]:
+    """Distinct first lines of the runs that failed on a configuration or data error, with how many runs each."""
+    failed: dict[str, int] = {}
+    for result in results:
+        if result.status == "error" and is_config_error(result.error_type):
+            line = first_line(result.error, 300) or str(result.error_type)
+            failed[line] = failed.get(line, 0) + 1
+    return failed
+
+
+def exit_code(results: Iterable[RunResult], strict: bool) -> int:
+    """2 when a run failed on its configuration or data, 1 with --strict when any run did not end ok, else 0."""
+    results = list(results)
+    if config_errors(results):
+        return 2
+    return 1 if strict and any(r.status != "ok" for r in results) else 0

@@ -2,7 +2,7 @@
 
     python -m petlbench.worker SPEC.json RESULT.json
 
-Each run gets a fresh interpreter, CUDA context and caching allocator. The protocol (DESIGN.md §4):
+Each run gets a fresh interpreter, CUDA context and caching allocator. The protocol (docs/measurement.md):
 
 1. build the tuned model (structural freezing), count parameters;
 2. inference: one warm-up forward, then the peak of one forward and the timed forwards;
@@ -10,8 +10,8 @@ Each run gets a fresh interpreter, CUDA context and caching allocator. The proto
 4. one more step under the tensor tracker: the breakdown (and on CPU, the headline peak);
 5. accuracy, when the suite trains: a fresh model with the same seed, trained and evaluated.
 
-The result is written atomically; exit code 0 ok, 3 oom, 1 error. A crash that writes nothing is turned into an
-`error` row by the parent.
+The result is written atomically; exit code 0 ok, 3 oom, 1 error (2: bad usage). A crash that writes nothing
+is turned into an `error` row by the parent.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from petlbench.backbone import build_backbone, prepare_hub_access, weights_ident
 from petlbench.data.loaders import FileSource, ImageSource, load_data, num_classes
 from petlbench.data.specs import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError, PetlbenchError
+from petlbench.fmt import describe_exception
 from petlbench.measure.accuracy import train_and_evaluate
 from petlbench.measure.env import collect_env
 from petlbench.measure.memory import (
-    NvmlSampler,
+    nvml_sampler,
     peak_rss,
     record_breakdown,
     reset_peak_rss,
@@ -49,7 +50,8 @@ from petlbench.tuners.base import TunedModel, build_tuned_model
 
 log = logging.getLogger("petlbench.worker")
 
-EXIT_CODES: dict[Status, int] = {"ok": 0, "oom": 3, "error": 1, "timeout": 1, "skipped": 0}
+# A worker ends ok, oom or error (timeouts and skips are decided by the parent, never here).
+EXIT_CODES: dict[Status, int] = {"ok": 0, "oom": 3, "error": 1}
 
 
 def torch_device(spec: RunSpec) -> torch.device:
@@ -125,7 +127,7 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        with NvmlSampler(device.index or 0, spec.measure.nvml_interval_ms / 1000.0) as nvml:
+        with nvml_sampler(device.index or 0, spec.measure.nvml_interval_ms / 1000.0) as nvml:
             timing = time_steps(lambda: step(x, y), spec.measure.steps, device)
         metrics.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
         metrics.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
@@ -235,9 +237,9 @@ def execute(spec: RunSpec) -> RunResult:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         if _is_oom(exc):
-            status, error = "oom", f"out of memory at batch size {spec.batch_size}: {str(exc).splitlines()[0][:300]}"
+            status, error = "oom", f"out of memory at batch size {spec.batch_size}: {describe_exception(exc)}"
         else:
-            status, error = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            status, error = "error", describe_exception(exc)
             error += _where(exc)
             error_type = type(exc).__name__
         log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())

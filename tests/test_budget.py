@@ -12,11 +12,11 @@ from petlbench.budget import (
     Budgets,
     check,
     load_budgets,
-    parse_bytes,
     propose_baseline,
 )
 from petlbench.cli.app import app
 from petlbench.errors import ConfigError
+from petlbench.fmt import parse_bytes
 from petlbench.results import normalise
 from tests.report_rows import MiB, frame, row, write
 
@@ -57,13 +57,14 @@ def budgets(raw: dict[str, object]) -> Budgets:
         (123456, 123456),
         ("0.5B", 1),  # rounded up: a budget never shrinks below what was written
         ("12B", 12),
+        ("512M", 512 * MiB),  # the same forms as --memory-limit
     ],
 )
 def test_parse_bytes(text: object, expected: int) -> None:
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["1.5 gigs", "MiB", "-3MiB", "", True, [1], "1.2.3GiB"])
+@pytest.mark.parametrize("text", ["1.5 gigs", "MiB", "-3MiB", "", True, [1], "1.2.3GiB", "0", 0, float("inf")])
 def test_parse_bytes_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_bytes(text)

@@ -9,7 +9,8 @@ import pytest
 
 from petlbench.estimate.client import SearchRequest, estimate_caveats, run_estimates
 from petlbench.estimate.engine import Estimator, estimate_many, estimate_memory
-from petlbench.measure.timeline import ALLOC, FREE, Timeline, at_batch, replay
+from petlbench.measure.timeline import at_batch
+from petlbench.measure.tracker import ALLOC, FREE, Timeline, replay
 from petlbench.results import Metrics
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite

@@ -17,18 +17,13 @@ import typer
 from petlbench.cli import estimate as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out, progress_bar
 from petlbench.cli.tables import check_table, result_line, runs_table, summary_table, tuners_table
-from petlbench.data.preflight import DataCheck, check_data_root, preflight
-from petlbench.data.specs import DATA_ROOT_ENV, resolve_data_root
-from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, is_config_error
+from petlbench.data.specs import DATA_ROOT_ENV
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
-from petlbench.executors.devices import resolve_device
 from petlbench.measure.nvml import visible_gpus
 from petlbench.report import Plot
 from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
-from petlbench.spec.expand import expand
-from petlbench.spec.loading import load_suite
-from petlbench.spec.models import Device, RunSpec, Suite
-from petlbench.sweep import execute, plan
+from petlbench.sweep import config_errors, execute, exit_code, plan, prepare, record
 from petlbench.tuners import available_tuners
 
 app = typer.Typer(
@@ -68,27 +63,6 @@ PreflightOpt = Annotated[
 def builtin_quickstart() -> Path:
     """The quickstart suite shipped inside the package (so `petlbench run` works from any folder)."""
     return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
-
-
-def _load(
-    suite_path: Path | None,
-    device: str | None,
-    data_root: Path | None = None,
-    checks: bool = True,
-    local_gpus: bool = True,
-) -> tuple[Suite, list[RunSpec], list[DataCheck]]:
-    suite = load_suite(suite_path or builtin_quickstart())
-    root = resolve_data_root(data_root)
-    requested = device or suite.device
-    if requested == "cuda" and not local_gpus:  # the GPUs are on the cluster, not necessarily on this machine
-        resolved: Device = "cuda"
-    else:
-        resolved = resolve_device(requested, visible_gpus())
-    runs = expand(suite, resolved, str(root) if root else None)
-    if not checks:
-        return suite, runs, []
-    check_data_root(root, from_option=data_root is not None)
-    return suite, runs, preflight(suite, runs, root)
 
 
 def _running(labels: Sequence[str], shown: int = 2) -> str:
@@ -147,7 +121,8 @@ def run(
     Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
     try:
-        suite_obj, runs, _ = _load(suite, device, data_root, preflight_checks, local_gpus=executor == "local")
+        prepared = prepare(suite or builtin_quickstart(), device, data_root, preflight_checks, executor == "local")
+        suite_obj, runs = prepared.suite, prepared.runs
         runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
         if suite_obj.auto_batch_size:
             estimate_cmd.run_auto_batch_command(
@@ -179,7 +154,8 @@ def run(
     specs = todo.todo
     if skip_predicted_oom:
         try:
-            specs, skipped = estimate_cmd.skip_predicted_oom(specs, memory_limit, visible_gpus(), results_dir, out)
+            specs, skipped = estimate_cmd.skip_predicted_oom(specs, memory_limit, visible_gpus(), out)
+            record(results_dir, skipped)
         except PetlbenchError as exc:
             fail(exc)
         results.extend(skipped)
@@ -214,9 +190,16 @@ def run(
         raise typer.Exit(130)
     if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
         _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
-    _fail_on_config_errors(results, where)
-    if strict and any(status != "ok" for status in counts):
-        raise typer.Exit(1)
+    failed = config_errors(results)
+    for line, count in failed.items():
+        err.print(error_line(line + (f" ({count} runs)" if count > 1 else "")))
+    if failed:
+        err.print(
+            f"{sum(failed.values())} runs failed on their configuration or data; the other results are in {where}/"
+        )
+    code = exit_code(results, strict)
+    if code:
+        raise typer.Exit(code)
 
 
 def _quickstart_report(results: Path, reports: Path) -> None:
@@ -228,22 +211,6 @@ def _quickstart_report(results: Path, reports: Path) -> None:
         err.print(f"note: no report ({exc})")
         return
     out.print(f"report: {summary.markdown} and {len(summary.figures)} figures in {summary.out}/")
-
-
-def _fail_on_config_errors(results: list[RunResult], where: Path) -> None:
-    """Runs that failed on a configuration or data error (e.g. an image that does not decode) make the command
-    exit 2, after every run has finished and been saved: one line per distinct error."""
-    failed: dict[str, int] = {}
-    for result in results:
-        if result.status == "error" and is_config_error(result.error_type):
-            line = (result.error or "").splitlines()[0] if result.error else str(result.error_type)
-            failed[line] = failed.get(line, 0) + 1
-    if not failed:
-        return
-    for line, count in failed.items():
-        err.print(error_line(line + (f" ({count} runs)" if count > 1 else "")))
-    err.print(f"{sum(failed.values())} runs failed on their configuration or data; the other results are in {where}/")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -260,7 +227,8 @@ def validate(
     Example: petlbench validate suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        suite_obj, runs, checks = _load(suite, device, data_root, preflight_checks)
+        prepared = prepare(suite, device, data_root, preflight_checks)
+        suite_obj, runs, checks = prepared.suite, prepared.runs, prepared.checks
         statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
     except PetlbenchError as exc:
         fail(exc)

@@ -32,12 +32,13 @@ from petlbench.estimate.client import (
     split_predicted_oom,
 )
 from petlbench.executors import Executor
-from petlbench.fmt import fmt_bytes, fmt_knob, fmt_seconds
+from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_seconds
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
+from petlbench.results import RunResult, estimate_dir, suite_dir
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec, Suite
+from petlbench.sweep import record
 
 SKIP_OPTION: Any = typer.Option(
     "--skip-predicted-oom",
@@ -134,7 +135,7 @@ def estimate(
             continue
         spec = run if found.max_batch is None else run.model_copy(update={"batch_size": found.max_batch})
         stored.append(estimate_result(spec, found, limit))
-        write_result(results_dir, stored[-1])
+    record(results_dir, stored)
     title = f"{suite_obj.name}: predicted peak memory ({resolved}), {len(runs)} runs"
     if search is not None:
         assert limit is not None
@@ -153,7 +154,7 @@ def estimate(
         e for e in estimates.values() if e.metrics is not None and fits(e.metrics.peak_allocated_bytes, limit) is False
     ]
     for e in failed:
-        err.print(f"estimate failed for {e.run_id}: {(e.error or '').splitlines()[0] if e.error else ''}")
+        err.print(f"estimate failed for {e.run_id}: {first_line(e.error)}")
     what = "configurations searched" if search is not None else "runs estimated"
     summary = f"{len(runs)} {what.replace('s ', ' ', 1) if len(runs) == 1 else what} in {fmt_seconds(elapsed)}"
     if limit is not None and search is None:
@@ -167,9 +168,10 @@ def estimate(
 
 
 def skip_predicted_oom(
-    specs: Sequence[RunSpec], limit_text: str | None, gpus: Sequence[str], results_dir: Path, console: Console
+    specs: Sequence[RunSpec], limit_text: str | None, gpus: Sequence[str], console: Console
 ) -> tuple[list[RunSpec], list[RunResult]]:
-    """Estimate `specs`; write a `skipped` row for each run predicted over the limit; the runs left to start."""
+    """Estimate `specs`; the runs left to start, and a `skipped` row (for the caller to store) per run predicted
+    over the limit."""
     if not specs:
         return [], []
     limit = memory_limit(limit_text, specs[0].device, gpus, "--memory-limit", required=True)
@@ -177,7 +179,6 @@ def skip_predicted_oom(
     estimates = _estimate_with_progress(specs, console, DEFAULT_JOBS)
     keep, skipped = split_predicted_oom(specs, estimates, limit)
     for result in skipped:
-        write_result(results_dir, result)
         console.print(result_line(result))
     failed = sum(1 for s in keep if estimates.get(s.run_id) is None or estimates[s.run_id].metrics is None)
     console.print(

@@ -10,7 +10,7 @@ from rich.text import Text
 from petlbench.cli.tables import backbone_label, result_line
 from petlbench.estimate.autobatch import AutoBatchOutcome
 from petlbench.estimate.client import Estimate, fits
-from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct
+from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct
 from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
 
@@ -70,7 +70,7 @@ def estimate_table(
         cells += [values[i - 1] for values in varying.values()]
         if m is None:
             error = (estimate.error or "not estimated") if estimate is not None else "not estimated"
-            cells += [Text("error", style="red"), "", "", "", "", "", Text(error.splitlines()[0][:80], style="red"), ""]
+            cells += [Text("error", style="red"), "", "", "", "", "", Text(first_line(error, 80), style="red"), ""]
         else:
             peak = m.peak_allocated_bytes
             mark = "≈" if m.estimate_approximate else ""
@@ -103,7 +103,7 @@ def max_batch_table(
         cells += [values[i] for values in varying.values()]
         if estimate is None or estimate.error is not None:
             error = estimate.error if estimate is not None and estimate.error else "not estimated"
-            cells += [Text("error", style="red"), Text(error.splitlines()[0][:80], style="red"), "", "", ""]
+            cells += [Text("error", style="red"), Text(first_line(error, 80), style="red"), "", "", ""]
         else:
             probes = dict(estimate.probes)
             best, over = estimate.max_batch, estimate.first_over

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from petlbench.budget import CheckResult, format_value
 from petlbench.data.specs import data_label
-from petlbench.fmt import fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
+from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
 from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import Tuner, describe_tuner
@@ -75,7 +75,7 @@ def result_line(result: RunResult) -> Text:
             parts.append(f"acc {fmt_pct(m.acc_top1)}")
         line.append("  ".join(parts))
     else:
-        line.append((result.error or "").splitlines()[0] if result.error else "", style="dim")
+        line.append(first_line(result.error, 300), style="dim")
     line.append(f"  ({fmt_seconds(result.duration_s)})", style="dim")
     return line
 

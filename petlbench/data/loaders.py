@@ -1,7 +1,7 @@
 """Datasets for the accuracy phase (the memory/speed phases use random tensors of the run's shape).
 
 Every source yields normalised float batches at the model's resolution: resize (bicubic), clamp to [0, 1],
-ImageNet mean/std (METHODS.md §0.3), no augmentation. In-memory sources (digits, synthetic) resize tensors;
+ImageNet mean/std (docs/methods.md), no augmentation. In-memory sources (digits, synthetic) resize tensors;
 file-based sources (vtab1k, imagefolder) decode each image with PIL in `torch.utils.data.DataLoader` workers and
 resize it with PIL's bicubic filter, as torchvision's `Resize((s, s), interpolation=3)` in the papers' pipelines.
 
@@ -26,6 +26,7 @@ import torch.utils.data
 from petlbench.data.files import FileIndex, Sample, index_data
 from petlbench.data.specs import DataSpec, DigitsData, ImageFolderData, SyntheticData, VtabData, resolve_data_root
 from petlbench.errors import DataError
+from petlbench.fmt import describe_exception
 
 Split: TypeAlias = Literal["train", "test"]
 Batch: TypeAlias = tuple[torch.Tensor, torch.Tensor]
@@ -177,8 +178,7 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int] | DecodeFailu
             pixels = decode_image(sample.path, self.img_size)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
             where = "" if sample.origin == sample.path else f" (listed at {sample.origin})"
-            first = str(exc).splitlines()[0][:160] if str(exc) else ""
-            return DecodeFailure(f"{sample.path}: cannot decode image{where}: {type(exc).__name__}: {first}")
+            return DecodeFailure(f"{sample.path}: cannot decode image{where}: {describe_exception(exc, 160)}")
         image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
         return (image - self.mean) / self.std, sample.label
 

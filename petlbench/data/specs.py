@@ -53,7 +53,7 @@ class VtabData(_FileData):
     `{"path": label}` objects, paths relative to `<root>/<task>/images/`)."""
 
     name: Literal["vtab1k"]
-    task: str = Field(description="task folder name, e.g. cifar, dtd, patch_camelyon (METHODS.md §0.4)")
+    task: str = Field(description="task folder name, e.g. cifar, dtd, patch_camelyon (docs/methods.md)")
     root: str = Field("vtab-1k", min_length=1, description="folder with one sub-folder per task")
     train_split: Literal["train800val200", "train800", "val200"] = Field(
         "train800val200", description="list the model trains on (the papers' final protocol: all 1000 images)"

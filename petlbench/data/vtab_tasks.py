@@ -1,4 +1,4 @@
-"""VTAB-1k facts: the 19 tasks (METHODS.md §0.4 order, groups, class counts) and the two ways of averaging them.
+"""VTAB-1k facts: the 19 tasks (docs/methods.md order, groups, class counts) and the two ways of averaging them.
 
 - **group mean**: the mean of the Natural (7), Specialized (4) and Structured (8) group means — the VPT, NOAH,
   FacT (and very likely SQT) papers' "Average";
@@ -28,8 +28,8 @@ class VtabTask:
     num_classes: int
 
 
-# Order and class counts: METHODS.md §0.4. Folder names: the FacT/NOAH/SQT `vtab-1k/<task>/` layout (and the
-# keys of SQT's per-dataset configs, METHODS.md §1.10 / FacT's §2.6).
+# Order and class counts: docs/methods.md Folder names: the FacT/NOAH/SQT `vtab-1k/<task>/` layout (and the
+# keys of SQT's per-dataset configs, docs/methods.md).
 VTAB_TASKS: Final[tuple[VtabTask, ...]] = (
     VtabTask("cifar", "CIFAR-100", "Natural", 100),
     VtabTask("caltech101", "Caltech101", "Natural", 102),

@@ -24,8 +24,10 @@ from pathlib import Path
 from petlbench.errors import PetlbenchError
 from petlbench.estimate.client import Estimate
 from petlbench.executors import Executor, RunFinished
-from petlbench.results import RunResult, write_result
+from petlbench.fmt import first_line
+from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
+from petlbench.sweep import execute
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,7 @@ class ProbeFailed(PetlbenchError):
     """A probe ended error/timeout: whether that batch fits is unknown, so the configuration's search stops."""
 
     def __init__(self, result: RunResult) -> None:
-        first = (result.error or "").splitlines()[0] if result.error else ""
-        super().__init__(f"probe at batch {result.spec.batch_size} ended {result.status}: {first}")
+        super().__init__(f"probe at batch {result.spec.batch_size} ended {result.status}: {first_line(result.error)}")
         self.result = result
 
 
@@ -189,10 +190,8 @@ def run_auto_batch(
             if reused:
                 result = stored[spec.run_id]
             else:
-                finished = [e.result for e in executor.execute([spec]) if isinstance(e, RunFinished)]
-                result = finished[0]
-                result.metrics.memory_limit_bytes = limit
-                write_result(results_dir, result)
+                events = execute([spec], executor, results_dir, memory_limit=limit)
+                result = next(e.result for e in events if isinstance(e, RunFinished))
             outcome.results.append(result)
             try:
                 ok = probe_fits(result, limit)

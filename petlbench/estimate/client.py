@@ -11,7 +11,7 @@ a file or a folder, and reading `results/` leaves estimate folders out unless on
 Rows of `run --skip-predicted-oom` are the exception by design: a skipped run is a result of the measured suite
 (status `skipped`, retried on the next run), carrying the predicted peak with `memory_source = estimate`.
 
-CUDA runs are estimated on fake CPU tensors with these CPU→CUDA deltas (MEASURE-NOTES.md §7), all uncalibrated
+CUDA runs are estimated on fake CPU tensors with these CPU→CUDA deltas (docs/measurement.md), all uncalibrated
 until a GPU run of scripts/gpu-validate.sh:
 
 - every storage rounded up to 512 B (the caching allocator's block size), through the tracker's `round_to`;
@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,11 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.errors import ConfigError
+from petlbench.executors.process import kill_group
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.nvml import gpu_memory_bytes
 from petlbench.results import EnvValue, Metrics, RunResult, now_iso
+from petlbench.spec.base import StrictModel
 from petlbench.spec.models import ESTIMATE_SUFFIX, Device, RunSpec
 from petlbench.tuners import make_tuner
 
@@ -56,10 +57,8 @@ MEASURED_SOURCES: Final = frozenset({"cuda_allocator", "cpu_tracker"})
 _PER_RUN_FIELDS: Final = {"suite", "timeout_s", "batch_size", "precision", "measure", "train", "device"}
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(StrictModel):
     """Search mode: for each spec, the largest batch predicted to fit `limit_bytes` (batch_size: auto)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     limit_bytes: int
     min: int = 1
@@ -319,10 +318,7 @@ def run_estimates(
             return results
         finally:
             for proc in procs:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                kill_group(proc)
 
 
 def _serve(

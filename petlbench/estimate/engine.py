@@ -1,16 +1,15 @@
 """Predict a run's memory without allocating it: the worker's training step, on fake CPU tensors.
 
-MEASURE-NOTES.md §2: build on the meta device (outside the fake mode: timm's drop-path schedule calls `.item()`),
+docs/measurement.md: build on the meta device (outside the fake mode: timm's drop-path schedule calls `.item()`),
 enter `FakeTensorMode(allow_non_fake_inputs=True)`, materialise with `to_empty(device="cpu")`, and run the same
 warm-up and tracked step as the worker. Fake tensors carry shapes, dtypes and storages but no data, so the
 tracker sees exactly the bytes a real CPU run allocates, for any batch size, with no real memory. Fake *CUDA*
 tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are estimated on fake
-CPU tensors too, with the deltas listed in petlbench/prediction.py.
+CPU tensors too, with the deltas listed in petlbench/estimate/client.py.
 
-Many runs, one process (`python -m petlbench.estimate.engine`, serving JSON requests on stdin, is what the CLI starts;
-`python -m petlbench.estimate.engine REQUEST.json OUT.json` answers one request from a file): runs that
-build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one fake model and
-optimizer. It is warmed up once (AdamW creates its state on the first step; every later step has the same
+Many runs, one process (`python -m petlbench.estimate.engine`, serving JSON requests on stdin, is what the CLI
+starts): runs that build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one
+fake model and optimizer. It is warmed up once (AdamW creates its state on the first step; every later step has the same
 allocation pattern), then each run is one tracked step (plus one tracked inference forward) at its batch size and
 precision. The tracker counts only the tensors it is shown (weights, gradients, optimizer state, the batch) and
 those allocated inside the step, exactly as in the worker, so a reused model gives the same bytes as a fresh one
@@ -21,13 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,9 +47,11 @@ from petlbench.estimate.client import (
     has_dropout,
     model_key,
 )
+from petlbench.fmt import describe_exception
 from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
-from petlbench.measure.timeline import RecordingTracker, Timeline, at_batch, replay
+from petlbench.measure.timeline import at_batch
+from petlbench.measure.tracker import TensorTracker, Timeline, replay
 from petlbench.results import EnvValue, Metrics
 from petlbench.spec.models import RunSpec
 from petlbench.worker import build_model, model_img_size
@@ -66,7 +65,7 @@ def estimate_memory(spec: RunSpec) -> Metrics:
     """Predicted peak bytes and their breakdown for one run, as a run of the same spec would measure them.
 
     For a CPU spec this is what the worker's tensor tracker measures, to the byte; for a CUDA spec, the same with
-    the CPU→CUDA deltas applied (petlbench/prediction.py).
+    the CPU→CUDA deltas applied (petlbench/estimate/client.py).
     """
     return Estimator().estimate(spec)
 
@@ -156,14 +155,14 @@ class _FakeModel:
             y = torch.zeros(spec.batch_size, dtype=torch.int64)
             if spec.measure.inference:
                 self.model.eval()
-                recorder = RecordingTracker()
+                recorder = TensorTracker()
                 tracked_inference(self.model, x, _autocast(spec), tracker=recorder)
                 infer = recorder.timeline()
             self.model.train()
             step = _train_step(spec, self.model, self.optimizer)
             if not self.warm:
                 self._create_optimizer_state()
-            recorder = RecordingTracker()
+            recorder = TensorTracker()
             tracked_train_step(step, x, y, tracker=recorder)
             train = recorder.timeline()
         self.attention_dropout |= dropout is not None and dropout.attention_dropout
@@ -172,7 +171,7 @@ class _FakeModel:
     def _create_optimizer_state(self) -> None:
         """What the worker's warm-up steps leave behind: the optimizer's state (AdamW/SGD create it lazily in their
         first `step()`), no gradients. A step on zero gradients creates the same state without a forward/backward;
-        every later step allocates alike (MEASURE-NOTES.md §1: step 2 = step 3)."""
+        every later step allocates alike (docs/measurement.md: step 2 = step 3)."""
         for param in self.tuned.trainable_parameters():
             param.grad = torch.zeros_like(param)
         self.optimizer.step()
@@ -277,8 +276,7 @@ class Estimator:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, PetlbenchError):
         return str(exc)
-    first = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"
+    return describe_exception(exc)
 
 
 def estimate_many(specs: Sequence[RunSpec], search: SearchRequest | None = None) -> Iterator[tuple[int, Estimate]]:
@@ -314,25 +312,15 @@ def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateRespo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve requests (one JSON EstimateRequest per stdin line, answered on stdout), or answer one from a file."""
+    """Serve requests: one JSON EstimateRequest per stdin line, each answered on stdout (what the CLI starts)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (0, 2):
-        print(
-            "usage: python -m petlbench.estimate.engine [REQUEST.json OUT.json]  (no arguments: serve stdin)",
-            file=sys.stderr,
-        )
+    if args:
+        print("usage: python -m petlbench.estimate.engine  (serves JSON requests on stdin)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     from petlbench.measure.env import collect_env
 
     env = collect_env(torch.device("cpu"))
-    if args:
-        response = _answer(EstimateRequest.model_validate_json(Path(args[0]).read_text()), env)
-        out = Path(args[1])
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(response.model_dump_json())
-        os.replace(tmp, out)
-        return 0
     for line in sys.stdin:
         if line.strip():
             response = _answer(EstimateRequest.model_validate_json(line), env)

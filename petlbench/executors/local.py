@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from petlbench.errors import ConfigError
 from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
+from petlbench.executors.process import kill_group
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
 
@@ -61,13 +62,6 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """Kill the worker and anything it started (it leads its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 class Children:
     """The worker processes running now, so that an interrupt in the main thread can kill them all.
 
@@ -88,7 +82,7 @@ class Children:
             if not self._closed:
                 self._procs.add(proc)
                 return
-        _kill(proc)
+        kill_group(proc)
 
     def discard(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
@@ -100,7 +94,7 @@ class Children:
             self._closed = True
             procs = list(self._procs)
         for proc in procs:
-            _kill(proc)
+            kill_group(proc)
 
 
 def run_in_subprocess(
@@ -135,7 +129,7 @@ def run_in_subprocess(
             try:
                 code = proc.wait(timeout=spec.timeout_s)
             except subprocess.TimeoutExpired:
-                _kill(proc)
+                kill_group(proc)
                 return failed_result(
                     spec,
                     "timeout",
@@ -144,7 +138,7 @@ def run_in_subprocess(
                     duration_s=time.monotonic() - start,
                 )
             except BaseException:
-                _kill(proc)
+                kill_group(proc)
                 raise
             finally:
                 if children is not None:

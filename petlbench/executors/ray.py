@@ -29,6 +29,7 @@ from petlbench.errors import ConfigError, DeviceError
 from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import thread_env
 from petlbench.executors.local import log_path, run_on_node
+from petlbench.fmt import describe_exception, first_line
 from petlbench.results import RunResult, failed_result
 from petlbench.spec.models import RunSpec
 
@@ -103,9 +104,9 @@ class RayExecutor:
             else:
                 ray.init(address=self.address, log_to_driver=False)
         except ConnectionError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
-                f"--address {self.address}: cannot reach a Ray cluster ({first}); start one with `ray start --head`"
+                f"--address {self.address}: cannot reach a Ray cluster ({first_line(exc) or type(exc).__name__}); "
+                "start one with `ray start --head`"
             ) from None
         return True
 
@@ -156,8 +157,7 @@ class RayExecutor:
         try:
             result_json, log_text = self._ray.get(ref)
         except Exception as exc:  # the task itself failed: worker process or node died, runtime env failed, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return failed_result(spec, "error", f"ray task failed: {type(exc).__name__}: {first}")
+            return failed_result(spec, "error", f"ray task failed: {describe_exception(exc)}")
         path = log_path(self.results_dir, spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(log_text)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from petlbench.measure.nvml import driver_version
 from petlbench.results import EnvValue
 
 
@@ -82,21 +83,7 @@ def collect_env(device: torch.device) -> dict[str, EnvValue]:
             sdpa_flash=bool(torch.backends.cuda.flash_sdp_enabled()),
             sdpa_mem_efficient=bool(torch.backends.cuda.mem_efficient_sdp_enabled()),
             sdpa_math=bool(torch.backends.cuda.math_sdp_enabled()),
-            driver=_nvml_driver(),
+            driver=driver_version(),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
     return env
-
-
-def _nvml_driver() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
-    return version.decode() if isinstance(version, bytes) else str(version)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
-from types import TracebackType
 
 import torch
 from torch import nn
 
+from petlbench.measure.nvml import NvmlSampler
 from petlbench.measure.step import TrainStep
 from petlbench.measure.tracker import TensorTracker, TrackedPeak
 from petlbench.results import Metrics
@@ -124,70 +123,9 @@ def peak_rss() -> int | None:
 # -- NVML ---------------------------------------------------------------------------------------------------
 
 
-class NvmlSampler:
-    """Samples this process's GPU memory through NVML in a background thread (driver view, CUDA context included).
-
-    When the driver does not list our PID (containers with their own PID namespace), it falls back to the whole
-    device's used memory and says so in `scope`.
-    """
-
-    def __init__(self, device_index: int, interval_s: float) -> None:
-        self.device_index = device_index
-        self.interval_s = interval_s
-        self.peak: int | None = None
-        self.scope: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._handle: object | None = None
-
-    def __enter__(self) -> NvmlSampler:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handle = _nvml_handle(pynvml, self.device_index)
-        except Exception as exc:  # no NVML: leave the driver view empty rather than guess
-            log.warning("NVML unavailable (%s); peak_driver_bytes will be empty", exc)
-            return self
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def _sample(self) -> None:
-        import pynvml
-
-        used: int | None = None
-        scope = "process"
-        try:
-            pid = os.getpid()
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    used = int(proc.usedGpuMemory)
-            if used is None:
-                used, scope = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used), "device"
-        except Exception:
-            return
-        if self.peak is None or used > self.peak:
-            self.peak = used
-        # once any sample had to fall back, the whole peak is a device-level number
-        self.scope = "device" if "device" in (scope, self.scope) else scope
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._sample()
-        if self._handle is not None:
-            import pynvml
-
-            pynvml.nvmlShutdown()
+def nvml_sampler(device_index: int, interval_s: float) -> NvmlSampler:
+    """An NVML sampler of torch's CUDA device `device_index` (matched by UUID: CUDA_VISIBLE_DEVICES reorders)."""
+    return NvmlSampler(lambda lib: _nvml_handle(lib, device_index), interval_s)
 
 
 def _nvml_handle(pynvml: object, device_index: int) -> object:

@@ -1,8 +1,11 @@
-"""Tensor-level memory accounting: the exact, deterministic peak of live tensor bytes, by category.
+"""Tensor-level memory accounting: the exact, deterministic peak of live tensor bytes, by category, and its log.
 
 A `TorchDispatchMode` sees every tensor an aten op returns. Each new storage is counted once (views share it)
 under the category of the phase that allocated it, and uncounted when Python frees it. At every new peak the
-per-category totals are copied (four integers), so the breakdown at the peak always sums to the peak.
+per-category totals are copied (four integers), so the breakdown at the peak always sums to the peak. Every
+event (a new storage with its category, bytes and shape; a free; a retag; a peak reset) is also logged, so the
+region can be replayed (`replay`, at any allocation rounding), drawn as a timeline, or extrapolated to another
+batch size (`petlbench.measure.timeline.at_batch`).
 
 Categories:
 - weights: parameters and buffers (registered up front);
@@ -11,9 +14,9 @@ Categories:
 - activations: everything else allocated in forward/backward: saved tensors, temporaries, the input batch,
   autocast's cached low-precision weight copies.
 
-MEASURE-NOTES.md §3: this gives the same bytes as MemTracker and the profiler's memory timeline, for real and
-fake tensors. It does not see storage `resize_` or tensors made under `no_dispatch`; neither occurs in a
-ViT training step.
+This gives the same bytes as MemTracker and the profiler's memory timeline, for real and fake tensors
+(docs/measurement.md). It does not see storage `resize_` or tensors made under `no_dispatch`; neither occurs
+in a ViT training step.
 """
 
 from __future__ import annotations
@@ -21,15 +24,21 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Literal, TypeAlias
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
-from torch.utils.weak import WeakIdKeyDictionary
 
 Category: TypeAlias = Literal["weights", "gradients", "optimizer", "activations"]
 CATEGORIES: Final[tuple[Category, ...]] = ("weights", "gradients", "optimizer", "activations")
+
+# event kinds of a Timeline
+ALLOC: Final = 0
+FREE: Final = 1
+RETAG: Final = 2
+RESET: Final = 3
 
 # aten attention ops → short kernel names for the `attn_kernel` column
 _ATTENTION_OPS: Final = (
@@ -50,27 +59,40 @@ class TrackedPeak:
     attn_kernel: str | None
 
 
-class _Cell:
-    __slots__ = ("category", "nbytes")
+@dataclass(frozen=True)
+class Timeline:
+    """Events of one tracked region: (kind, key, category, nbytes); `shapes[key]` is the shape of storage `key`'s
+    first tensor. Keys number storages in allocation order."""
 
-    def __init__(self, category: Category, nbytes: int) -> None:
-        self.category = category
-        self.nbytes = nbytes
+    events: tuple[tuple[int, int, Category, int], ...]
+    shapes: tuple[tuple[int, ...], ...]
+    ops: frozenset[str]
 
 
 class TensorTracker(TorchDispatchMode):
-    """Live-storage byte counter. Use as a context manager; set `.category` to the current phase."""
+    """Live-storage byte counter and event log. Use as a context manager; set `.category` to the current phase.
+
+    `round_to` rounds every storage up for the live counts (512 mimics the CUDA caching allocator's blocks); the
+    log keeps exact sizes, so `replay` can apply any rounding later. Storages are keyed by id with a weakref
+    callback (cheaper than a weak dictionary on the hot path). `timeline()` closes the log: later frees (tensors
+    that outlive the region) still update the counts but are not logged.
+    """
 
     def __init__(self, round_to: int = 1) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.round_to = round_to  # 512 mimics the CUDA caching allocator's block rounding
+        self.round_to = round_to
         self.category: Category = "activations"
         self.live: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.total = 0
         self.peak = 0
         self.peak_by_category: dict[str, int] = dict(self.live)
-        self._cells: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._events: list[tuple[int, int, Category, int]] = []
+        self._shapes: list[tuple[int, ...]] = []
+        # id(storage) → (key, category, exact bytes, weak reference that frees the entry)
+        self._by_id: dict[int, tuple[int, Category, int, weakref.ref[torch.UntypedStorage]]] = {}
+        self._names: dict[Any, str] = {}
         self._ops: set[str] = set()
+        self._open = True
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -80,20 +102,28 @@ class TensorTracker(TorchDispatchMode):
 
     def _add(self, tensor: torch.Tensor, category: Category) -> None:
         storage = tensor.untyped_storage()
-        if storage in self._cells:
+        sid = id(storage)
+        if sid in self._by_id:
             return
-        cell = _Cell(category, self._round(storage.nbytes()))
-        self._cells[storage] = cell
-        self.live[category] += cell.nbytes
-        self.total += cell.nbytes
+        key, nbytes = len(self._shapes), storage.nbytes()
+        self._by_id[sid] = (key, category, nbytes, weakref.ref(storage, partial(self._freed, sid)))
+        self._shapes.append(tuple(int(d) for d in tensor.shape))
+        if self._open:
+            self._events.append((ALLOC, key, category, nbytes))
+        size = self._round(nbytes)
+        self.live[category] += size
+        self.total += size
         if self.total > self.peak:
             self.peak = self.total
             self.peak_by_category = dict(self.live)
-        weakref.finalize(storage, self._free, cell)
 
-    def _free(self, cell: _Cell) -> None:
-        self.live[cell.category] -= cell.nbytes
-        self.total -= cell.nbytes
+    def _freed(self, sid: int, _ref: object) -> None:
+        key, category, nbytes, _ = self._by_id.pop(sid)
+        if self._open:
+            self._events.append((FREE, key, category, nbytes))
+        size = self._round(nbytes)
+        self.live[category] -= size
+        self.total -= size
 
     def register(self, tensors: Iterable[torch.Tensor | None], category: Category) -> None:
         """Count tensors that exist before tracking starts (weights, optimizer state, inputs)."""
@@ -104,21 +134,33 @@ class TensorTracker(TorchDispatchMode):
 
     def retag(self, tensor: torch.Tensor, category: Category) -> None:
         """Move a live tensor's bytes to another category (e.g. a backward output that became `.grad`)."""
-        cell = self._cells.get(tensor.untyped_storage())
-        if cell is None:
+        sid = id(tensor.untyped_storage())
+        entry = self._by_id.get(sid)
+        if entry is None:
             self._add(tensor, category)
             return
-        if cell.category != category:
-            self.live[cell.category] -= cell.nbytes
-            self.live[category] += cell.nbytes
-            cell.category = category
+        key, old, nbytes, ref = entry
+        if old != category:
+            self._by_id[sid] = (key, category, nbytes, ref)
+            if self._open:
+                self._events.append((RETAG, key, category, nbytes))
+            size = self._round(nbytes)
+            self.live[old] -= size
+            self.live[category] += size
 
     def reset_peak(self) -> None:
         self.peak = self.total
         self.peak_by_category = dict(self.live)
+        if self._open:
+            self._events.append((RESET, -1, "activations", 0))
 
     def result(self) -> TrackedPeak:
         return TrackedPeak(self.peak, dict(self.peak_by_category), attention_kernel(self._ops))
+
+    def timeline(self) -> Timeline:
+        """The events so far, closing the log."""
+        self._open = False
+        return Timeline(_canonical(self._events), tuple(self._shapes), frozenset(self._ops))
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -130,10 +172,20 @@ class TensorTracker(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        name = func.__name__ if hasattr(func, "__name__") else str(func)
-        if "attention" in name or name.startswith("_softmax"):
-            self._ops.add(name.split(".")[0])
-        tree_map_only(torch.Tensor, lambda t: self._add(t, self.category), out)
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = func.__name__ if hasattr(func, "__name__") else str(func)
+            if "attention" in name or name.startswith("_softmax"):
+                self._ops.add(name.split(".")[0])
+        category = self.category
+        if isinstance(out, torch.Tensor):
+            self._add(out, category)
+        elif isinstance(out, tuple | list):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self._add(item, category)
+                elif isinstance(item, tuple | list):
+                    tree_map_only(torch.Tensor, lambda t: self._add(t, category), item)
         return out
 
 
@@ -144,3 +196,54 @@ def attention_kernel(ops: Iterable[str]) -> str | None:
     if kernels:
         return "+".join(kernels)
     return "math" if any(op.startswith("_softmax") for op in ops) else None
+
+
+def _canonical(events: list[tuple[int, int, Category, int]]) -> tuple[tuple[int, int, Category, int], ...]:
+    """Frees that follow each other are sorted by key.
+
+    Their order cannot change a peak (peaks are taken at allocations), but it is not always deterministic: leaving
+    autocast clears its cache of low-precision weight copies, a hash map, so the same copies are freed in a
+    different order from one trace to the next. Sorted, two traces of the same step match event for event.
+    """
+    out: list[tuple[int, int, Category, int]] = []
+    run: list[tuple[int, int, Category, int]] = []
+    for event in events:
+        if event[0] == FREE:
+            run.append(event)
+            continue
+        if run:
+            out.extend(sorted(run, key=lambda e: e[1]))
+            run = []
+        out.append(event)
+    out.extend(sorted(run, key=lambda e: e[1]))
+    return tuple(out)
+
+
+def replay(timeline: Timeline, round_to: int = 1) -> TrackedPeak:
+    """The tracker's peak and breakdown for this timeline, every storage rounded up to a multiple of `round_to`."""
+    live: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+    total = peak = 0
+    peak_by_category = dict(live)
+    sizes: dict[int, int] = {}
+    categories: dict[int, str] = {}
+    for kind, key, category, nbytes in timeline.events:
+        if kind == ALLOC:
+            size = (nbytes + round_to - 1) // round_to * round_to if round_to > 1 else nbytes
+            sizes[key], categories[key] = size, category
+            live[category] += size
+            total += size
+            if total > peak:
+                peak = total
+                peak_by_category = dict(live)
+        elif kind == FREE:
+            size = sizes.pop(key)
+            live[categories.pop(key)] -= size
+            total -= size
+        elif kind == RETAG:
+            live[categories[key]] -= sizes[key]
+            live[category] += sizes[key]
+            categories[key] = category
+        else:
+            peak = total
+            peak_by_category = dict(live)
+    return TrackedPeak(peak, peak_by_category, attention_kernel(timeline.ops))

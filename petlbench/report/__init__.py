@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Final
 
 from petlbench import __version__
 from petlbench.errors import ConfigError
-from petlbench.fmt import fmt_bytes, fmt_params, fmt_pct, fmt_rate
+from petlbench.fmt import first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing
 from petlbench.report.frame import Group, points, split_groups, variant_order
 from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
-from petlbench.results import first_line, load_rows, missing
+from petlbench.results import load_rows
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -13,24 +13,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from petlbench.results import first_line, missing
+from petlbench.fmt import first_line, missing
+from petlbench.spec.models import GROUP_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# (column, what it is called in notes) — rows differing in any of these never share a figure
-FACETS: Final = (
-    ("suite", "suite"),
-    ("device", "device"),
-    ("env.gpu_name", "GPU"),
-    ("precision", "precision"),
-    ("backbone.model", "backbone"),
-    ("backbone.img_size", "image size"),
-    ("backbone.kwargs", "backbone options"),
-    ("backbone.fused_attn", "fused attention"),
-    ("attn_kernel", "attention kernel"),
-    ("dataset", "dataset"),
-    ("grad_checkpointing", "gradient checkpointing"),
+# What a column is called in notes; every GROUP_COLUMNS entry (petlbench/spec/controls.py) splits figures.
+_LABELS: Final = {
+    "suite": "suite",
+    "device": "device",
+    "env.gpu_name": "GPU",
+    "precision": "precision",
+    "backbone.model": "backbone",
+    "backbone.img_size": "image size",
+    "backbone.kwargs": "backbone options",
+    "backbone.fused_attn": "fused attention",
+    "attn_kernel": "attention kernel",
+    "grad_checkpointing": "gradient checkpointing",
+}
+FACETS: Final = (*((column, _LABELS.get(column, column)) for column in GROUP_COLUMNS), ("dataset", "dataset"))
+# Facets the title names in its own words; any other facet that varies is added as `column=value`.
+_TITLED: Final = frozenset(
+    {"suite", "device", "env.gpu_name", "precision", "backbone.model", "backbone.img_size", "backbone.kwargs"}
+    | {"backbone.fused_attn", "attn_kernel", "dataset", "grad_checkpointing"}
 )
 # Measured during the run, so missing on runs that failed early: borrowed from their ok siblings when unique.
 _MEASURED: Final = ("attn_kernel", "env.gpu_name")
@@ -78,7 +84,7 @@ def split_groups(rows: pd.DataFrame) -> tuple[list[Group], list[str]]:
         for key, index in keys.groupby(columns, sort=True, dropna=False).groups.items():
             values = dict(zip(columns, key if isinstance(key, tuple) else (key,), strict=True))
             slug = _unique(_slug(values, varying), slugs)
-            groups.append(Group(values, df.loc[index], _title(values), slug))
+            groups.append(Group(values, df.loc[index], _title(values, varying), slug))
     names = dict(FACETS)
     return groups, [names[c] for c in varying]
 
@@ -106,7 +112,7 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _title(values: dict[str, str]) -> str:
+def _title(values: dict[str, str], varying: Sequence[str] = ()) -> str:
     get = values.get
     device = get("device", "-")
     if device == "cuda" and get("env.gpu_name", "-") != "-":
@@ -123,6 +129,7 @@ def _title(values: dict[str, str]) -> str:
     parts = [get("suite", "-"), device, get("precision", "-"), backbone, attention, get("dataset", "-")]
     if get("grad_checkpointing") == "True":
         parts.append("grad ckpt")
+    parts += [f"{column}={values[column]}" for column in varying if column not in _TITLED]
     return " · ".join(p for p in parts if p and p != "-")
 
 

@@ -38,7 +38,7 @@ class VtabRow:
 
 @dataclass(frozen=True)
 class VtabTable:
-    """Tasks × methods, in METHODS.md §0.4 task order; `metric` says which accuracy column it holds."""
+    """Tasks × methods, in docs/methods.md task order; `metric` says which accuracy column it holds."""
 
     metric: str
     rows: tuple[VtabRow, ...]

@@ -20,7 +20,7 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
     × seed. `data_root` (the resolved --data-root) is carried to the workers; it is not part of any run_id.
 
     With `batch_size: auto` each configuration appears once, at `auto_batch.min`: the templates of the search
-    (petlbench/autobatch.py), each itself the search's smallest probe.
+    (petlbench/estimate/autobatch.py), each itself the search's smallest probe.
     """
     fixed = cast(int | list[int], suite.batch_size)
     batch_sizes = [suite.batch_range.min] if suite.auto_batch_size else as_list(fixed)

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from petlbench.data.specs import DataSpec
+from petlbench.spec import controls
 from petlbench.spec.base import StrictModel
 
 # Version of the RunSpec -> result-row schema. It is part of every run_id, so a schema change re-runs everything.
@@ -101,7 +102,7 @@ class TrainSpec(StrictModel):
 
 class AutoBatchSpec(StrictModel):
     """The search range of `batch_size: auto`: the largest batch in [min, max] (a multiple of `multiple_of`) that fits
-    the memory limit, seeded by the estimate and confirmed by real runs (petlbench/autobatch.py)."""
+    the memory limit, seeded by the estimate and confirmed by real runs (petlbench/estimate/autobatch.py)."""
 
     min: int = Field(1, gt=0, description="smallest batch size tried")
     max: int = Field(4096, gt=0, description="largest batch size tried")
@@ -119,7 +120,7 @@ class AutoBatchSpec(StrictModel):
 
 
 AUTO: Final = "auto"
-# Estimate rows of suite X live in results/X.estimate/, so the name suffix is reserved (petlbench/prediction.py).
+# Estimate rows of suite X live in results/X.estimate/, so the name suffix is reserved (petlbench/estimate/client.py).
 ESTIMATE_SUFFIX: Final = ".estimate"
 
 
@@ -245,10 +246,7 @@ class RunSpec(StrictModel):
     @property
     def run_id(self) -> str:
         """Short hash of the canonical spec (execution-only fields excluded) and the schema version."""
-        execution_only: Any = {"suite": True, "timeout_s": True, "data_root": True, "data": {"num_workers"}}
-        if self.measure.cpu_threads is None:  # added later: unset, it leaves every earlier run_id unchanged
-            execution_only["measure"] = {"cpu_threads"}
-        canonical = self.model_dump(mode="json", exclude=execution_only)
+        canonical = self.model_dump(mode="json", exclude=controls.run_id_exclusions(self))
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{text}|schema={SCHEMA_VERSION}".encode()).hexdigest()[:12]
 
@@ -262,3 +260,9 @@ def _fmt_num(value: float | None) -> str:
     if value is None:
         return "-"
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# Result columns by role (petlbench/spec/controls.py): rows that differ in a GROUP column never share a figure,
+# and a budget ratio pairs only rows equal in every PAIR column.
+GROUP_COLUMNS: Final = controls.group_columns(RunSpec)
+PAIR_COLUMNS: Final = controls.pair_columns(RunSpec)

@@ -44,4 +44,12 @@ class Hang(Tuner):
         return model
 
 
-TUNERS = [Crash, Oom, Hang]
+class BareMemoryError(Tuner):
+    name = "test_memory_error"
+    summary = "test only: raises a MemoryError without a message (what an allocator failure looks like)"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        raise MemoryError()
+
+
+TUNERS = [Crash, Oom, Hang, BareMemoryError]
