@@ -52,6 +52,7 @@ class Metrics(BaseModel):
     # attention dropout, foreach); `estimate_note` lists the deltas applied and what is approximate
     estimate_approximate: bool | None = None
     estimate_note: str | None = None
+    step_flops: int | None = None  # estimates: FLOPs of one training step, counted on the fake trace
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     peak_driver_bytes: int | None = None  # NVML, includes the CUDA context; never mixed into the headline
@@ -69,6 +70,9 @@ class Metrics(BaseModel):
     # speed
     step_time_median_s: float | None = None
     step_time_p90_s: float | None = None
+    step_time_iqr_s: float | None = None  # interquartile range of the timed steps
+    timed_steps: int | None = None
+    timing_unstable: bool | None = None  # IQR / median above measure.max_dispersion: do not trust the speed
     train_images_per_s: float | None = None
     infer_time_median_s: float | None = None
     infer_images_per_s: float | None = None
@@ -290,6 +294,7 @@ NUMERIC_COLUMNS: Final = (
     "mem_optimizer_bytes",
     "mem_activations_bytes",
     "step_time_median_s",
+    "step_time_iqr_s",
     "train_images_per_s",
     "infer_images_per_s",
     "acc_top1",

@@ -28,6 +28,7 @@ class Prepared:
     suite: Suite
     runs: list[RunSpec]
     checks: list[DataCheck]
+    auto_cpu: bool = False  # `device: auto` resolved to the CPU because no GPU is visible (the guard applies)
 
 
 def prepare(
@@ -39,7 +40,8 @@ def prepare(
 ) -> Prepared:
     """Load, validate and expand a suite; resolve its device; run the pre-flight (data files, checkpoints, hub).
 
-    `local_gpus=False` (a cluster executor): `cuda` needs no GPU on this machine.
+    `local_gpus=False` (`validate`, or a cluster executor): `cuda` needs no GPU on this machine, and the runs get
+    the same run_ids as on a GPU machine.
     """
     suite = load_suite(suite_path)
     root = resolve_data_root(data_root)
@@ -49,10 +51,11 @@ def prepare(
     else:
         resolved = resolve_device(requested, visible_gpus())
     runs = expand(suite, resolved, str(root) if root else None)
+    auto_cpu = requested == "auto" and resolved == "cpu"
     if not checks:
-        return Prepared(suite, runs, [])
+        return Prepared(suite, runs, [], auto_cpu)
     check_data_root(root, from_option=data_root is not None)
-    return Prepared(suite, runs, preflight(suite, runs, root))
+    return Prepared(suite, runs, preflight(suite, runs, root), auto_cpu)
 
 
 @dataclass(frozen=True)

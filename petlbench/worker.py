@@ -41,7 +41,7 @@ from petlbench.measure.memory import (
     tracked_inference,
     tracked_train_step,
 )
-from petlbench.measure.speed import time_steps
+from petlbench.measure.speed import time_more, time_steps
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.results import Metrics, RunResult, Status, now_iso
 from petlbench.spec.models import RunSpec
@@ -136,8 +136,13 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
         metrics.rss_baseline_bytes = reset_peak_rss()
         timing = time_steps(lambda: step(x, y), spec.measure.steps, device)
         metrics.peak_rss_bytes = peak_rss() if metrics.rss_baseline_bytes is not None else None
+    protocol = spec.measure.timing
+    timing = time_more(lambda: step(x, y), timing, protocol, device)  # after the peaks were read
     metrics.step_time_median_s = timing.median_s
     metrics.step_time_p90_s = timing.p90_s
+    metrics.step_time_iqr_s = timing.iqr_s
+    metrics.timed_steps = len(timing.times_s)
+    metrics.timing_unstable = timing.dispersion > protocol.max_dispersion
     metrics.train_images_per_s = spec.batch_size / timing.median_s
 
     if spec.measure.breakdown or not cuda:
@@ -194,7 +199,7 @@ def _measure_inference(
         metrics.peak_infer_bytes = torch.cuda.max_memory_allocated(device)
     else:
         metrics.peak_infer_bytes = tracked_inference(model, x, autocast(spec.precision, device.type)).peak_bytes
-    timing = time_steps(forward, spec.measure.steps, device)
+    timing = time_more(forward, time_steps(forward, spec.measure.steps, device), spec.measure.timing, device)
     metrics.infer_time_median_s = timing.median_s
     metrics.infer_images_per_s = spec.batch_size / timing.median_s
 

@@ -83,11 +83,11 @@ def test_budget_file_accepts_human_units(tmp_path: Path) -> None:
     [
         (
             "budgets:\n  - select: {tuner: lora}\n    max_peak_allocated_bytes: lots\n",
-            "b.yaml: budgets[0].max_peak_allocated_bytes: expected bytes such as 1.5GiB",
+            "b.yaml: budgets[0].max_peak_allocated_bytes: not a memory size: 'lots'",
         ),
         (
             "budgets:\n  - select: {tuner: lora}\n    max_peak_allocated_bytes: 2XiB\n",
-            "b.yaml: budgets[0].max_peak_allocated_bytes: unknown unit 'xib'",
+            "b.yaml: budgets[0].max_peak_allocated_bytes: not a memory size: '2XiB' (unknown unit 'xib')",
         ),
         (
             "budgets:\n  - select: {tuner: lora, rnak: 4}\n    max_params_trainable: 5\n",

@@ -50,6 +50,17 @@ def test_cuda_without_a_gpu_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert len(errors) == 1 and "--device cpu" in errors[0]
 
 
+def test_validate_needs_no_gpu_and_keeps_the_gpu_run_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from petlbench.spec.expand import expand
+    from petlbench.spec.loading import load_suite
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU here, whatever the machine has
+    result = runner.invoke(app, ["validate", "suites/gpu-small.yaml", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for run in expand(load_suite("suites/gpu-small.yaml"), "cuda"):  # what a GPU machine would run
+        assert run.run_id in result.output
+
+
 @pytest.mark.parametrize("args", [["validate", "missing.yaml"], ["run", "missing.yaml"]])
 def test_missing_suite_exits_2(args: list[str]) -> None:
     result = runner.invoke(app, args)

@@ -82,7 +82,8 @@ def test_bad_memory_sizes_are_one_line_usage_errors(tmp_path: Path) -> None:
     outcome = runner.invoke(app, ["estimate", str(suite), "--device-memory", "lots"])
     assert outcome.exit_code == 2
     assert errors(outcome.output) == [
-        "error: --device-memory: not a memory size: 'lots'; write e.g. 80GiB, 16GB, 512MiB or a byte count"
+        "error: --device-memory: not a memory size: 'lots'; write e.g. 80GiB, 16GB, 512MiB, 512M (K/M/G/T alone "
+        "are binary) or a byte count"
     ]
     no_limit = runner.invoke(app, ["run", str(suite), "--skip-predicted-oom", "--results-dir", str(tmp_path)])
     assert no_limit.exit_code == 2 and len(errors(no_limit.output)) == 1

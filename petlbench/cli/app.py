@@ -19,6 +19,7 @@ from petlbench.cli.console import err, error_line, fail, out, progress_bar
 from petlbench.cli.tables import check_table, result_line, runs_table, summary_table, tuners_table
 from petlbench.data.specs import DATA_ROOT_ENV
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
+from petlbench.estimate.guard import check_cpu_plan
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.measure.nvml import visible_gpus
 from petlbench.report import Plot
@@ -149,6 +150,12 @@ def run(
     if not todo.todo:
         out.print(f"nothing to run: all {len(runs)} runs already have results in {where}/ (use --force to re-run)")
         return
+    if prepared.auto_cpu:  # no GPU here: refuse a CPU plan that cannot fit or would take hours
+        try:
+            with out.status("device auto → cpu: predicting the plan's memory and time (petlbench estimate)"):
+                check_cpu_plan(suite_obj.source, todo.todo)
+        except PetlbenchError as exc:
+            fail(exc)
 
     results: list[RunResult] = []
     specs = todo.todo
@@ -227,7 +234,7 @@ def validate(
     Example: petlbench validate suites/accuracy-vtab.yaml --data-root /data
     """
     try:
-        prepared = prepare(suite, device, data_root, preflight_checks)
+        prepared = prepare(suite, device, data_root, preflight_checks, local_gpus=False)  # the GPU is run's
         suite_obj, runs, checks = prepared.suite, prepared.runs, prepared.checks
         statuses = stored_statuses(suite_dir(results_dir, suite_obj.name))
     except PetlbenchError as exc:

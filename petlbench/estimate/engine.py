@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from petlbench.data.loaders import num_classes
 from petlbench.errors import PetlbenchError
@@ -144,6 +145,7 @@ class _FakeModel:
         self.warm = False
         # (precision, device, inference) → batch size → (training timeline, inference timeline or None)
         self.traces: dict[tuple[str, str, bool], dict[int, tuple[Timeline, Timeline | None]]] = {}
+        self.flops: dict[tuple[str, str], dict[int, int]] = {}  # (precision, device) → batch → training-step FLOPs
         self.attention_dropout = False  # a CUDA trace saw SDPA with dropout: CPU ran the math path instead
 
     def _trace(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
@@ -163,10 +165,24 @@ class _FakeModel:
             if not self.warm:
                 self._create_optimizer_state()
             recorder = TensorTracker()
-            tracked_train_step(step, x, y, tracker=recorder)
+            with FlopCounterMode(display=False) as counter:  # counts shapes only: no tensor, no byte
+                tracked_train_step(step, x, y, tracker=recorder)
             train = recorder.timeline()
         self.attention_dropout |= dropout is not None and dropout.attention_dropout
+        self.flops.setdefault((spec.precision, spec.device), {})[spec.batch_size] = int(counter.get_total_flops())
         return train, infer
+
+    def step_flops(self, spec: RunSpec) -> int | None:
+        """FLOPs of one training step at the spec's batch: counted where traced, else on the line through two
+        traced batches (matmul FLOPs are linear in the batch)."""
+        counted = self.flops.get((spec.precision, spec.device), {})
+        if spec.batch_size in counted:
+            return counted[spec.batch_size]
+        anchors = sorted(counted)
+        if len(anchors) < 2:
+            return None
+        lo, hi = anchors[0], anchors[-1]
+        return counted[lo] + (counted[hi] - counted[lo]) * (spec.batch_size - lo) // (hi - lo)
 
     def _create_optimizer_state(self) -> None:
         """What the worker's warm-up steps leave behind: the optimizer's state (AdamW/SGD create it lazily in their
@@ -217,6 +233,7 @@ class _FakeModel:
         tracked = replay(train, round_to)
         metrics.peak_allocated_bytes = tracked.peak_bytes
         record_breakdown(metrics, tracked)
+        metrics.step_flops = self.step_flops(spec)
         return metrics
 
 
@@ -311,6 +328,17 @@ def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateRespo
     return EstimateResponse(estimates=[e for e in results if e is not None])
 
 
+def matmul_rate(size: int = 512, repeats: int = 8) -> float:
+    """This process's fp32 matmul rate in FLOP/s (a few real 512² products, about 20 ms): what a CPU plan's time
+    is predicted from (petlbench/estimate/guard.py)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: threads started, kernels chosen
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2.0 * size**3 * repeats / max(time.perf_counter() - start, 1e-9)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve requests: one JSON EstimateRequest per stdin line, each answered on stdout (what the CLI starts)."""
     args = sys.argv[1:] if argv is None else argv
@@ -321,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     from petlbench.measure.env import collect_env
 
     env = collect_env(torch.device("cpu"))
+    env["matmul_flops_per_s"] = matmul_rate()
     for line in sys.stdin:
         if line.strip():
             response = _answer(EstimateRequest.model_validate_json(line), env)

@@ -1,4 +1,10 @@
-"""Step timing: CUDA events on GPU (no host-clock skew from async launches), perf_counter on CPU."""
+"""Step timing: CUDA events on GPU (no host-clock skew from async launches), perf_counter on CPU.
+
+The protocol (`MeasureSpec.timing`): the steps of the memory window are timed, then more steps until at least
+`min_steps` steps and `min_time_s` of step time are measured (at most `max_steps`). A row reports the median, p90
+and the interquartile range of its step times; when IQR / median exceeds `max_dispersion` the timing is flagged
+unstable (other work on the machine, thermal throttling), and reports never build a throughput front from it.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
+from petlbench.spec.models import TimingProtocol
+
 
 @dataclass(frozen=True)
 class Timing:
     times_s: list[float]
+
+    @property
+    def iqr_s(self) -> float:
+        """Interquartile range of the step times (0 with fewer than two steps)."""
+        if len(self.times_s) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.times_s, n=4, method="inclusive")
+        return q3 - q1
+
+    @property
+    def dispersion(self) -> float:
+        """IQR / median: robust to the odd slow step, large when the machine is busy."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
 
     @property
     def median_s(self) -> float:
@@ -43,4 +64,12 @@ def time_steps(fn: Callable[[], object], steps: int, device: torch.device) -> Ti
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return Timing(times)
+
+
+def time_more(fn: Callable[[], object], timing: Timing, protocol: TimingProtocol, device: torch.device) -> Timing:
+    """`timing` extended with more timed calls of `fn` until the protocol is satisfied (or its cap is reached)."""
+    times = list(timing.times_s)
+    while len(times) < protocol.max_steps and (len(times) < protocol.min_steps or sum(times) < protocol.min_time_s):
+        times += time_steps(fn, 1, device).times_s
     return Timing(times)

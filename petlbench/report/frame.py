@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -198,8 +198,12 @@ def points(rows: pd.DataFrame) -> pd.DataFrame:
         }
         for metric in METRICS:
             record[metric] = source[metric].mean() if metric in source else float("nan")
+        # one unstable timing among the averaged runs makes the point's speed untrustworthy
+        flags: Iterable[Any] = source.get("timing_unstable", [])
+        record["timing_unstable"] = any(bool(f) for f in flags if not missing(f))
         records.append(record)
     columns = ["variant", "method", "knob_name", "knob", "batch_size", "status", "runs", "error", *METRICS]
+    columns.append("timing_unstable")
     out: pd.DataFrame = pd.DataFrame.from_records(records, columns=columns)
     return out
 

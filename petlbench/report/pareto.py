@@ -122,7 +122,10 @@ def frontier_flags(pts: pd.DataFrame, spec: ParetoSpec) -> pd.Series:
     import pandas as pd
 
     flags = pd.Series(False, index=pts.index)
-    for _, panel in pts[pts["status"] == "ok"].groupby("batch_size"):
+    usable = pts["status"] == "ok"
+    if THROUGHPUT in (spec.x, spec.y) and "timing_unstable" in pts:
+        usable &= ~pts["timing_unstable"].astype(bool)  # a throughput front is never built on unstable timings
+    for _, panel in pts[usable].groupby("batch_size"):
         mask = frontier_mask(
             panel[spec.x.column], panel[spec.y.column], maximize_x=spec.x.maximize, maximize_y=spec.y.maximize
         )
@@ -213,12 +216,18 @@ def _panel(
     obstacles: list[tuple[float, float]] = []
     on_front = drawn[front.loc[drawn.index]]
     off_front = drawn[~front.loc[drawn.index]]
+    timed = THROUGHPUT in (spec.x, spec.y)
     for _, p in off_front.iterrows():
         x, y = xscale(p[spec.x.column]), yscale(p[spec.y.column])
         color = colors[str(p["method"])]
-        ax.scatter([x], [y], s=28, color=color, alpha=0.3, edgecolors="none", zorder=3)
+        if timed and bool(p.get("timing_unstable", False)):  # hollow grey: its speed is not to be trusted
+            ax.scatter([x], [y], s=34, facecolors="none", edgecolors="#999999", linewidths=1.0, zorder=3)
+            text = f"{p['variant']} (unstable timing)"
+        else:
+            ax.scatter([x], [y], s=28, color=color, alpha=0.3, edgecolors="none", zorder=3)
+            text = str(p["variant"])
         obstacles.append((x, y))
-        labels.append(Label(x, y, str(p["variant"]), "#777777", priority=False, size=7))
+        labels.append(Label(x, y, text, "#777777", priority=False, size=7))
     if len(on_front):
         ordered = on_front.sort_values(spec.x.column)
         fx = [xscale(v) for v in ordered[spec.x.column]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -85,6 +86,34 @@ class MeasureSpec(StrictModel):
         description="torch intra-op threads of a CPU run (training included); None: torch's default, one per core. "
         "1 keeps tiny models fast on a shared machine, where spinning OpenMP threads stall each other",
     )
+    # The timing protocol (docs/measurement.md): after the `steps` of the memory window, steps go on being timed
+    # until both `steps` steps and `min_time_s` of step time are measured, at most `max_steps` in all. Unset, each
+    # takes its default below (and stays out of the run_id: petlbench/spec/controls.py).
+    min_time_s: float | None = Field(None, gt=0, description="time steps until this much step time is measured; 0.5")
+    max_steps: int | None = Field(None, gt=0, description="at most this many timed steps in all; default 50")
+    max_dispersion: float | None = Field(
+        None, gt=0, description="flag a row's timing as unstable when IQR / median step time exceeds this; 0.1"
+    )
+
+    @property
+    def timing(self) -> TimingProtocol:
+        """The timing protocol with its defaults filled in."""
+        return TimingProtocol(
+            min_steps=self.steps,
+            min_time_s=0.5 if self.min_time_s is None else self.min_time_s,
+            max_steps=max(self.steps, 50 if self.max_steps is None else self.max_steps),
+            max_dispersion=0.1 if self.max_dispersion is None else self.max_dispersion,
+        )
+
+
+@dataclass(frozen=True)
+class TimingProtocol:
+    """When to stop timing steps, and when their spread is too large to trust (MeasureSpec.timing)."""
+
+    min_steps: int
+    min_time_s: float
+    max_steps: int
+    max_dispersion: float
 
 
 class TrainSpec(StrictModel):
