@@ -195,10 +195,27 @@ def test_instance_head_is_a_weighted_mean_with_anchor_weight_one(tiny_vit: TinyV
     expected = head.final_norm((omega.unsqueeze(-1) * t).mean(dim=1))
     with torch.no_grad():
         torch.testing.assert_close(head(tokens), expected, rtol=1e-5, atol=1e-5)
-    # LN_head starts as a trainable copy of the backbone's final norm, not the same tensors
-    norm = model.backbone.norm
-    assert torch.equal(head.final_norm.weight, norm.weight) and head.final_norm.weight is not norm.weight
-    assert head.final_norm.eps == norm.eps
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"class_token": False, "global_pool": "avg"}])
+def test_ln_head_is_a_fresh_layernorm_with_the_final_norms_values(kwargs: dict[str, Any]) -> None:
+    """Official: nn.LayerNorm(D) (eps 1e-5) whose weight/bias take the backbone's final norm's (eps 1e-6) values."""
+    torch.manual_seed(0)
+    backbone = build_backbone(TINY_BACKBONE.model_copy(update={"kwargs": {**TINY_BACKBONE.kwargs, **kwargs}}), 10)
+    final = backbone.fc_norm if kwargs else backbone.norm  # avg pooling: timm's final norm is fc_norm
+    with torch.no_grad():
+        final.weight.uniform_(0.5, 1.5)
+        final.bias.uniform_(-0.5, 0.5)
+    weight, bias = final.weight.clone(), final.bias.clone()
+    ln_head = root(sqt(backbone)).instance_head.final_norm
+    assert isinstance(ln_head, nn.LayerNorm) and ln_head.eps == 1e-5 and final.eps == 1e-6
+    assert torch.equal(ln_head.weight, weight) and torch.equal(ln_head.bias, bias)
+    assert ln_head.weight.requires_grad and not final.weight.requires_grad
+    assert ln_head.weight.untyped_storage().data_ptr() != final.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(ln_head(x), expected * weight + bias)
 
 
 def test_head_drop_path_drops_whole_tokens_but_never_the_anchor() -> None:

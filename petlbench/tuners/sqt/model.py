@@ -21,8 +21,9 @@ Design choices:
 - **Pre-logits.** Modern timm ViTs have no representation layer. `pre_logits=path.npz` loads
   `pre_logits/kernel`, `pre_logits/bias` of an original ViT checkpoint into frozen buffers applied as
   `tanh(W f + b)` before the classifier, as in the timm-0.4.12 in21k model the paper used.
-- **LN_head** is a trainable copy of the backbone's final norm (`norm`, else `fc_norm`, else a fresh
-  LayerNorm); the backbone's own final norm, pooling and `fc_norm` are not used. The backbone's `head_drop`
+- **LN_head** is a fresh trainable `nn.LayerNorm(D)` (PyTorch's eps 1e-5, as the official code) whose weight
+  and bias start as copies of the backbone's final norm (`norm`, else `fc_norm`; weight 1 and bias 0 if it has
+  neither); the backbone's own final norm, pooling and `fc_norm` are not used. The backbone's `head_drop`
   (its `drop_rate`) is applied before the classifier, as in timm's `forward_head`.
 - **Unused official parameters are not created.** The official module also holds 12 `pre_norm` LayerNorms
   and a 37-vector `out_combine.weight` (18,469 parameters for ViT-B) that its forward never reads. They would
@@ -37,7 +38,6 @@ What this keeps alive, measured, and the parameter formula: docs/methods.md, "SQ
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -403,7 +403,7 @@ class SqtModel(nn.Module):
         nn.init.uniform_(self.queries, -1.0, 1.0)
         self.feat_scale = _scalar(cfg.feat_scale, factory)
         self.qsm = nn.ModuleList(QuerySynthesis(dim, cfg, fused, factory) for _ in range(depth))
-        self.instance_head = InstanceAwareHead(dim, 3 * depth + 1, cfg, _final_norm_copy(backbone, dim), factory)
+        self.instance_head = InstanceAwareHead(dim, 3 * depth + 1, cfg, _head_norm(backbone, dim, factory), factory)
         self.pre_logits = None if cfg.pre_logits is None else FrozenPreLogits.from_npz(cfg.pre_logits, dim, factory)
         classifier = vit.get_classifier()
         in_features = getattr(classifier, "in_features", None)
@@ -497,11 +497,20 @@ def _check_block(index: int, blk: object) -> None:
         )
 
 
-def _final_norm_copy(backbone: nn.Module, dim: int) -> nn.Module:
-    """A trainable copy of the backbone's final norm (LN_head's init), or a fresh LayerNorm if it has none."""
+def _head_norm(backbone: nn.Module, dim: int, factory: _Factory) -> nn.LayerNorm:
+    """LN_head: a fresh `nn.LayerNorm(dim)` (eps 1e-5) starting from the backbone's final-norm weight and bias.
+
+    The official code makes a default LayerNorm and points its weight and bias at the backbone norm's (`.set_`),
+    so it keeps PyTorch's eps 1e-5 while timm's norm has 1e-6; a copy of the backbone's module would differ.
+    """
+    head_norm = _layer_norm(dim, factory)
     for name in ("norm", "fc_norm"):
-        norm = getattr(backbone, name, None)
-        if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()):
-            return copy.deepcopy(norm)
-    ref = next(backbone.parameters())
-    return nn.LayerNorm(dim, eps=1e-6, device=ref.device, dtype=ref.dtype)
+        weight = getattr(getattr(backbone, name, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape == (dim,):
+            bias = getattr(getattr(backbone, name), "bias", None)
+            with torch.no_grad():
+                head_norm.weight.copy_(weight)
+                if isinstance(bias, torch.Tensor) and bias.shape == (dim,):
+                    head_norm.bias.copy_(bias)
+            break
+    return head_norm
