@@ -6,6 +6,7 @@ Parametrised over the registry itself, so a new tuner is covered the moment it i
 from __future__ import annotations
 
 import copy
+import math
 import pkgutil
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 import petlbench.tuners as tuners_pkg
 from petlbench.tuners import TUNERS, make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
+from petlbench.tuners.layers import classifier_heads
 from tests.conftest import TINY_CLASSES, TinyVitFactory
 
 NAMES = sorted(TUNERS)
@@ -81,6 +83,8 @@ def test_identity_at_init(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> No
     reference = copy.deepcopy(backbone).eval()
     tuned = build_tuned_model(backbone, make_tuner(name, {}))
     tuned.module.eval()
+    for ours, theirs in zip(classifier_heads(backbone, name), classifier_heads(reference, name), strict=True):
+        theirs.load_state_dict(ours.state_dict())  # the new head's init (head_init) is not the tuner's delta
     x, _ = tiny_batch
     with torch.no_grad():
         torch.testing.assert_close(tuned.module(x), reference(x), rtol=0, atol=1e-6)
@@ -145,3 +149,61 @@ def test_training_step_changes_only_trainable_parameters(tiny_vit: TinyVitFactor
         assert torch.equal(params[pname], value), f"{name}: frozen {pname} changed"
     changed = [n for n, v in trainable_before.items() if not torch.equal(params[n], v)]
     assert changed, f"{name}: no trainable parameter changed after a step"
+
+
+# -- the two common knobs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", NAMES)
+def test_backbone_mode_puts_only_the_backbone_in_eval(
+    tiny_vit: TinyVitFactory, name: str, mode: str, tiny_batch
+) -> None:
+    """'eval': a training forward runs every module the backbone came with in eval mode, the tuner's in train."""
+    backbone = tiny_vit()
+    own = {id(m) for m in backbone.modules()}
+    tuned = build_tuned_model(backbone, make_tuner(name, {"backbone_mode": mode}))
+    root = tuned.module
+    x, y = tiny_batch
+
+    def flags() -> tuple[set[bool], set[bool]]:
+        backbone_flags = {m.training for m in root.modules() if id(m) in own and m is not root}
+        tuner_flags = {m.training for m in root.modules() if id(m) not in own}
+        return backbone_flags, tuner_flags
+
+    root.train()
+    nn.functional.cross_entropy(root(x), y).backward()
+    backbone_flags, tuner_flags = flags()
+    assert root.training
+    assert backbone_flags == ({False} if mode == "eval" else {True})
+    assert tuner_flags <= {True}  # empty for tuners that add no module
+    root.eval()
+    with torch.no_grad():
+        root(x)
+    assert flags() == ({False}, {False} if tuner_flags else set())
+    root.train()  # switching back still works: the next training forward pins the backbone again
+    root(x)
+    assert flags() == (backbone_flags, tuner_flags)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_head_init_is_applied(tiny_vit: TinyVitFactory, name: str) -> None:
+    """Each tuner's default head_init is what ends up in the head (values checked against each scheme's formula)."""
+    backbone = tiny_vit()
+    built = copy.deepcopy(backbone.get_classifier())
+    tuned = build_tuned_model(backbone, make_tuner(name, {}))
+    mode = tuned.tuner.head_init
+    (head,) = classifier_heads(tuned.backbone, name)
+    assert isinstance(head, nn.Linear) and head.bias is not None
+    weight, bias = head.weight.detach(), head.bias.detach()
+    if mode == "timm":  # not re-drawn: exactly the head timm built (truncated normal 0.02, zero bias)
+        assert torch.equal(weight, built.weight) and torch.equal(bias, built.bias)
+        assert bias.abs().max() == 0 and abs(weight.std().item() / 0.02 - 1) < 0.15
+    elif mode == "torch":  # nn.Linear's default: U(±1/sqrt(fan_in)) for weight and bias
+        bound = 1 / math.sqrt(head.in_features)
+        assert weight.abs().max() <= bound and bias.abs().max() <= bound
+        assert weight.abs().max() > 0.9 * bound and bias.abs().max() > 0
+    else:  # vpt: Kaiming-normal over fan_out = classes, bias -log((1 - 0.01) / 0.01)
+        assert mode == "vpt"
+        torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99.0)))
+        assert abs(weight.std().item() / math.sqrt(2 / head.out_features) - 1) < 0.15

@@ -14,9 +14,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from petlbench.data.specs import DataSpec
 from petlbench.spec.base import StrictModel
+from petlbench.tuners.base import LEGACY_BACKBONE_MODE, LEGACY_HEAD_INIT
 
 # Version of the RunSpec -> result-row schema. It is part of every run_id, so a schema change re-runs everything.
 SCHEMA_VERSION: Final = 1
+# Tuner knobs added after runs were stored, with the value that computes what runs did before they existed. At
+# that value a knob is left out of the run_id, so it moves only the run_ids whose computation it changes.
+LEGACY_TUNER_PARAMS: Final[dict[str, object]] = {"backbone_mode": LEGACY_BACKBONE_MODE, "head_init": LEGACY_HEAD_INIT}
 
 Precision: TypeAlias = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 Device: TypeAlias = Literal["cpu", "cuda"]
@@ -248,6 +252,9 @@ class RunSpec(StrictModel):
         execution_only: Any = {"suite": True, "timeout_s": True, "data_root": True, "data": {"num_workers"}}
         if self.measure.cpu_threads is None:  # added later: unset, it leaves every earlier run_id unchanged
             execution_only["measure"] = {"cpu_threads"}
+        legacy = {k for k, v in LEGACY_TUNER_PARAMS.items() if k in self.tuner_params and self.tuner_params[k] == v}
+        if legacy:
+            execution_only["tuner_params"] = legacy
         canonical = self.model_dump(mode="json", exclude=execution_only)
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{text}|schema={SCHEMA_VERSION}".encode()).hexdigest()[:12]
