@@ -49,17 +49,6 @@ class Sqt(Tuner):
         "on the queries)",
     )
     head_init: HeadInit = head_init_field("torch", "'torch', what timm 0.4.12's reset_classifier gives SynQT")
-    token_drop_path: bool = Field(
-        True,
-        description="keep the backbone's drop path active on the frozen token path in training (official code); "
-        "false runs the token path without it",
-    )
-    pre_logits: str | None = Field(
-        None,
-        min_length=1,
-        description="original ViT .npz whose pre_logits/kernel,bias become a frozen tanh layer before the "
-        "classifier (timm-0.4.12 in21k models); None: no pre-logits",
-    )
 
     def dropout_rates(self) -> tuple[float, ...]:
         return (self.dropout,)
