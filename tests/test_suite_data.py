@@ -153,6 +153,20 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
     lora = by_tuner["lora"][0]
     assert (lora.tuner_params["rank"], lora.optimizer.lr, lora.optimizer.weight_decay) == (8, 1e-3, 1e-4)
     assert all(s.backbone.drop_path_rate == 0.1 for s in specs)
+    # each method's backbone mode and head init follow its official code, and are recorded on the row
+    modes = {
+        name: {(s.tuner_params["backbone_mode"], s.tuner_params["head_init"]) for s in g}
+        for name, g in by_tuner.items()
+    }
+    assert modes == {
+        "full": {("train", "vpt")},
+        "linear": {("eval", "vpt")},
+        "lora": {("train", "timm")},
+        "vpt": {("eval", "vpt")},
+        "fact tt": {("train", "torch")},
+        "fact tk": {("train", "torch")},
+        "sqt": {("train", "torch")},
+    }
     assert all(s.train is not None and s.train.eval_every == 10 for s in specs)
     assert len({s.run_id for s in specs}) == len(specs)
 

@@ -1,23 +1,64 @@
 """Behaviour every tuner in the registry must have, checked on a tiny timm ViT on CPU.
 
-Parametrised over the registry itself, so a new tuner is covered the moment it is registered.
+Parametrised over the registry itself, so a new tuner is covered the moment it is registered. The full contract
+runs on the default tiny ViT; the other ViT families people fine-tune (registers + layer scale, no class token
+with average pooling, CLIP-style pre-norm, distilled DeiT) get the checks that matter for them, or an expected
+one-line refusal listed in REFUSALS.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import pkgutil
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 import petlbench.tuners as tuners_pkg
+from petlbench.backbone import build_backbone
+from petlbench.errors import TunerError
+from petlbench.spec.models import BackboneSpec
 from petlbench.tuners import TUNERS, make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
-from tests.conftest import TINY_CLASSES, TinyVitFactory
+from petlbench.tuners.layers import classifier_heads
+from tests.conftest import TINY_BACKBONE, TINY_CLASSES, TinyVitFactory
 
 NAMES = sorted(TUNERS)
+
+# Tiny members of the ViT families in use (32 px, patch 8, two blocks); timm's test_vit unless named.
+_SMALL: dict[str, Any] = {"patch_size": 8, "depth": 2}
+BACKBONES: dict[str, BackboneSpec] = {
+    # DINOv2-style: 4 register tokens, LayerScale, positional embedding on the patches only
+    "reg4-layerscale": TINY_BACKBONE.model_copy(
+        update={"kwargs": {**_SMALL, "reg_tokens": 4, "init_values": 1e-5, "no_embed_class": True}}
+    ),
+    "avg-no-cls-token": TINY_BACKBONE.model_copy(
+        update={"kwargs": {**_SMALL, "class_token": False, "global_pool": "avg"}}
+    ),
+    "clip-pre-norm": TINY_BACKBONE.model_copy(update={"kwargs": {**_SMALL, "pre_norm": True}}),
+    # class + distillation token, two heads whose logits are averaged
+    "deit-distilled": BackboneSpec(
+        model="deit_tiny_distilled_patch16_224",
+        img_size=32,
+        kwargs={**_SMALL, "embed_dim": 64, "num_heads": 2},
+    ),
+}
+# (tuner, backbone) → what its one-line TunerError must say. A tuner that cannot handle a backbone refuses in
+# attach; listing it here is how the contract accepts that (an unexpected error, or no error, fails).
+REFUSALS: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a busy machine spinning OpenMP threads cost 10x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def attach(tiny_vit: TinyVitFactory, name: str, fused_attn: bool = True, seed: int = 0) -> TunedModel:
@@ -81,6 +122,8 @@ def test_identity_at_init(tiny_vit: TinyVitFactory, name: str, tiny_batch) -> No
     reference = copy.deepcopy(backbone).eval()
     tuned = build_tuned_model(backbone, make_tuner(name, {}))
     tuned.module.eval()
+    for ours, theirs in zip(classifier_heads(backbone, name), classifier_heads(reference, name), strict=True):
+        theirs.load_state_dict(ours.state_dict())  # the new head's init (head_init) is not the tuner's delta
     x, _ = tiny_batch
     with torch.no_grad():
         torch.testing.assert_close(tuned.module(x), reference(x), rtol=0, atol=1e-6)
@@ -145,3 +188,97 @@ def test_training_step_changes_only_trainable_parameters(tiny_vit: TinyVitFactor
         assert torch.equal(params[pname], value), f"{name}: frozen {pname} changed"
     changed = [n for n, v in trainable_before.items() if not torch.equal(params[n], v)]
     assert changed, f"{name}: no trainable parameter changed after a step"
+
+
+# -- the two common knobs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", NAMES)
+def test_backbone_mode_puts_only_the_backbone_in_eval(
+    tiny_vit: TinyVitFactory, name: str, mode: str, tiny_batch
+) -> None:
+    """'eval': a training forward runs every module the backbone came with in eval mode, the tuner's in train."""
+    backbone = tiny_vit()
+    own = {id(m) for m in backbone.modules()}
+    tuned = build_tuned_model(backbone, make_tuner(name, {"backbone_mode": mode}))
+    root = tuned.module
+    x, y = tiny_batch
+
+    def flags() -> tuple[set[bool], set[bool]]:
+        backbone_flags = {m.training for m in root.modules() if id(m) in own and m is not root}
+        tuner_flags = {m.training for m in root.modules() if id(m) not in own}
+        return backbone_flags, tuner_flags
+
+    root.train()
+    nn.functional.cross_entropy(root(x), y).backward()
+    backbone_flags, tuner_flags = flags()
+    assert root.training
+    assert backbone_flags == ({False} if mode == "eval" else {True})
+    assert tuner_flags <= {True}  # empty for tuners that add no module
+    root.eval()
+    with torch.no_grad():
+        root(x)
+    assert flags() == ({False}, {False} if tuner_flags else set())
+    root.train()  # switching back still works: the next training forward pins the backbone again
+    root(x)
+    assert flags() == (backbone_flags, tuner_flags)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_head_init_is_applied(tiny_vit: TinyVitFactory, name: str) -> None:
+    """Each tuner's default head_init is what ends up in the head (values checked against each scheme's formula)."""
+    backbone = tiny_vit()
+    built = copy.deepcopy(backbone.get_classifier())
+    tuned = build_tuned_model(backbone, make_tuner(name, {}))
+    mode = tuned.tuner.head_init
+    (head,) = classifier_heads(tuned.backbone, name)
+    assert isinstance(head, nn.Linear) and head.bias is not None
+    weight, bias = head.weight.detach(), head.bias.detach()
+    if mode == "timm":  # not re-drawn: exactly the head timm built (truncated normal 0.02, zero bias)
+        assert torch.equal(weight, built.weight) and torch.equal(bias, built.bias)
+        assert bias.abs().max() == 0 and abs(weight.std().item() / 0.02 - 1) < 0.15
+    elif mode == "torch":  # nn.Linear's default: U(±1/sqrt(fan_in)) for weight and bias
+        bound = 1 / math.sqrt(head.in_features)
+        assert weight.abs().max() <= bound and bias.abs().max() <= bound
+        assert weight.abs().max() > 0.9 * bound and bias.abs().max() > 0
+    else:  # vpt: Kaiming-normal over fan_out = classes, bias -log((1 - 0.01) / 0.01)
+        assert mode == "vpt"
+        torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99.0)))
+        assert abs(weight.std().item() / math.sqrt(2 / head.out_features) - 1) < 0.15
+
+
+# -- the ViT families -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone_id", sorted(BACKBONES))
+@pytest.mark.parametrize("name", NAMES)
+def test_works_on_other_vit_families_or_refuses_in_one_line(name: str, backbone_id: str) -> None:
+    """Forward shape, gradients only to trainable parameters, a step changes only them, every head trains."""
+    torch.manual_seed(0)
+    backbone = build_backbone(BACKBONES[backbone_id], TINY_CLASSES)
+    refusal = REFUSALS.get((name, backbone_id))
+    if refusal is not None:
+        with pytest.raises(TunerError, match=refusal) as caught:
+            build_tuned_model(backbone, make_tuner(name, {}))
+        assert "\n" not in str(caught.value)
+        return
+    tuned = build_tuned_model(backbone, make_tuner(name, {}))
+    perturb(tuned)
+    heads = classifier_heads(tuned.backbone, name)
+    assert all(p.requires_grad for head in heads for p in head.parameters())
+    model = tuned.module.train()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    y = torch.randint(TINY_CLASSES, (2,), generator=generator)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(tuned.trainable_parameters(), lr=0.1)
+    logits = model(x)
+    assert logits.shape == (2, TINY_CLASSES)
+    nn.functional.cross_entropy(logits, y).backward()
+    for pname, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, f"{name} on {backbone_id}: {pname}"
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable, f"{name} on {backbone_id}: {sorted(changed - trainable)[:3]}"

@@ -154,10 +154,16 @@ def fits(peak: int | None, limit: int | None) -> bool | None:
 
 
 def has_dropout(spec: RunSpec) -> bool:
-    """Whether any dropout is on: backbone drop_rate, proj/pos/attention dropout, the tuner's own layers'."""
-    kwargs = spec.backbone.kwargs
-    rates: list[object] = [spec.backbone.drop_rate, *make_tuner(spec.tuner, spec.tuner_params).dropout_rates()]
-    rates += [kwargs.get(k) for k in ("proj_drop_rate", "pos_drop_rate", "attn_drop_rate")]
+    """Whether any dropout is on in training: the tuner's own layers', and the backbone's (drop_rate, proj/pos/
+    attention dropout) unless the tuner keeps the backbone in eval mode (`backbone_mode='eval'`)."""
+    tuner = make_tuner(spec.tuner, spec.tuner_params)
+    rates: list[object] = list(tuner.dropout_rates())
+    if tuner.backbone_mode == "train":
+        kwargs = spec.backbone.kwargs
+        rates += [
+            spec.backbone.drop_rate,
+            *(kwargs.get(k) for k in ("proj_drop_rate", "pos_drop_rate", "attn_drop_rate")),
+        ]
     return any(isinstance(p, int | float) and not isinstance(p, bool) and p > 0 for p in rates)
 
 

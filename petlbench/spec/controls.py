@@ -18,6 +18,8 @@ from typing import Final, Literal, TypeAlias
 
 from pydantic import BaseModel
 
+from petlbench.tuners.base import LEGACY_BACKBONE_MODE, LEGACY_HEAD_INIT
+
 Role: TypeAlias = Literal["execution", "method", "recipe", "axis", "condition"]
 
 # Sections of RunSpec whose fields default to one role (a dotted field below overrides it).
@@ -55,6 +57,11 @@ MEASURED_CONDITIONS: Final = ("env.gpu_name", "attn_kernel")
 UNSET_NOT_HASHED: Final = frozenset(
     {"measure.cpu_threads", "measure.min_time_s", "measure.max_steps", "measure.max_dispersion"}
 )
+
+
+# Tuner knobs added after runs were stored, with the value that computes what runs did before they existed. At
+# that value a knob is left out of the run_id, so it moves only the run_ids whose computation it changes.
+LEGACY_TUNER_PARAMS: Final[dict[str, object]] = {"backbone_mode": LEGACY_BACKBONE_MODE, "head_init": LEGACY_HEAD_INIT}
 
 
 def _models(annotation: object) -> list[type[BaseModel]]:
@@ -114,6 +121,10 @@ def run_id_exclusions(spec: BaseModel) -> dict[str, bool | set[str]]:
                 nested.add(sub)
         else:
             exclude[section] = True
+    params = getattr(spec, "tuner_params", {})
+    legacy = {k for k, v in LEGACY_TUNER_PARAMS.items() if params.get(k, object()) == v}
+    if legacy:
+        exclude["tuner_params"] = legacy
     for field in UNSET_NOT_HASHED:
         section, _, sub = field.partition(".")
         if getattr(getattr(spec, section), sub) is None:

@@ -89,9 +89,10 @@ def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
 
 
 def describe_tuner(cls: type[Tuner]) -> list[dict[str, Any]]:
-    """One dict per knob (name, type, default, description) for `petlbench tuners`."""
+    """One dict per knob (name, type, default, description) for `petlbench tuners`; the common ones last."""
     rows = []
-    for field_name, info in cls.model_fields.items():
+    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] in Tuner.model_fields)
+    for field_name, info in fields:
         annotation = info.annotation
         type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         rows.append(

@@ -13,6 +13,11 @@ Rules for implementers:
 - Custom attention honours `attn.fused_attn` so every tuner runs under the same kernel.
 - Declare what the estimator and the tests need to know as class attributes: `adds_parameters`, `mergeable`,
   `identity_at_init`, and the dropout rates the tuner's own layers apply (`dropout_rates`).
+
+Two knobs every tuner has, because the official codes disagree on them and they change what is computed:
+`backbone_mode` (does the frozen backbone's dropout / drop path act while training?) and `head_init` (how the new
+classifier starts). Each tuner sets the defaults its official code implies (`backbone_mode_field`,
+`head_init_field`); `build_tuned_model` applies both, so no tuner implements them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
+
+from pydantic import Field
 
 from petlbench.errors import TunerError
 from petlbench.spec.base import StrictModel
@@ -28,6 +35,36 @@ from petlbench.spec.base import StrictModel
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+
+BackboneMode: TypeAlias = Literal["train", "eval"]
+HeadInit: TypeAlias = Literal["timm", "torch", "vpt"]
+
+# What petlbench did before the two knobs existed: a run with these values computes what it always did, so
+# `RunSpec.run_id` leaves them out of the hash (`petlbench.spec.controls.LEGACY_TUNER_PARAMS`).
+LEGACY_BACKBONE_MODE: BackboneMode = "train"
+LEGACY_HEAD_INIT: HeadInit = "timm"
+
+
+def backbone_mode_field(default: BackboneMode, why: str) -> Any:
+    """The `backbone_mode` knob with a tuner's default; `why` names the official code the default follows."""
+    return Field(
+        default,
+        description="while training, 'eval' keeps the modules the backbone came with in eval mode (no dropout or "
+        f"drop path in the frozen backbone; the tuner's own layers still train), 'train' leaves them in train mode. "
+        f"Default: {why}",
+    )
+
+
+def head_init_field(default: HeadInit, why: str) -> Any:
+    """The `head_init` knob with a tuner's default; `why` names the official code the default follows."""
+    return Field(
+        default,
+        description="the new classifier's init: 'timm' as timm builds it (truncated normal std 0.02, zero bias; "
+        "a checkpoint head of the same shape is kept), "
+        "'torch' PyTorch's nn.Linear default (what timm 0.4.12's reset_classifier gives), 'vpt' VPT's "
+        f"(Kaiming-normal fan-out, bias -log(99)). Default: {why}",
+    )
 
 
 class Tuner(StrictModel):
@@ -39,6 +76,10 @@ class Tuner(StrictModel):
     adds_parameters: ClassVar[bool] = True  # creates parameters of its own (full, linear, BitFit do not)
     mergeable: ClassVar[bool] = False  # can fold its increments into the backbone weights
     identity_at_init: ClassVar[bool] = False  # output equals the untouched backbone's at step 0
+
+    # common knobs; a subclass re-declares them to change the default (see `Lora`, `Vpt`)
+    backbone_mode: BackboneMode = backbone_mode_field(LEGACY_BACKBONE_MODE, "train")
+    head_init: HeadInit = head_init_field(LEGACY_HEAD_INIT, "timm")
 
     def method(self) -> str:
         """The method's name in tables and plots: the tuner, plus a variant that changes the method (vpt-deep)."""
@@ -59,10 +100,10 @@ class Tuner(StrictModel):
         """Insert or wrap modules in place; return the module to train (usually `model` itself)."""
 
     def trainable_backbone_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
-        """Existing backbone parameters that train besides the tuner's own: the classifier head by default."""
-        from petlbench.tuners.layers import classifier
+        """Existing backbone parameters that train besides the tuner's own: the classifier head(s) by default."""
+        from petlbench.tuners.layers import classifier_heads
 
-        return classifier(model, self.name).parameters()
+        return [p for head in classifier_heads(model, self.name) for p in head.parameters()]
 
     def merge(self, root: nn.Module) -> None:
         """Fold the tuner's increments into the backbone weights (mergeable tuners only)."""
@@ -107,10 +148,15 @@ def build_tuned_model(backbone: nn.Module, tuner: Tuner) -> TunedModel:
     """Attach `tuner` to `backbone`, freeze everything but the tuner's parameters (+ head), check invariants.
 
     Freezing is structural: parameters that did not exist before `attach` are the tuner's; nothing is chosen
-    by name, so a backbone parameter whose name happens to contain 'lora' or 'head' cannot be caught.
+    by name, so a backbone parameter whose name happens to contain 'lora' or 'head' cannot be caught. The same
+    before/after split decides which modules `backbone_mode='eval'` keeps in eval mode. The head is initialised
+    after `attach`, as every official code does (it resets the classifier once the method's layers exist).
     """
+    from petlbench.tuners.layers import classifier_heads, init_heads, keep_in_eval_while_training
+
     original = list(backbone.parameters())
     original_ids = {id(p) for p in original}
+    original_modules = list(backbone.modules())
     root = tuner.attach(backbone)
     params = list(root.parameters())
     param_ids = {id(p) for p in params}
@@ -135,6 +181,11 @@ def build_tuned_model(backbone: nn.Module, tuner: Tuner) -> TunedModel:
         p.requires_grad_(id(p) in trainable_ids)
     if not trainable_ids:
         raise TunerError(f"{tuner.name}: no trainable parameters")
+    if tuner.head_init != "timm":  # 'timm' keeps the head the backbone was built with
+        init_heads(classifier_heads(backbone, tuner.name), tuner.head_init, tuner.name)
+    if tuner.backbone_mode == "eval":
+        module_ids = {id(m) for m in root.modules()}
+        keep_in_eval_while_training(root, [m for m in original_modules if m is not root and id(m) in module_ids])
 
     def nbytes(ps: Iterable[torch.Tensor]) -> int:
         return sum(p.numel() * p.element_size() for p in ps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,6 +17,12 @@ class Full(Tuner):
     name = "full"
     summary = "Full fine-tuning: every backbone parameter and the new head train."
     adds_parameters = False
+
+    # The "Full" rows every VTAB table quotes come from the VPT paper, so VPT's code is the reference here.
+    backbone_mode: BackboneMode = backbone_mode_field(
+        "train", "'train', as VPT's code fine-tunes (end2end: the whole model in train mode)"
+    )
+    head_init: HeadInit = head_init_field("vpt", "'vpt', the head of VPT's code, where the quoted Full rows come from")
 
     def attach(self, model: nn.Module) -> nn.Module:
         return model

@@ -1,10 +1,14 @@
-"""Torch-side pieces every tuner may use: the mergeable-wrapper base, and finding and wrapping a ViT's parts."""
+"""Torch-side pieces every tuner may use: the mergeable-wrapper base, finding and wrapping a ViT's parts, and the
+two common knobs applied by `build_tuned_model` (head init, backbone mode)."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from petlbench.errors import TunerError
@@ -28,13 +32,69 @@ def vit_blocks(model: nn.Module, tuner: str) -> nn.Sequential | nn.ModuleList:
     return blocks
 
 
-def classifier(model: nn.Module, tuner: str) -> nn.Module:
-    """The backbone's classifier head (timm's `get_classifier()`), or a TunerError."""
+def classifier_heads(model: nn.Module, tuner: str) -> list[nn.Module]:
+    """The backbone's classifier head(s) from timm's `get_classifier()`, or a TunerError.
+
+    Distilled DeiT models return two heads (`head`, `head_dist`) and average their logits; both are the new head.
+    """
     get_classifier = getattr(model, "get_classifier", None)
-    head = get_classifier() if callable(get_classifier) else None
-    if not isinstance(head, nn.Module):
-        raise TunerError(f"{tuner}: backbone has no classifier module to train")
-    return head
+    found = get_classifier() if callable(get_classifier) else None
+    candidates = list(found) if isinstance(found, tuple | list) else [found]
+    heads = [h for h in candidates if isinstance(h, nn.Module)]
+    if not heads or len(heads) != len(candidates):
+        raise TunerError(f"{tuner}: backbone {type(model).__name__} has no get_classifier() module to train")
+    return heads
+
+
+# VPT's classifier (KMnP/vpt src/models/mlp.py, `special_bias`): a bias that makes every class start at
+# probability 0.01 under a sigmoid, -log((1 - 0.01) / 0.01) = -log(99)
+VPT_HEAD_BIAS = -math.log(99.0)
+
+
+@torch.no_grad()
+def init_heads(heads: Sequence[nn.Module], mode: str, tuner: str) -> None:
+    """Re-initialise the new classifier(s) as `head_init` says ('torch' or 'vpt'; 'timm' is never re-drawn)."""
+    for head in heads:
+        if not isinstance(head, nn.Linear):
+            if any(True for _ in head.parameters()):
+                raise TunerError(
+                    f"{tuner}: tuner.head_init {mode!r} needs an nn.Linear classifier, the backbone has "
+                    f"{type(head).__name__}; use head_init 'timm'"
+                )
+            continue  # num_classes=0: an Identity, nothing to initialise
+        if mode == "torch":  # what nn.Linear(in, C) starts with, so what timm 0.4.12's reset_classifier gave
+            head.reset_parameters()
+        elif mode == "vpt":
+            nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+            if head.bias is not None:
+                nn.init.constant_(head.bias, VPT_HEAD_BIAS)
+        else:
+            raise TunerError(f"{tuner}: unknown head_init {mode!r}; valid: timm, torch, vpt")
+
+
+class EvalWhileTraining:
+    """Forward pre-hook on the tuned root: in training mode, the given modules run in eval mode.
+
+    `build_tuned_model` installs it for `backbone_mode='eval'` with every module the backbone had before the tuner
+    was attached (the root excepted, so `root.training` keeps saying what the caller asked for). Only each
+    module's own flag is cleared, not its children's: a tuner layer inside a backbone module (LoRA's wrapper in
+    an attention block) and a wrapper around one (VPT's prompt blocks) keep training, dropout included.
+    `eval()` and `train()` are left alone, so code that switches modes (inference measurement, evaluation
+    during training) behaves as for any model; the flags are fixed when a training forward starts.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.modules = list(modules)
+
+    def __call__(self, root: nn.Module, args: tuple[Any, ...]) -> None:
+        if root.training:
+            for module in self.modules:
+                module.training = False
+
+
+def keep_in_eval_while_training(root: nn.Module, modules: Sequence[nn.Module]) -> None:
+    """Make `modules` run in eval mode whenever `root` runs in training mode (see EvalWhileTraining)."""
+    root.register_forward_pre_hook(EvalWhileTraining(modules))
 
 
 def block_linear(block: nn.Module, path: str, index: int, tuner: str) -> nn.Linear:

@@ -1,11 +1,10 @@
-"""SQT/SynQT (METHODS.md §1): parameter formula, what autograd keeps, head layout, drop-path switch, pre-logits."""
+"""SQT/SynQT (METHODS.md §1): parameter formula, what autograd keeps, head layout, LN_head, backbone mode."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,10 +194,27 @@ def test_instance_head_is_a_weighted_mean_with_anchor_weight_one(tiny_vit: TinyV
     expected = head.final_norm((omega.unsqueeze(-1) * t).mean(dim=1))
     with torch.no_grad():
         torch.testing.assert_close(head(tokens), expected, rtol=1e-5, atol=1e-5)
-    # LN_head starts as a trainable copy of the backbone's final norm, not the same tensors
-    norm = model.backbone.norm
-    assert torch.equal(head.final_norm.weight, norm.weight) and head.final_norm.weight is not norm.weight
-    assert head.final_norm.eps == norm.eps
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"class_token": False, "global_pool": "avg"}])
+def test_ln_head_is_a_fresh_layernorm_with_the_final_norms_values(kwargs: dict[str, Any]) -> None:
+    """Official: nn.LayerNorm(D) (eps 1e-5) whose weight/bias take the backbone's final norm's (eps 1e-6) values."""
+    torch.manual_seed(0)
+    backbone = build_backbone(TINY_BACKBONE.model_copy(update={"kwargs": {**TINY_BACKBONE.kwargs, **kwargs}}), 10)
+    final = backbone.fc_norm if kwargs else backbone.norm  # avg pooling: timm's final norm is fc_norm
+    with torch.no_grad():
+        final.weight.uniform_(0.5, 1.5)
+        final.bias.uniform_(-0.5, 0.5)
+    weight, bias = final.weight.clone(), final.bias.clone()
+    ln_head = root(sqt(backbone)).instance_head.final_norm
+    assert isinstance(ln_head, nn.LayerNorm) and ln_head.eps == 1e-5 and final.eps == 1e-6
+    assert torch.equal(ln_head.weight, weight) and torch.equal(ln_head.bias, bias)
+    assert ln_head.weight.requires_grad and not final.weight.requires_grad
+    assert ln_head.weight.untyped_storage().data_ptr() != final.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(ln_head(x), expected * weight + bias)
 
 
 def test_head_drop_path_drops_whole_tokens_but_never_the_anchor() -> None:
@@ -235,7 +251,7 @@ def test_query_synthesis_follows_the_official_formula(fused_attn: bool) -> None:
         torch.testing.assert_close(qsm(z), expected, rtol=1e-5, atol=1e-5)
 
 
-# -- 4. drop path on the token path --------------------------------------------------------------------------------
+# -- 4. backbone mode: the frozen blocks' drop path on both paths -------------------------------------------------
 
 
 def drop_path_vit(seed: int = 0) -> nn.Module:
@@ -243,96 +259,78 @@ def drop_path_vit(seed: int = 0) -> nn.Module:
     return build_backbone(TINY_BACKBONE.model_copy(update={"drop_path_rate": 0.5}), TINY_CLASSES)
 
 
+def quiet_sqt(mode: str) -> SqtModel:
+    """SQT on a drop-path-0.5 ViT, its own dropouts off, so only the backbone's stochastic depth can act."""
+    return root(sqt(drop_path_vit(), backbone_mode=mode, dropout=0.0, head_drop_path=0.0))
+
+
 def last_kv(model: SqtModel, x: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    return model.token_path(x)[-1][0]
+    with torch.no_grad():
+        model(x)  # a forward of the root applies the backbone mode
+        return model.token_path(x)[-1][0]
 
 
-def test_token_drop_path_on_keeps_stochastic_depth_on_the_token_path() -> None:
-    model = root(sqt(drop_path_vit(), token_drop_path=True, dropout=0.0, head_drop_path=0.0))
+def logits(model: SqtModel, x: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out: torch.Tensor = model(x)
+    return out
+
+
+def test_backbone_mode_train_keeps_stochastic_depth_on_both_paths() -> None:
+    """Official default: model.train() leaves DropPath active on the token path and on the queries."""
+    model = quiet_sqt("train")
     x = torch.randn(16, 3, 32, 32)
     model.eval()
-    reference = last_kv(model, x, 0)
+    reference, eval_logits = last_kv(model, x, 0), logits(model, x, 0)
     assert torch.equal(reference, last_kv(model, x, 1))  # eval: deterministic
     model.train()
-    assert model.blocks[-1].drop_path1.training
-    assert not torch.equal(last_kv(model, x, 0), reference)
     assert not torch.equal(last_kv(model, x, 0), last_kv(model, x, 1))
+    assert not torch.allclose(logits(model, x, 0), eval_logits)
 
 
-def test_token_drop_path_off_makes_the_token_path_deterministic_but_not_the_query_path() -> None:
-    model = root(sqt(drop_path_vit(), token_drop_path=False, dropout=0.0, head_drop_path=0.0))
+def test_backbone_mode_eval_makes_both_paths_deterministic() -> None:
+    """backbone_mode='eval': a training forward equals the eval forward (SQT's own dropouts are off here)."""
+    model = quiet_sqt("eval")
     x = torch.randn(16, 3, 32, 32)
     model.eval()
-    reference = last_kv(model, x, 0)
-    with torch.no_grad():
-        eval_logits = model(x)
+    reference, eval_logits = last_kv(model, x, 0), logits(model, x, 0)
     model.train()
-    assert model.training and model.blocks[-1].training and not model.blocks[-1].drop_path1.training
-    assert torch.equal(last_kv(model, x, 0), reference)
+    assert model.training and model.qsm[0].training
     assert torch.equal(last_kv(model, x, 1), reference)
-    with torch.no_grad():
-        torch.manual_seed(0)
-        train_logits = model(x)
-    assert not torch.allclose(train_logits, eval_logits)  # the query path still uses each block's drop path
-    # the same backbone with the switch on differs in the token path, and agrees in eval mode
-    other = root(sqt(drop_path_vit(), token_drop_path=True, dropout=0.0, head_drop_path=0.0))
-    other.eval()
-    torch.testing.assert_close(last_kv(other, x, 0), reference, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, x, 1), eval_logits, rtol=0, atol=0)
+    assert not model.blocks[-1].drop_path1.training and model.instance_head.training
 
 
-# -- 5. frozen pre-logits from an original ViT .npz ----------------------------------------------------------------
+def test_backbone_mode_eval_leaves_sqt_dropout_training() -> None:
+    model = root(sqt(drop_path_vit(), backbone_mode="eval", dropout=0.5, head_drop_path=0.0))
+    x = torch.randn(16, 3, 32, 32)
+    model.train()
+    assert not torch.allclose(logits(model, x, 0), logits(model, x, 1))
 
 
-def write_npz(path: Path, dim: int, out: int | None = None, keys: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    kernel = rng.standard_normal((dim, out or dim)).astype(np.float32) * 0.2
-    bias = rng.standard_normal(out or dim).astype(np.float32) * 0.1
-    arrays = {"pre_logits/kernel": kernel, "pre_logits/bias": bias} if keys else {"other": bias}
-    np.savez(path, **arrays, **{"Transformer/encoder_norm/scale": np.ones(dim, np.float32)})
-    return kernel, bias
+# -- 5. two heads (distilled DeiT) ----------------------------------------------------------------------------------
 
 
-def test_pre_logits_from_npz_is_frozen_and_applied(tiny_vit: TinyVitFactory, tmp_path: Path) -> None:
-    path = tmp_path / "ViT-tiny.npz"
-    kernel, bias = write_npz(path, 64)
-    plain = sqt(tiny_vit(), seed=3)
-    tuned = sqt(tiny_vit(), seed=3, pre_logits=str(path))
-    model = root(tuned)
-    assert model.pre_logits is not None
-    assert tuned.params_trainable == plain.params_trainable  # nothing new trains
-    names = {n for n, _ in model.named_parameters()}
-    assert not any(n.startswith("pre_logits") for n in names)
-    assert {n for n, _ in model.named_buffers()} >= {"pre_logits.weight", "pre_logits.bias"}
-    torch.testing.assert_close(model.pre_logits.weight, torch.from_numpy(kernel.T.copy()))
-    torch.testing.assert_close(model.pre_logits.bias, torch.from_numpy(bias))
-
-    plain.module.eval()
-    model.eval()
+def test_distilled_deit_averages_both_heads_on_the_sqt_feature() -> None:
+    torch.manual_seed(0)
+    spec = BackboneSpec(
+        model="deit_tiny_distilled_patch16_224",
+        img_size=32,
+        kwargs={"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    )
+    tuned = sqt(build_backbone(spec, TINY_CLASSES))
+    model = root(tuned).eval()
+    backbone: Any = model.backbone
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        features = root(plain).features(x)
-        expected = model.backbone.get_classifier()(
-            torch.tanh(features @ model.pre_logits.weight.T + model.pre_logits.bias)
-        )
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(model(x), plain.module(x))
-
-
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [("missing", "no such file"), ("nokeys", "no pre_logits/kernel"), ("width", "do not fit"), ("classes", "expects")],
-)
-def test_pre_logits_errors_name_the_field(tiny_vit: TinyVitFactory, tmp_path: Path, case: str, message: str) -> None:
-    path = tmp_path / "vit.npz"
-    if case == "nokeys":
-        write_npz(path, 64, keys=False)
-    elif case == "width":
-        write_npz(path, 32)
-    elif case == "classes":
-        write_npz(path, 64, out=48)  # representation size 48, but the classifier takes 64 features
-    with pytest.raises(TunerError, match=message):
-        sqt(tiny_vit(), pre_logits=str(path))
+        f = model.features(x)
+        expected = (backbone.head(f) + backbone.head_dist(f)) / 2
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    assert backbone.head.weight.requires_grad and backbone.head_dist.weight.requires_grad
+    bound = 1 / math.sqrt(64)  # head_init 'torch' on both heads
+    assert all(h.bias.abs().max() <= bound and h.bias.abs().max() > 0 for h in (backbone.head, backbone.head_dist))
 
 
 # -- 6. memory -----------------------------------------------------------------------------------------------------

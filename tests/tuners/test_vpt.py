@@ -210,6 +210,36 @@ def test_prompt_dropout_draws_a_mask_per_sample_in_training_only() -> None:
     torch.testing.assert_close(inputs[0][:, 1 : 1 + P], prompt.expand(2, -1, -1), rtol=0, atol=0)
 
 
+def run(model: nn.Module, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out: torch.Tensor = model(batch())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_backbone_mode_decides_whether_the_backbones_drop_path_acts(mode: str) -> None:
+    """Official VPT (default 'eval'): the frozen encoder runs in eval mode while the prompts train."""
+    torch.manual_seed(0)
+    backbone = build_backbone(TINY_BACKBONE.model_copy(update={"drop_path_rate": 0.5}), TINY_CLASSES)
+    model = attach(backbone, backbone_mode=mode).module
+    model.eval()
+    eval_out = run(model, 0)
+    model.train()
+    first, second = run(model, 1), run(model, 2)
+    if mode == "eval":
+        torch.testing.assert_close(first, eval_out, rtol=0, atol=0)
+        torch.testing.assert_close(second, eval_out, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(first, second) and not torch.allclose(first, eval_out)
+
+
+def test_backbone_mode_eval_keeps_the_prompt_dropout() -> None:
+    model = attach(tiny(), dropout=0.5).module.train()  # backbone_mode 'eval' by default
+    assert not torch.allclose(run(model, 1), run(model, 2))
+    assert model.norm_pre.dropout.training and not model.norm_pre.base.training
+
+
 # -- 3. prompts reach the head only through attention into the pooled tokens ----------------------------------
 
 
@@ -306,6 +336,7 @@ def test_prompts_are_uniform_within_the_patch_fan_bound(in_chans: int, fan_in: i
 def test_config_defaults_and_bounds() -> None:
     cfg = Vpt()
     assert (cfg.prompt_len, cfg.deep, cfg.dropout) == (50, True, 0.0)
+    assert (cfg.backbone_mode, cfg.head_init) == ("eval", "vpt")  # what VPT's official code does
     assert cfg.knob_value() == 50.0
     for bad in ({"prompt_len": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"prompt_length": 5}):
         with pytest.raises(ValidationError):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,6 +57,10 @@ class Fact(Tuner):
     rank: int = Field(8, gt=0, description="rank r of the shared factors U (r×D) and V (D×r) and of every core")
     scale: float = Field(1.0, gt=0, description="global scale s of every increment (the official configs use 0.01-100)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on each core's output (the r-dim code before V)")
+    backbone_mode: BackboneMode = backbone_mode_field(
+        "train", "'train', as FacT's code trains (model.train(): drop path active in the frozen backbone)"
+    )
+    head_init: HeadInit = head_init_field("torch", "'torch', what timm 0.4.12's reset_classifier gives FacT")
 
     def method(self) -> str:
         return f"fact-{self.variant}"

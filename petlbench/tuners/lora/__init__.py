@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,6 +32,11 @@ class Lora(Tuner):
     )
     targets: tuple[Literal["q", "k", "v"], ...] = Field(("q", "v"), description="which of q, k, v get a delta")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input path")
+    # NOAH's LoRA code (behind the "LoRA 0.29M" rows): model.train() every epoch, head from its reset_classifier
+    backbone_mode: BackboneMode = backbone_mode_field("train", "'train', as NOAH's LoRA runs (model.train())")
+    head_init: HeadInit = head_init_field(
+        "timm", "'timm', what NOAH's reset_classifier draws (truncated normal std 0.02, zero bias)"
+    )
 
     @field_validator("targets")
     @classmethod

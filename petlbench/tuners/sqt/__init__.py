@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,17 +43,12 @@ class Sqt(Tuner):
         0.1, ge=0.0, lt=1.0, description="dropout in the rank adapters, query attention and head weight generator"
     )
     head_drop_path: float = Field(0.3, ge=0.0, lt=1.0, description="per-token drop path on head tokens 2..3L+1")
-    token_drop_path: bool = Field(
-        True,
-        description="keep the backbone's drop path active on the frozen token path in training (official code); "
-        "false runs the token path without it",
+    backbone_mode: BackboneMode = backbone_mode_field(
+        "train",
+        "'train', as SynQT's code trains (model.train(): the frozen blocks' drop path acts on the token path and "
+        "on the queries)",
     )
-    pre_logits: str | None = Field(
-        None,
-        min_length=1,
-        description="original ViT .npz whose pre_logits/kernel,bias become a frozen tanh layer before the "
-        "classifier (timm-0.4.12 in21k models); None: no pre-logits",
-    )
+    head_init: HeadInit = head_init_field("torch", "'torch', what timm 0.4.12's reset_classifier gives SynQT")
 
     def dropout_rates(self) -> tuple[float, ...]:
         return (self.dropout,)

@@ -14,16 +14,17 @@ Design choices:
   copies weights, and uses `F.scaled_dot_product_attention` exactly when `attn.fused_attn` is true (the
   explicit softmax otherwise), like timm, so SQT runs under the same kernel as every other tuner. The QSM's
   single-head self-attention follows the same flag.
-- **Drop path.** `token_drop_path=True` (default, official behaviour) leaves the backbone's DropPath active on
-  the token path in training. `False` keeps the blocks' DropPath modules in eval mode (this class overrides
-  `train()`), so the token path is deterministic; the query path always applies each block's drop-path rate
-  itself with the block's train/eval mode, so its behaviour does not depend on the switch.
-- **Pre-logits.** Modern timm ViTs have no representation layer. `pre_logits=path.npz` loads
-  `pre_logits/kernel`, `pre_logits/bias` of an original ViT checkpoint into frozen buffers applied as
-  `tanh(W f + b)` before the classifier, as in the timm-0.4.12 in21k model the paper used.
-- **LN_head** is a trainable copy of the backbone's final norm (`norm`, else `fc_norm`, else a fresh
-  LayerNorm); the backbone's own final norm, pooling and `fc_norm` are not used. The backbone's `head_drop`
-  (its `drop_rate`) is applied before the classifier, as in timm's `forward_head`.
+- **Drop path and dropout of the frozen blocks** act on both paths exactly as the blocks' own modes say: in
+  train mode (the official code, `backbone_mode='train'`) the token path and the queries' pass through each
+  block are stochastic; with `backbone_mode='eval'` both are deterministic, while SQT's own dropouts and the
+  head's token drop path still train.
+- **LN_head** is a fresh trainable `nn.LayerNorm(D)` (PyTorch's eps 1e-5, as the official code) whose weight
+  and bias start as copies of the backbone's final norm (`norm`, else `fc_norm`; weight 1 and bias 0 if it has
+  neither); the backbone's own final norm, pooling and `fc_norm` are not used. The backbone's `head_drop` (its
+  `drop_rate`) is applied before the classifier, as in timm's `forward_head`. No pre-logits layer: the official
+  runs had none (timm 0.4.12's in21k ViT-B/16 is built without one).
+- **Two heads** (distilled DeiT): both read SQT's feature and their logits are averaged, as timm's distilled
+  model does outside distillation training.
 - **Unused official parameters are not created.** The official module also holds 12 `pre_norm` LayerNorms
   and a 37-vector `out_combine.weight` (18,469 parameters for ViT-B) that its forward never reads. They would
   get no gradient and cost AdamW state, so they are left out (the counts: docs/methods.md).
@@ -37,22 +38,17 @@ What this keeps alive, measured, and the parameter formula: docs/methods.md, "SQ
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers.drop import DropPath, drop_path
 from timm.models.vision_transformer import Block
 from torch import nn
-from typing_extensions import Self
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import vit_blocks
+from petlbench.tuners.layers import classifier_heads, vit_blocks
 
 KV = tuple[torch.Tensor, torch.Tensor]
 _Factory = dict[str, Any]  # device= and dtype= of the backbone, for every new tensor
@@ -77,10 +73,6 @@ class SqtKnobs(Protocol):
     def dropout(self) -> float: ...
     @property
     def head_drop_path(self) -> float: ...
-    @property
-    def token_drop_path(self) -> bool: ...
-    @property
-    def pre_logits(self) -> str | None: ...
 
 
 def _dropout(p: float) -> nn.Module:
@@ -199,50 +191,6 @@ class InstanceAwareHead(nn.Module):
         return out
 
 
-class FrozenPreLogits(nn.Module):
-    """`tanh(W f + b)` with W, b as buffers: the representation layer of original in21k ViT checkpoints."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_npz(cls, path: str, dim: int, factory: _Factory) -> FrozenPreLogits:
-        where = "tuner.params.pre_logits"
-        file = Path(path)
-        if not file.is_file():
-            raise TunerError(f"{where}: {path}: no such file; give an original ViT .npz checkpoint or null")
-        try:
-            with np.load(file) as npz:
-                arrays = {k: npz[k] for k in ("pre_logits/kernel", "pre_logits/bias") if k in npz.files}
-                keys = list(npz.files)
-        except Exception as exc:
-            raise TunerError(f"{where}: {path}: cannot read .npz ({type(exc).__name__}: {exc})") from None
-        if len(arrays) != 2:
-            raise TunerError(
-                f"{where}: {path} has no pre_logits/kernel and pre_logits/bias (keys: {keys[:5]}...); "
-                "use an original ViT in21k checkpoint or null"
-            )
-        kernel, bias = arrays["pre_logits/kernel"], arrays["pre_logits/bias"]
-        if kernel.ndim != 2 or kernel.shape[0] != dim or bias.shape != (kernel.shape[1],):
-            raise TunerError(
-                f"{where}: {path}: pre_logits kernel {kernel.shape} / bias {bias.shape} do not fit embed dim {dim}"
-            )
-        weight = torch.tensor(np.ascontiguousarray(kernel.T), **factory)  # flax kernels are in x out
-        return cls(weight, torch.tensor(bias, **factory))
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(F.linear(x, self.weight, self.bias))
-
-
 # -- the frozen block, used query-only and for K/V --------------------------------------------------------------
 
 
@@ -332,14 +280,6 @@ def last_block_kv(block: TimmBlock, x: torch.Tensor) -> KV:
     return k, _head_view(attn, v).contiguous()
 
 
-def _block_drop_path(module: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
-    if isinstance(module, DropPath):
-        out: torch.Tensor = drop_path(x, module.drop_prob, training, module.scale_by_keep)
-        return out
-    out = module(x)
-    return out
-
-
 def knowledge_extraction(
     block: TimmBlock, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -366,9 +306,9 @@ def knowledge_extraction(
     if gate is not None:
         x = x * gate(u).sigmoid()
     x = attn.proj_drop(attn.proj(x))
-    f_att = _block_drop_path(block.drop_path1, block.ls1(x), block.training)
+    f_att: torch.Tensor = block.drop_path1(block.ls1(x))
     g = h + f_att
-    f_ffn = _block_drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(g))), block.training)
+    f_ffn: torch.Tensor = block.drop_path2(block.ls2(block.mlp(block.norm2(g))))
     return g + f_ffn, f_att, f_ffn
 
 
@@ -398,31 +338,20 @@ class SqtModel(nn.Module):
         fused = bool(blocks[0].attn.fused_attn)
 
         self.backbone = backbone
-        self.token_drop_path = cfg.token_drop_path
         self.queries = nn.Parameter(torch.empty(depth, cfg.num_queries, dim, **factory))
         nn.init.uniform_(self.queries, -1.0, 1.0)
         self.feat_scale = _scalar(cfg.feat_scale, factory)
         self.qsm = nn.ModuleList(QuerySynthesis(dim, cfg, fused, factory) for _ in range(depth))
-        self.instance_head = InstanceAwareHead(dim, 3 * depth + 1, cfg, _final_norm_copy(backbone, dim), factory)
-        self.pre_logits = None if cfg.pre_logits is None else FrozenPreLogits.from_npz(cfg.pre_logits, dim, factory)
-        classifier = vit.get_classifier()
-        in_features = getattr(classifier, "in_features", None)
-        feature_dim = dim if self.pre_logits is None else self.pre_logits.out_features
-        if in_features is not None and in_features != feature_dim:
-            raise TunerError(f"sqt: classifier expects {in_features} features, SQT's head gives {feature_dim}")
+        self.instance_head = InstanceAwareHead(dim, 3 * depth + 1, cfg, _head_norm(backbone, dim, factory), factory)
+        for head in classifier_heads(backbone, "sqt"):
+            in_features = getattr(head, "in_features", None)
+            if in_features is not None and in_features != dim:
+                raise TunerError(f"sqt: classifier expects {in_features} features, SQT's head gives {dim}")
         self.train(backbone.training)
 
     @property
     def blocks(self) -> Sequence[TimmBlock]:
         return cast(Sequence[TimmBlock], self.backbone.blocks)
-
-    def train(self, mode: bool = True) -> Self:
-        super().train(mode)
-        if not self.token_drop_path:  # token path without stochastic depth; the query path applies it itself
-            for blk in self.blocks:
-                blk.drop_path1.train(False)
-                blk.drop_path2.train(False)
-        return self
 
     def token_path(self, x: torch.Tensor) -> list[KV]:
         """Run the frozen ViT over the image tokens without autograd; K_i, V_i of every block's input."""
@@ -439,7 +368,7 @@ class SqtModel(nn.Module):
         return kvs
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier input (after LN_head and the optional pre-logits), B x D."""
+        """The classifier input (LN_head's output), B x D."""
         kvs = self.token_path(x)
         batch = x.shape[0]
         hs: list[torch.Tensor] = []
@@ -454,8 +383,6 @@ class SqtModel(nn.Module):
             f_atts.append(f_att.mean(dim=1))
             f_ffns.append(f_ffn.mean(dim=1))
         f: torch.Tensor = self.instance_head(head_tokens(hs, f_atts, f_ffns))
-        if self.pre_logits is not None:
-            f = self.pre_logits(f)
         return f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -463,8 +390,10 @@ class SqtModel(nn.Module):
         head_drop = getattr(self.backbone, "head_drop", None)
         if isinstance(head_drop, nn.Module):
             f = head_drop(f)
-        classifier: nn.Module = cast(Any, self.backbone).get_classifier()
-        logits: torch.Tensor = classifier(f)
+        heads = classifier_heads(self.backbone, "sqt")
+        logits: torch.Tensor = heads[0](f)
+        if len(heads) > 1:  # distilled DeiT: the mean of both heads' logits, as its own forward_head
+            logits = torch.stack([logits, *(h(f) for h in heads[1:])]).mean(dim=0)
         return logits
 
 
@@ -497,11 +426,20 @@ def _check_block(index: int, blk: object) -> None:
         )
 
 
-def _final_norm_copy(backbone: nn.Module, dim: int) -> nn.Module:
-    """A trainable copy of the backbone's final norm (LN_head's init), or a fresh LayerNorm if it has none."""
+def _head_norm(backbone: nn.Module, dim: int, factory: _Factory) -> nn.LayerNorm:
+    """LN_head: a fresh `nn.LayerNorm(dim)` (eps 1e-5) starting from the backbone's final-norm weight and bias.
+
+    The official code makes a default LayerNorm and points its weight and bias at the backbone norm's (`.set_`),
+    so it keeps PyTorch's eps 1e-5 while timm's norm has 1e-6; a copy of the backbone's module would differ.
+    """
+    head_norm = _layer_norm(dim, factory)
     for name in ("norm", "fc_norm"):
-        norm = getattr(backbone, name, None)
-        if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()):
-            return copy.deepcopy(norm)
-    ref = next(backbone.parameters())
-    return nn.LayerNorm(dim, eps=1e-6, device=ref.device, dtype=ref.dtype)
+        weight = getattr(getattr(backbone, name, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape == (dim,):
+            bias = getattr(getattr(backbone, name), "bias", None)
+            with torch.no_grad():
+                head_norm.weight.copy_(weight)
+                if isinstance(bias, torch.Tensor) and bias.shape == (dim,):
+                    head_norm.bias.copy_(bias)
+            break
+    return head_norm

@@ -31,8 +31,11 @@ the patch projection's fan-in (v = 0.0625 for ViT-B/16). Not mergeable (prompts 
 grows with (N + p)²) and not the identity at init.
 
 `forward_intermediates` is not supported: timm slices prefix tokens off and reshapes the rest to the patch grid,
-which the extra prompt tokens break. The official code's habit of keeping the frozen backbone in eval mode while
-training is the runner's business (backbone drop path / dropout are `BackboneSpec` fields), not the tuner's.
+which the extra prompt tokens break.
+
+The official code keeps the frozen encoder in eval mode while the prompts train (its `PromptedTransformer.train`
+switches encoder and embeddings to eval and only the prompt dropout to train); `backbone_mode='eval'`, the default,
+does the same here: the backbone's drop path and dropout are off in training, the prompt dropout is not.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,6 +63,10 @@ class Vpt(Tuner):
     prompt_len: int = Field(50, gt=0, description="prompt tokens p per prompt set (sequence grows from N to N + p)")
     deep: bool = Field(True, description="deep VPT: one prompt set per block (L sets); False: shallow, one set")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the prompts (training mode only)")
+    backbone_mode: BackboneMode = backbone_mode_field(
+        "eval", "'eval', as VPT's PromptedTransformer.train() puts encoder and embeddings in eval, prompts in train"
+    )
+    head_init: HeadInit = head_init_field("vpt", "'vpt', VPT's own classifier init")
 
     def method(self) -> str:
         return "vpt-deep" if self.deep else "vpt-shallow"
