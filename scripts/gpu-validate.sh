@@ -5,7 +5,10 @@
 #      batch 32/64/128),
 #   3. `petlbench estimate` of the same runs,
 #   4. ONE table of estimated vs measured max_memory_allocated per run (plus the device's tensor-tracker peak,
-#      max_memory_reserved and NVML, each with absolute and relative error): OUT/estimate-vs-measured.{csv,md}.
+#      max_memory_reserved and NVML, each with absolute and relative error): OUT/estimate-vs-measured.{csv,md},
+#   5. one configuration's step time in a bare timm-benchmark-style loop beside petlbench's own row
+#      (OUT/train-step-reference.md): the harness must add nothing,
+#   6. how long each step took (OUT/timings.txt), to keep the kit inside one 15-minute lease.
 #
 #   scripts/gpu-validate.sh [--device cuda|cpu] [--tiny] [--out DIR] [--wheels DIR] [--suite FILE] [--skip-tests]
 #
@@ -34,7 +37,7 @@ while [ $# -gt 0 ]; do
     --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
     --suite) suite=${2:?--suite needs a file}; shift 2 ;;
     --skip-tests) skip_tests=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +50,8 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 SECONDS=0
-step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
+timings=()
+step() { timings+=("$SECONDS s: $1"); printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
 
 # Missing packages as wheels, into a throwaway site dir (never into the machine's environment).
 if [ -z "$wheels" ] && compgen -G ".whl/*.whl" > /dev/null; then wheels=.whl; fi
@@ -97,7 +101,8 @@ COLUMNS=200 "$py" -m petlbench run "$suite" --device "$device" --results-dir "$o
 run_rc=${PIPESTATUS[0]}
 
 step "estimate: petlbench estimate $suite --device $device"
-COLUMNS=240 "$py" -m petlbench estimate "$suite" --device "$device" --results-dir "$out/results" 2>&1 \
+COLUMNS=240 "$py" -m petlbench estimate "$suite" --device "$device" --results-dir "$out/results" \
+  --jobs "$(( $(nproc) > 8 ? 8 : $(nproc) ))" 2>&1 \
   | tee "$out/estimate.log"
 estimate_rc=${PIPESTATUS[0]}
 
@@ -107,6 +112,13 @@ exact=()
 "$py" -m petlbench.estimate.calibration "$out/results" "$name" "$out" "${exact[@]}" 2>&1 | tee "$out/compare.log"
 compare_rc=${PIPESTATUS[0]}
 
+step "bare training loop vs petlbench (one configuration)"
+"$py" -m petlbench.measure.reference "$out/results" "$name" "$out" 2>&1 | tee "$out/reference.log"
+reference_rc=${PIPESTATUS[0]}
+
 step "done"
-echo "tests rc=$tests_rc run rc=$run_rc estimate rc=$estimate_rc compare rc=$compare_rc; outputs in $out/"
-[ "$tests_rc" -eq 0 ] && [ "$run_rc" -eq 0 ] && [ "$estimate_rc" -eq 0 ] && [ "$compare_rc" -eq 0 ]
+printf '%s\n' "${timings[@]}" "total ${SECONDS}s" | tee "$out/timings.txt"
+echo "tests rc=$tests_rc run rc=$run_rc estimate rc=$estimate_rc compare rc=$compare_rc reference rc=$reference_rc;" \
+  "outputs in $out/"
+[ "$tests_rc" -eq 0 ] && [ "$run_rc" -eq 0 ] && [ "$estimate_rc" -eq 0 ] && [ "$compare_rc" -eq 0 ] \
+  && [ "$reference_rc" -eq 0 ]

@@ -15,6 +15,7 @@ from petlbench.estimate import calibration
 from petlbench.estimate.client import Estimate, estimate_result
 from petlbench.results import Metrics, RunResult, now_iso, write_result
 from petlbench.spec.expand import expand
+from petlbench.spec.loading import load_suite as parse_suite_file
 from petlbench.spec.loading import parse_suite
 from tests.conftest import TINY_BACKBONE
 
@@ -33,37 +34,27 @@ tuners: [{tuner: linear}, {tuner: lora, params: {rank: 4}}]
 
 
 @pytest.mark.slow
-def test_the_kit_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
-    suite = tmp_path / "kit.yaml"
-    suite.write_text(KIT_SUITE)
+def test_the_kit_runs_end_to_end_on_cpu_with_tiny(tmp_path: Path) -> None:
+    """`scripts/gpu-validate.sh --device cpu --tiny`: the whole chain on CPU, every estimate exact to the byte."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    kit = str(ROOT / "scripts" / "gpu-validate.sh")
     done = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "scripts" / "gpu-validate.sh"),
-            "--device",
-            "cpu",
-            "--suite",
-            str(suite),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
+        ["bash", kit, "--device", "cpu", "--tiny", "--out", str(out)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "exact: all 4 estimates equal the measured bytes" in done.stdout
+    runs = len(expand(parse_suite_file(ROOT / "suites" / "memory-reduced-tiny.yaml"), "cpu"))
+    assert f"exact: all {runs} estimates equal the measured bytes" in done.stdout
     assert "GPU tests not run (device cpu" in done.stdout
     with (out / "estimate-vs-measured.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["precision"] for r in rows} == {"fp32", "bf16-mixed"}
+    assert len(rows) == runs and {r["precision"] for r in rows} == {"fp32", "bf16-mixed"}
     assert all(float(r["allocated_abs_error_bytes"]) == 0 and float(r["infer_abs_error_bytes"]) == 0 for r in rows)
-    assert all(float(r["estimate_bytes"]) == float(r["allocated_bytes"]) > 0 for r in rows)
-    markdown = (out / "estimate-vs-measured.md").read_text()
-    assert "| allocated | 4 | +0.00% | 0.00% |" in markdown
+    assert f"| allocated | {runs} | +0.00% | 0.00% |" in (out / "estimate-vs-measured.md").read_text()
+    reference = (out / "train-step-reference.md").read_text()
+    assert "bare loop, 20 steps" in reference and "petlbench row" in reference
+    timings = (out / "timings.txt").read_text()
+    assert "measure: petlbench run" in timings and "total " in timings
     for name in ("environment.txt", "run.log", "estimate.log", "compare.log"):
         assert (out / name).stat().st_size > 0, name
 
