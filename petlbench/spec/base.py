@@ -10,6 +10,7 @@ The checks live here so they cover every suite, budget and tuner model (tuners s
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -30,18 +31,27 @@ class StrictModel(BaseModel):
         if not isinstance(data, dict):
             return data
         errors: list[InitErrorDetails] = []
+        numeric, numeric_items = _numeric_fields(cls)
         for name, value in data.items():
-            field = cls.model_fields.get(name) if isinstance(name, str) else None
-            if field is None:
+            if not isinstance(name, str) or name not in cls.model_fields:
                 continue
             errors.extend(_non_finite((name,), value))
-            if isinstance(value, bool) and _numeric_only(field.annotation):
+            if isinstance(value, bool) and name in numeric:
                 errors.append(_bool_error((name,), value))
-            elif isinstance(value, list | tuple) and _numeric_only(_item_type(field.annotation)):
+            elif isinstance(value, list | tuple) and name in numeric_items:
                 errors.extend(_bool_error((name, i), v) for i, v in enumerate(value) if isinstance(v, bool))
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
+
+
+@functools.cache  # per model class: validation runs for every run of a sweep
+def _numeric_fields(cls: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
+    """Fields that take a number but no bool, and fields whose sequence items do."""
+    fields = cls.model_fields.items()
+    numeric = frozenset(name for name, f in fields if _numeric_only(f.annotation))
+    items = frozenset(name for name, f in fields if _numeric_only(_item_type(f.annotation)))
+    return numeric, items
 
 
 def _non_finite(loc: tuple[str | int, ...], value: Any, depth: int = 0) -> list[InitErrorDetails]:

@@ -36,7 +36,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         show_got = kind != "missing" and not isinstance(got, dict | list)
-        entries.append((loc, kind, f"{source}: {loc}: {msg}" + (f", got {got!r}" if show_got else "")))
+        entries.append((loc, kind, f"{source}: {loc}: {msg}" + (f", got {shown(got)}" if show_got else "")))
     explained = [loc for loc, kind, _ in entries if kind not in _MEMBER_NOISE]
     lines = []
     for loc, kind, line in entries:
@@ -46,6 +46,12 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A user's value in a message: its repr, cut to `limit` characters (a generated file can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} chars)"
 
 
 def _format_loc(loc: tuple[int | str, ...], model: type[BaseModel], prefix: str) -> str:
