@@ -86,7 +86,8 @@ def count_runs(suite: Suite, batch_sizes: int | None = None) -> int:
     if batch_sizes is None:
         batch_sizes = 1 if suite.auto_batch_size else len(as_list(cast(int | list[int], suite.batch_size)))
     points = sum(math.prod(len(v) for v in entry.grid.values()) for entry in suite.tuners)
-    per_point = len(as_list(suite.precision)) * batch_sizes * len(as_list(suite.grad_checkpointing))
+    precisions: list[Any] = as_list(cast(Any, suite.precision))
+    per_point = len(precisions) * batch_sizes * len(as_list(suite.grad_checkpointing))
     return len(as_list(suite.backbone)) * len(suite.datasets()) * points * per_point * len(as_list(suite.seed))
 
 
