@@ -273,6 +273,9 @@ def _check_value(where: str, budget: str, row: pd.Series, column: str, kind: Kin
     actual = None if value is None or missing(value) else float(value)
     note = ""
     if row["status"] != "ok":
+        # A failed run may have counted some things (parameters) before it ended; never compare those: the run's
+        # outcome is the finding, and re-baselining would hide it.
+        actual = None
         note = f"run ended {row['status']}: {first_line(row.get('error'), 100)}"
     elif actual is None:
         note = f"{column} was not measured"
@@ -504,14 +507,14 @@ class CheckReport:
         shown = "; ".join(_failure_text(c) for c in failed[:limit])
         more = f"; and {len(failed) - limit} more" if len(failed) > limit else ""
         lines = [f"{len(failed)} check(s) failed: {shown}{more}"]
-        if any(c.actual is not None for c in failed):
+        if any(c.actual is not None and not c.note for c in failed):
             lines.append(f"if the increase is intended, regenerate the budgets and review the diff: {self.regenerate}")
         return "\n".join(lines)
 
 
 def _failure_text(c: CheckResult) -> str:
-    if c.actual is None:
-        return f"{c.row} ({c.setting}) {c.metric}: {c.note} ({c.where})"
+    if c.actual is None or c.note:
+        return f"{c.row} ({c.setting}) {c.metric}: {c.note or 'not measured'} ({c.where})"
     wrong = ">" if c.op == "<=" else "<"
     metric = f"{c.metric} vs {c.versus}" if c.versus else c.metric
     actual, limit = format_value(c.actual, c.kind), format_value(c.limit, c.kind)

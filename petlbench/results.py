@@ -220,22 +220,46 @@ def result_files(paths: Iterable[Path]) -> list[Path]:
     return sorted(files)
 
 
+# Columns every results row has (what `RunResult.to_row` writes first). A parquet file without them is not a
+# petlbench result (a stray file copied into the folder) and is refused, never read as a row.
+ROW_COLUMNS: Final = ("run_id", "schema_version", "suite", "status")
+_MOVE_OUT = "move it out of the results folder (or delete it to re-run that run)"
+
+
 def _read(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """One results file, through the one schema check every command shares (report, check, run's planning,
+    validate's stored statuses): readable parquet, the row columns present, a schema version this petlbench knows.
+    """
     import pandas as pd
+    import pyarrow.parquet as pq
 
     try:
-        frame: pd.DataFrame = pd.read_parquet(path, columns=columns)
+        names = set(pq.read_schema(path).names)
+        wanted = None if columns is None else list(dict.fromkeys([*ROW_COLUMNS, *columns]))
+        missing_columns = [c for c in ROW_COLUMNS if c not in names]
+        if missing_columns:
+            raise ResultsError(
+                f"{path}: not a petlbench results file (no {', '.join(missing_columns)} column); {_MOVE_OUT}"
+            )
+        if wanted is not None:
+            wanted = [c for c in wanted if c in names]
+        frame: pd.DataFrame = pd.read_parquet(path, columns=wanted)
+    except ResultsError:
+        raise
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise ResultsError(
             f"{path}: unreadable results file ({describe_exception(exc)}); "
             "delete it to re-run that run, or move it out of the results folder"
         ) from None
-    if "schema_version" in frame.columns and len(frame):
-        version = int(frame["schema_version"].max())
+    if len(frame):
+        versions = pd.to_numeric(frame["schema_version"], errors="coerce")
+        if versions.isna().any():
+            raise ResultsError(f"{path}: schema_version is not a number; not a petlbench results file; {_MOVE_OUT}")
+        version = int(versions.max())
         if version > SCHEMA_VERSION:
             raise ResultsError(
                 f"{path}: written with result schema {version}, newer than this petlbench ({SCHEMA_VERSION}); "
-                "upgrade petlbench to read it"
+                "upgrade petlbench to read it, or move it out of the results folder"
             )
     return frame
 
@@ -251,7 +275,7 @@ def load_results(paths: Iterable[Path]) -> pd.DataFrame:
 
 
 def stored_statuses(folder: Path) -> dict[str, str]:
-    """run_id → status of every result file in one suite folder (reads two columns only)."""
+    """run_id → status of every result file in one suite folder (reads the row columns only)."""
     if not folder.exists():
         return {}
     statuses: dict[str, str] = {}

@@ -43,7 +43,7 @@ def prepare(
     `local_gpus=False` (`validate`, or a cluster executor): `cuda` needs no GPU on this machine, and the runs get
     the same run_ids as on a GPU machine.
     """
-    suite = load_suite(suite_path)
+    suite = load_suite(suite_path, expand_check=False)  # expanded below, once
     root = resolve_data_root(data_root)
     requested = device or suite.device
     if requested == "cuda" and not local_gpus:  # the GPUs are on the cluster, not necessarily on this machine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import typer
 from rich.console import Console
@@ -37,10 +37,23 @@ def error_line(line: str) -> Text:
     return Text.assemble(("error: ", "bold red"), line)
 
 
+# Problems printed by one failing command; the rest are counted (a generated file can have hundreds).
+MAX_PROBLEM_LINES: Final = 10
+
+
+def problem_lines(message: str, limit: int = MAX_PROBLEM_LINES) -> list[str]:
+    """One line per problem, at most `limit`, then '... N more problems'."""
+    lines = message.splitlines() or [message]
+    if len(lines) <= limit:
+        return lines
+    return [*lines[:limit], f"... {len(lines) - limit} more problems (fix these and run again to see them)"]
+
+
 def fail(exc: PetlbenchError) -> NoReturn:
-    """Print the error, one line per problem, and exit with its code (2: configuration, 1: findings)."""
+    """Print the error, one line per problem (at most MAX_PROBLEM_LINES), and exit with its code (2:
+    configuration, 1: findings)."""
     out.file.flush()  # what was printed before the error comes before it in a combined log
-    for line in str(exc).splitlines():
+    for line in problem_lines(str(exc)):
         err.print(error_line(line))
     raise typer.Exit(exc.exit_code)
 

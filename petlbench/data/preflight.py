@@ -2,7 +2,9 @@
 
 For every distinct file-based dataset of a suite: the folders, the list files, empty splits, labels against the
 task's class count, and that every listed image exists (no decoding). For local checkpoints: that the file exists.
-For hub tags without network: that the Hugging Face cache holds the weights.
+For hub tags without network: that the Hugging Face cache holds the weights. Then every distinct backbone + tuner
+is built once on the meta device in one child process (`petlbench/spec/probe.py`): unknown or non-ViT models,
+unknown timm kwargs, impossible shapes and knobs, and checkpoint files that do not parse.
 A problem is one `DataError`/`ConfigError` line naming the suite field and the file (and line), so `petlbench
 validate` and `petlbench run` exit with code 2 before spending any time. An image that exists but does not decode
 can only be found by a worker; `petlbench run` then exits 2 too, after the other runs have finished and been saved.
@@ -19,6 +21,7 @@ from petlbench.data.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline
 from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
 from petlbench.spec.models import RunSpec, Suite
+from petlbench.spec.probe import probe_suite
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,13 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
                 "give a .safetensors, .pth or original ViT .npz path, 'hub' or 'random'"
             )
     hub_models = sorted({run.backbone.model for run in runs if run.backbone.weights == "hub"})
+    _check_hub(suite, hub_models)
+    # Last, as the slowest check: every distinct backbone + tuner built once on the meta device, in one child.
+    probe_suite(suite, runs)
+    return checks
+
+
+def _check_hub(suite: Suite, hub_models: list[str]) -> None:
     if hub_models and hub_offline():
         for model in hub_models:
             if not timm_weights_cached(model):
@@ -78,4 +88,3 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
                     f"{suite.source}: backbone.weights: hub: {model!r} is not in the local Hugging Face cache "
                     f"({hub_cache_dir()}) and {hub_address()[0]} is unreachable; {HUB_HINT}"
                 )
-    return checks

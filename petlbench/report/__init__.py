@@ -20,7 +20,7 @@ from petlbench import __version__
 from petlbench.errors import ConfigError
 from petlbench.fmt import first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing
 from petlbench.report.frame import Group, points, split_groups, variant_order
-from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
+from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, literal, to_html, to_markdown
 from petlbench.results import load_rows
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def _group_section(
     statuses = Counter(str(s) for s in group.rows["status"])
     counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     blocks: list[Block] = [
-        Heading(f"{number}. {group.title}"),
+        Heading(f"{number}. {literal(group.title)}"),
         Para(f"{len(group.rows)} runs ({counts}); figure files end in `{group.slug}`."),
     ]
     if not (pts["status"] == "ok").any():

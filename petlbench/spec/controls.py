@@ -13,6 +13,7 @@ rate, weight decay, epochs): part of the run, but two methods tuned differently 
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Final, Literal, TypeAlias
 
@@ -96,6 +97,7 @@ def role(field: str) -> Role:
     raise KeyError(f"{field}: not a RunSpec field with a role; classify it in petlbench/spec/controls.py")
 
 
+@functools.cache  # a class's fields are fixed once it is built; run_id asks for every run of a sweep
 def fields_with(spec_cls: type[BaseModel], wanted: Role) -> tuple[str, ...]:
     return tuple(f for f in spec_fields(spec_cls) if role(f) == wanted)
 

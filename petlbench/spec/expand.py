@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
 from petlbench.data.specs import task_key
 from petlbench.errors import ConfigError
-from petlbench.spec.messages import format_validation_error
+from petlbench.spec.messages import format_validation_error, shown
 from petlbench.spec.models import Device, OptimizerSpec, Precision, RunSpec, Suite, TrainSpec, TunerEntry, as_list
 from petlbench.tuners import Tuner, available_tuners, unknown_tuner_message
+
+# The most runs one suite may expand to (docs/errors.md). Counted before any RunSpec is built, so a generated
+# product of a million runs fails at once instead of after minutes and gigabytes.
+MAX_RUNS: Final = 100_000
 
 
 def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[RunSpec]:
@@ -28,6 +33,7 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
     datasets = suite.datasets()
     tasks = [task_key(d) for d in datasets]
     entries = [_check_entry(suite, entry, index, configs, tasks) for index, entry in enumerate(suite.tuners)]
+    _check_run_count(suite, len(batch_sizes))
     runs: list[RunSpec] = []
     first_seen: dict[str, str] = {}
     for backbone in as_list(suite.backbone):
@@ -64,14 +70,38 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
                             timeout_s=suite.timeout_s,
                             data_root=data_root,
                         )
-                        if run.run_id in first_seen:
+                        run_id = run.run_id  # a hash of the whole spec: computed once
+                        if run_id in first_seen:
                             raise ConfigError(
-                                f"{suite.source}: {where}: repeats a run of {first_seen[run.run_id]} "
+                                f"{suite.source}: {where}: repeats a run of {first_seen[run_id]} "
                                 f"({run.label()}); remove the duplicate"
                             )
-                        first_seen[run.run_id] = where
+                        first_seen[run_id] = where
                         runs.append(run)
     return runs
+
+
+def count_runs(suite: Suite, batch_sizes: int | None = None) -> int:
+    """How many runs `expand` makes, from the list lengths alone (no RunSpec built)."""
+    if batch_sizes is None:
+        batch_sizes = 1 if suite.auto_batch_size else len(as_list(cast(int | list[int], suite.batch_size)))
+    points = sum(math.prod(len(v) for v in entry.grid.values()) for entry in suite.tuners)
+    precisions: list[Any] = as_list(cast(Any, suite.precision))
+    per_point = len(precisions) * batch_sizes * len(as_list(suite.grad_checkpointing))
+    return len(as_list(suite.backbone)) * len(suite.datasets()) * points * per_point * len(as_list(suite.seed))
+
+
+def _check_run_count(suite: Suite, batch_sizes: int) -> None:
+    total = count_runs(suite, batch_sizes)
+    if total <= MAX_RUNS:
+        return
+    points = [math.prod(len(v) for v in entry.grid.values()) for entry in suite.tuners]
+    biggest = max(range(len(points)), key=points.__getitem__)
+    raise ConfigError(
+        f"{suite.source}: expands to {total:,} runs, more than the {MAX_RUNS:,} a suite may have "
+        f"(tuners[{biggest}].grid alone has {points[biggest]:,} points); shrink the grids and lists, or split the "
+        "suite into several files"
+    )
 
 
 def _check_entry(
@@ -131,7 +161,7 @@ def _tuner_config(
                 )
                 continue
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {loc}: {msg}, got {err.get('input')!r}")
+            lines.append(f"{source}: {loc}: {msg}, got {shown(err.get('input'))}")
         raise ConfigError("\n".join(lines)) from None
 
 

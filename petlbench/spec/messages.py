@@ -8,12 +8,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
+# Union members that did not apply ('should be a list' when a mapping was given, and the reverse).
+_MEMBER_NOISE = frozenset({"list_type", "model_type"})
+
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per pydantic error: 'file: loc.path: message, got value'.
 
-    Fields typed `X | list[X]` make pydantic report one error per union member; the 'should be a list' one is
-    noise when the other member explains the problem, so it is dropped.
+    Fields typed `X | list[X]` make pydantic report one error per union member; the 'should be a list' (or
+    'should be a mapping') one is noise when the other member explains the problem, so it is dropped.
     """
     entries: list[tuple[str, str, str]] = []  # (loc, error type, line)
     for err in exc.errors():
@@ -33,15 +36,22 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         show_got = kind != "missing" and not isinstance(got, dict | list)
-        entries.append((loc, kind, f"{source}: {loc}: {msg}" + (f", got {got!r}" if show_got else "")))
-    explained = [loc for loc, kind, _ in entries if kind != "list_type"]
+        entries.append((loc, kind, f"{source}: {loc}: {msg}" + (f", got {shown(got)}" if show_got else "")))
+    explained = [loc for loc, kind, _ in entries if kind not in _MEMBER_NOISE]
     lines = []
     for loc, kind, line in entries:
-        if kind == "list_type" and any(other == loc or other.startswith(loc + ".") for other in explained):
+        deeper = (loc + ".", loc + "[")
+        if kind in _MEMBER_NOISE and any(other == loc or other.startswith(deeper) for other in explained):
             continue
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A user's value in a message: its repr, cut to `limit` characters (a generated file can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} chars)"
 
 
 def _format_loc(loc: tuple[int | str, ...], model: type[BaseModel], prefix: str) -> str:
@@ -72,8 +82,14 @@ def _union_tags(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[int]:
             current = _strip_none(field.annotation)
             continue
         if len(_flatten_annotation(current)) > 1:  # a union: this part names the member pydantic tried
+            member = _union_member(current, part)
+            if member is None:  # errors raised by a model validator come without the member: `part` is a field
+                member = _member_with_field(current, part)
+                if member is not None:
+                    current = _strip_none(member.model_fields[part].annotation)
+                    continue
             skip.add(i)
-            current = _union_member(current, part)
+            current = member
             continue
         return skip
     return skip
@@ -93,6 +109,15 @@ def _union_member(annotation: Any, part: str) -> Any:
                 return arg
         elif part.startswith("list[") and typing.get_origin(arg) is list:
             return typing.get_args(arg)[0]
+    return None
+
+
+def _member_with_field(annotation: Any, part: str) -> type[BaseModel] | None:
+    for arg in _flatten_annotation(annotation):
+        members = [arg, *typing.get_args(arg)] if typing.get_origin(arg) is list else [arg]
+        for member in members:
+            if isinstance(member, type) and issubclass(member, BaseModel) and part in member.model_fields:
+                return member
     return None
 
 

@@ -95,6 +95,11 @@ class Tuner(StrictModel):
         """Dropout probabilities of the layers this tuner adds (the estimator maps CPU masks to CUDA's)."""
         return ()
 
+    def validate_on(self, model: nn.Module) -> None:
+        """Extra checks of these knobs against a built model, run by the pre-flight probe (petlbench/spec/probe.py)
+        after `build_tuned_model`, on the meta device (shapes, no data or memory): raise TunerError naming the
+        knob and the fix. Default: none (what `attach` itself checks is already covered)."""
+
     @abstractmethod
     def attach(self, model: nn.Module) -> nn.Module:
         """Insert or wrap modules in place; return the module to train (usually `model` itself)."""
