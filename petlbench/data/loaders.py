@@ -104,6 +104,8 @@ def num_classes(spec: DataSpec, data_root: str | Path | None = None) -> int:
     """Number of classes, without loading images when the spec says it."""
     if isinstance(spec, SyntheticData):
         return spec.num_classes
+    if isinstance(spec, DigitsData):
+        return 10
     if isinstance(spec, VtabData):
         return spec.classes
     if isinstance(spec, ImageFolderData):

@@ -25,7 +25,7 @@ from petlbench.fmt import fmt_bytes
 from petlbench.spec.models import RunSpec
 
 LIMIT_S: Final = 3600.0  # a CPU plan predicted longer than this is refused (use --device cpu to insist)
-EFFICIENCY: Final = 0.25  # training-step FLOP/s ÷ matmul FLOP/s of a ViT on a CPU (calibrated on the quickstart)
+EFFICIENCY: Final = 0.4  # training-step FLOP/s ÷ matmul FLOP/s of a ViT on a CPU (calibrated on the quickstart)
 RUN_OVERHEAD_S: Final = 4.0  # a worker process: imports, model build, shutdown
 INFERENCE_SHARE: Final = 1 / 3  # a forward is about a third of a training step's FLOPs
 
