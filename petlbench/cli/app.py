@@ -275,16 +275,28 @@ def report(
         int | None,
         typer.Option("--batch-size", help="batch of the breakdown bars [default: largest batch every method ran ok]"),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="png: PNG + SVG for screens; pdf: PDF + SVG + PNG sized for a paper, fonts embedded"
+        ),
+    ] = "png",
+    width: Annotated[
+        str, typer.Option("--width", help="--format pdf: double (7 in, two-column) or single (3.3 in, one-column)")
+    ] = "double",
 ) -> None:
     """Pareto fronts, memory vs batch size and memory breakdown figures, with report.md and report.html.
 
-    Example: petlbench report results/memory --plot pareto --out reports/
+    A results/<suite>.estimate/ folder is reported as predictions: 'Predicted' in every title, the device memory
+    it was judged against drawn as a line, and the largest batch that fits per GPU memory size.
+
+    Example: petlbench report results/memory --plot pareto --format pdf --out reports/
     """
     from petlbench.report import build_report
 
     paths = results or [Path("results")]
     try:
-        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size)
+        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size, fmt, width)
     except PetlbenchError as exc:
         fail(exc)
     counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())
@@ -293,7 +305,8 @@ def report(
         out.print(f"split by {', '.join(summary.split_by)}: no figure mixes groups")
     for note in summary.notes:
         err.print(f"note: {note}")
-    out.print(f"{len(summary.figures)} figures (.png + .svg) → {summary.out}/")
+    kinds = ".pdf + .svg + .png" if fmt == "pdf" else ".png + .svg"
+    out.print(f"{len(summary.figures)} figures ({kinds}) → {summary.out}/")
     if summary.vtab_methods:
         out.print(f"VTAB-1k tables: {summary.vtab_methods} methods × 19 tasks, group and flat means (in the report)")
     out.print(f"report → {summary.markdown}  {summary.html}")
