@@ -71,26 +71,35 @@ def size_label(size: float) -> str:
 
 
 def fit_figure(title: str, subtitle: str, table: list[tuple[str, str, list[Fit]]], sizes: Sequence[float]) -> Figure:
-    """Grouped horizontal bars: per method, one bar per memory size, its length the largest batch that fits."""
+    """A grid, one row per method and one column per memory size: the largest batch that fits, written in the
+    cell, the cell's shade growing with it (log scale), the method's colour on its name."""
+    from matplotlib.patches import Rectangle
+
     from petlbench.report.style import method_style, new_figure
 
-    fig = new_figure(9.0, 1.4 + 0.22 * len(table) * len(sizes) + 0.6)
+    fig = new_figure(1.9 + 1.1 * len(sizes), 1.1 + 0.24 * len(table))
     ax = fig.subplots()
-    height = 0.8 / max(len(sizes), 1)
-    largest = max((f.batch or 0 for _, _, fits in table for f in fits), default=1) or 1
-    for row, (variant, method, fits) in enumerate(reversed(table)):
-        color = method_style(method).color
-        for k, (size, fit) in enumerate(zip(sizes, fits, strict=True)):
-            y = row + (len(sizes) - 1 - k - (len(sizes) - 1) / 2) * height
-            alpha = 0.35 + 0.65 * (k + 1) / len(sizes)  # larger memory: darker shade of the method's colour
-            ax.barh(
-                y, fit.batch or 0, height=height * 0.9, color=color, alpha=alpha, edgecolor="none", gid=f"fit={variant}"
+    batches = [[math.log2(f.batch) if f.batch else 0.0 for f in fits] for _, _, fits in table]
+    top = max((b for row in batches for b in row), default=1.0) or 1.0
+    for r, ((variant, _method, fits), logs) in enumerate(zip(table, batches, strict=True)):
+        for c, (fit, value) in enumerate(zip(fits, logs, strict=True)):
+            shade = 0.92 - 0.6 * value / top
+            cell = Rectangle((c - 0.5, r - 0.5), 1, 1, color=(shade, shade + 0.04, 1.0), gid=f"fit={variant}")
+            ax.add_patch(cell)
+            ax.text(
+                c, r, fit.text(), ha="center", va="center", fontsize=7.5, color="black" if shade > 0.55 else "white"
             )
-            label = f" {fit.text()} @ {size_label(size)}"
-            ax.text(fit.batch or 0, y, label, va="center", ha="left", fontsize=6.5, color="#333333")
-    ax.set_yticks(range(len(table)), [v for v, _, _ in reversed(table)])
-    ax.set_xlim(0, largest * 1.35)
-    ax.set_xlabel("largest batch size that fits (+: the largest batch swept fits)")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_ylim(len(table) - 0.5, -0.5)
+    ax.set_xticks(range(len(sizes)), [size_label(s) for s in sizes])
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(table)), [v for v, _, _ in table])
+    for tick, (_, method, _) in zip(ax.get_yticklabels(), table, strict=True):
+        tick.set_color(method_style(method).color)
+        tick.set_gid(f"method={method}")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xlabel("largest batch that fits (+: the largest batch swept fits)", fontsize=8)
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=10)
     return fig

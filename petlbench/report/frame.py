@@ -89,7 +89,7 @@ class Group:
 
     @property
     def capacity_name(self) -> str:
-        return "device memory (--device-memory)" if self.predicted else "device capacity"
+        return "device memory" if self.predicted else "device capacity"
 
     def headline(self, text: str) -> str:
         """A figure title or table heading: 'Predicted ...' for estimates, so no one reads them as measured."""

@@ -21,6 +21,7 @@ from petlbench.report.style import (
     method_style,
     new_figure,
     padded_limits,
+    paper_active,
     place_labels,
     set_log_ticks,
     stack_labels,
@@ -54,7 +55,7 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame) -> Figure:
         method = str(drawn.loc[drawn["variant"] == variant, "method"].iloc[0])
         families.setdefault(method_style(method).family if len(variants) > PANEL_LINES else "", []).append(variant)
     panels = list(families.items())
-    ncols = min(len(panels), 3)
+    ncols = min(len(panels), 2 if paper_active() else 3)
     nrows = -(-len(panels) // ncols)
     fig = new_figure(9.0 if ncols == 1 else 4.6 * ncols, 5.6 if nrows == 1 else 3.9 * nrows + 1.0)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
@@ -88,19 +89,17 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame) -> Figure:
         ax.set_xlim(*xlim)
         if family:
             ax.set_title(family, fontsize=9)
-        spec = ax.get_subplotspec()
-        if spec is not None and spec.is_last_row():
+        if single:
             ax.set_xlabel("batch size" + (" (log scale)" if xlog else ""))
-        if spec is not None and spec.is_first_col():
             ax.set_ylabel(axis_label(predicted + "peak allocated memory", yscale))
         if cap is not None:
             ax.axhline(cap, color=OOM_COLOR, ls="--", lw=1.0, alpha=0.8)
             ax.text(
-                xlim[0],
+                xlim[1],
                 cap,
-                f" {group.capacity_name} {fmt_bytes(capacity)}",
+                f"{group.capacity_name} {fmt_bytes(capacity)} ",
                 va="bottom",
-                ha="left",
+                ha="right",
                 fontsize=7 if not single else 8,
                 color=OOM_COLOR,
             )
@@ -141,21 +140,25 @@ def memory_batch_figure(group: Group, pts: pd.DataFrame) -> Figure:
             elif fx and oom_y is not None:
                 inline.append(Label(fx[0], oom_y, f"{variant} (OOM)", look.color))
         if not single:
-            ax.legend(fontsize=6.5, frameon=False, loc="upper left", handlelength=2.6)
+            ax.legend(fontsize=6.5, frameon=False, loc="best", handlelength=2.6)
     for ax in axes[len(panels) :]:
         ax.remove()  # no empty panel
+    if not single:
+        fig.supxlabel("batch size" + (" (log scale)" if xlog else ""), fontsize=9)
+        fig.supylabel(axis_label(predicted + "peak allocated memory", yscale), fontsize=9)
     handles: list[Line2D] = []
     if len(oom):
         where = "on the capacity line" if cap is not None else "along the top"
         handles.append(
             Line2D([], [], marker="X", ls="", color="#888888", markeredgecolor=OOM_COLOR, ms=8, label=f"OOM ({where})")
         )
-    what = "labelled at its last ok batch" if single else "one panel per method family"
-    handles.append(
-        Line2D([], [], color="#555555", lw=1.5, label=f"one line per method, line style per knob value ({what})")
-    )
+    if single:  # the panels' own legends say the same
+        handles.append(
+            Line2D([], [], color="#555555", lw=1.5, label="one line per method, labelled at its last ok batch")
+        )
     fig.suptitle(f"{group.headline('Peak memory vs batch size')}\n{group.title}", fontsize=11)
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     set_log_ticks(fig)
     fig.canvas.draw()  # lay out once, to know the axes height the labels are stacked in
     if single:
