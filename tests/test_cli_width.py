@@ -150,3 +150,23 @@ def test_dry_run_refuses_what_the_run_refuses_and_says_when_nothing_is_left(tmp_
     done = runner.invoke(app, ["run", str(suite), "--dry-run", "--results-dir", str(tmp_path)])
     assert done.exit_code == 0, done.output
     assert "nothing to run" in done.output
+
+
+def test_the_eta_is_seeded_before_the_first_run_finishes() -> None:
+    import io
+
+    from rich.progress import Progress
+
+    from petlbench.cli.console import SeededEta
+
+    column = SeededEta()
+    progress = Progress(column, console=Console(file=io.StringIO()))
+    task = progress.add_task("x", total=10, seed_s=30.0, parallel=2)
+    progress.start_task(task)
+    text = column.render(progress.tasks[0]).plain
+    assert text.startswith("~"), text
+    hours, minutes, seconds = (int(p) for p in text.removeprefix("~").split(":"))
+    left = 3600 * hours + 60 * minutes + seconds
+    assert 140 <= left <= 150  # 10 runs × 30 s over 2 workers, less the (tiny) time elapsed
+    unseeded = progress.add_task("y", total=10)
+    assert column.render(progress.tasks[unseeded]).plain == "-:--:--"
