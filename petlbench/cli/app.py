@@ -10,15 +10,16 @@ import importlib.resources
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
 from petlbench.cli import estimate as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out, progress_bar
-from petlbench.cli.tables import check_table, result_line, runs_table, summary_table, tuners_table
+from petlbench.cli.tables import check_table, compare_table, result_line, runs_table, summary_table, tuners_table
 from petlbench.data.specs import DATA_ROOT_ENV
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
+from petlbench.estimate import client as estimate_client
 from petlbench.estimate.guard import check_cpu_plan
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.measure.nvml import visible_gpus
@@ -133,6 +134,8 @@ def run(
             return
         if memory_limit is not None and not skip_predicted_oom:
             raise ConfigError("--memory-limit: only used with --skip-predicted-oom or a suite with batch_size: auto")
+        if skip_predicted_oom and runs:  # the same refusal with --dry-run as without
+            estimate_client.memory_limit(memory_limit, runs[0].device, visible_gpus(), "--memory-limit", required=True)
         todo = plan(runs, results_dir, force)
     except PetlbenchError as exc:
         fail(exc)
@@ -145,8 +148,9 @@ def run(
         + ")"
         + ("" if str(runner) == "local" else f" · {runner}")
     )
-    if dry_run:
+    if dry_run and todo.todo:
         out.print(runs_table(todo.todo, title="runs to execute"))
+        out.print(f"dry run: {len(todo.todo)} runs would execute; nothing was run")
         return
     if not todo.todo:
         out.print(f"nothing to run: all {len(runs)} runs already have results in {where}/ (use --force to re-run)")
@@ -171,7 +175,9 @@ def run(
     progress = progress_bar(eta=True)
     with ExitStack() as stack:
         stack.enter_context(progress)
-        task = progress.add_task("starting", total=len(specs))
+        parallel = jobs or (len(visible_gpus()) if device_name == "cuda" else 1) or 1
+        seed = _seconds_per_run(where, device_name)
+        task = progress.add_task("starting", total=len(specs), seed_s=seed, parallel=parallel)
         running: dict[str, str] = {}
         try:
             for event in execute(specs, runner, results_dir):
@@ -194,7 +200,11 @@ def run(
     counts = summarize(results)
     out.print("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())) + f"  → {where}/")
     if interrupted:
-        err.print(f"interrupted: {len(results)} finished runs are saved in {where}/; run the same command to resume")
+        held = len(stored_statuses(where))
+        err.print(
+            f"interrupted: {len(results)} runs finished in this session; {where}/ holds {held} results; "
+            "run the same command to resume"
+        )
         raise typer.Exit(130)
     if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
         _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
@@ -208,6 +218,22 @@ def run(
     code = exit_code(results, strict)
     if code:
         raise typer.Exit(code)
+
+
+ROUGH_SECONDS_PER_RUN: Final = {"cpu": 20.0, "cuda": 60.0}  # the ETA before any run of this suite finished
+
+
+def _seconds_per_run(folder: Path, device: str) -> float:
+    """The mean duration of the runs already stored in `folder`, else a rough constant for the device."""
+    from petlbench.results import load_results
+
+    try:
+        stored = load_results([folder]) if folder.exists() else None
+    except PetlbenchError:
+        stored = None
+    if stored is not None and "duration_s" in stored and stored["duration_s"].notna().any():
+        return float(stored["duration_s"].dropna().mean())
+    return ROUGH_SECONDS_PER_RUN.get(device, 30.0)
 
 
 def _quickstart_report(results: Path, reports: Path) -> None:
@@ -283,16 +309,28 @@ def report(
         int | None,
         typer.Option("--batch-size", help="batch of the breakdown bars [default: largest batch every method ran ok]"),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="png: PNG + SVG for screens; pdf: PDF + SVG + PNG sized for a paper, fonts embedded"
+        ),
+    ] = "png",
+    width: Annotated[
+        str, typer.Option("--width", help="--format pdf: double (7 in, two-column) or single (3.3 in, one-column)")
+    ] = "double",
 ) -> None:
     """Pareto fronts, memory vs batch size and memory breakdown figures, with report.md and report.html.
 
-    Example: petlbench report results/memory --plot pareto --out reports/
+    A results/<suite>.estimate/ folder is reported as predictions: 'Predicted' in every title, the device memory
+    it was judged against drawn as a line, and the largest batch that fits per GPU memory size.
+
+    Example: petlbench report results/memory --plot pareto --format pdf --out reports/
     """
     from petlbench.report import build_report
 
     paths = results or [Path("results")]
     try:
-        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size)
+        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size, fmt, width)
     except PetlbenchError as exc:
         fail(exc)
     counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())
@@ -301,7 +339,8 @@ def report(
         out.print(f"split by {', '.join(summary.split_by)}: no figure mixes groups")
     for note in summary.notes:
         err.print(f"note: {note}")
-    out.print(f"{len(summary.figures)} figures (.png + .svg) → {summary.out}/")
+    kinds = ".pdf + .svg + .png" if fmt == "pdf" else ".png + .svg"
+    out.print(f"{len(summary.figures)} figures ({kinds}) → {summary.out}/")
     if summary.vtab_methods:
         out.print(f"VTAB-1k tables: {summary.vtab_methods} methods × 19 tasks, group and flat means (in the report)")
     out.print(f"report → {summary.markdown}  {summary.html}")
@@ -351,6 +390,52 @@ def check(
     )
     if failed:
         fail(BudgetExceeded(outcome.failure_message()))
+
+
+@app.command()
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="results folder of the baseline (e.g. main)", show_default=False)],
+    change: Annotated[Path, typer.Argument(help="results folder of the change", show_default=False)],
+    max_increase: Annotated[
+        float,
+        typer.Option("--max-increase", help="exit 1 when a run's peak memory grows by more than this percentage"),
+    ] = 1.0,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="also draw the changes per run into this figure (.png, .svg or .pdf)"),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="rows shown, largest memory change first")] = 40,
+) -> None:
+    """Compare two results folders run by run: the change in peak memory, throughput and accuracy, largest first.
+
+    Runs are matched by run_id, else by their spec without the suite name. Exit 1 when a run's peak memory grew
+    by more than --max-increase percent, or a run that was ok in the baseline is not ok in the change: a CI can
+    gate a change on "no memory regression against main".
+
+    Example: petlbench compare results-main/smoke results/smoke --max-increase 1 --out compare.png
+    """
+    from petlbench.report.compare import compare_rows, comparison_figure, describe
+    from petlbench.results import load_rows
+
+    try:
+        comparison = compare_rows(load_rows([baseline]), load_rows([change]))
+    except PetlbenchError as exc:
+        fail(exc)
+    out.print(compare_table(comparison, top, title=f"{change} vs {baseline}: {len(comparison.deltas)} runs in both"))
+    for note in describe(comparison):
+        out.print(note)
+    if out_file is not None:
+        fig = comparison_figure(comparison, str(baseline), str(change), top)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_file, dpi=150)
+        out.print(f"figure → {out_file}")
+    regressions = comparison.regressions(max_increase / 100)
+    if regressions or comparison.broke:
+        what = [f"{len(regressions)} runs over +{max_increase:g}% peak memory"] if regressions else []
+        what += [f"{len(comparison.broke)} runs no longer ok"] if comparison.broke else []
+        err.print(error_line("regression: " + ", ".join(what)))
+        raise typer.Exit(1)
+    out.print(f"no run's peak memory grew by more than {max_increase:g}%")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Final, NoReturn
 
@@ -13,9 +14,9 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     SpinnerColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -58,6 +59,24 @@ def fail(exc: PetlbenchError) -> NoReturn:
     raise typer.Exit(exc.exit_code)
 
 
+class SeededEta(ProgressColumn):
+    """Time left: from the runs finished so far, and before the first one from `seed_s` per run (a task field:
+    the mean duration of the runs already stored, or a rough constant), so the first run does not show -:--:--."""
+
+    def render(self, task: Task) -> Text:
+        left = task.remaining
+        if left is None or task.total is None:
+            return Text("-:--:--", style="progress.remaining")
+        elapsed = task.elapsed or 0.0
+        per_run = elapsed / task.completed if task.completed else float(task.fields.get("seed_s") or 0.0)
+        parallel = max(1, int(task.fields.get("parallel") or 1))
+        if not per_run:
+            return Text("-:--:--", style="progress.remaining")
+        seconds = max(0.0, left * per_run / (1 if task.completed else parallel) - (0 if task.completed else elapsed))
+        guess = "~" if not task.completed else ""
+        return Text(guess + str(datetime.timedelta(seconds=int(seconds))), style="progress.remaining")
+
+
 def progress_bar(label: str | None = None, eta: bool = False, console: Console | None = None) -> Progress:
     """The one progress bar of every long command: spinner, n/total, bar, the current task's text, elapsed (+ eta)."""
     columns: list[ProgressColumn | str] = [SpinnerColumn()]
@@ -65,5 +84,5 @@ def progress_bar(label: str | None = None, eta: bool = False, console: Console |
         columns.append(TextColumn(label))
     columns += [MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
     if eta:
-        columns += [TextColumn("eta"), TimeRemainingColumn()]
+        columns += [TextColumn("eta"), SeededEta()]
     return Progress(*columns, console=console or out, transient=True)

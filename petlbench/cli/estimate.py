@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from petlbench.cli.console import err, fail, out, progress_bar
-from petlbench.cli.estimate_tables import auto_batch_table, estimate_table, max_batch_table, probe_line
+from petlbench.cli.estimate_tables import auto_batch_table, estimate_table, fit_table, max_batch_table, probe_line
 from petlbench.cli.tables import result_line, runs_table
 from petlbench.errors import PetlbenchError
 from petlbench.estimate.autobatch import AutoBatchOutcome, run_auto_batch, stored_probes
@@ -82,7 +82,8 @@ def estimate(
         str | None,
         typer.Option(
             "--device-memory",
-            help="memory to flag FITS/OOM against, e.g. 80GiB; default: the visible GPU's (CUDA runs), else no flag",
+            help="memory to flag FITS/OOM against, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
+            "largest batch that fits each size (FITS/OOM: the first); default: the visible GPU's (CUDA), else none",
             show_default=False,
         ),
     ] = None,
@@ -104,14 +105,16 @@ def estimate(
     for CUDA it applies the CPU→CUDA deltas listed in the caption (uncalibrated until a GPU validation run).
     A `batch_size: auto` suite gets the largest batch predicted to fit, per configuration.
 
-    Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 80GiB
+    Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 24GiB,48GiB,80GiB
     """
     try:
         suite_obj = load_suite(suite)
         gpus = visible_gpus()
         resolved = estimate_device(device or suite_obj.device)
         runs = expand(suite_obj, resolved)
-        limit = memory_limit(device_memory, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size)
+        texts = [t.strip() for t in device_memory.split(",")] if device_memory else [None]
+        limits = [memory_limit(t, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size) for t in texts]
+        limit = limits[0]
     except PetlbenchError as exc:
         fail(exc)
     assert runs
@@ -142,6 +145,10 @@ def estimate(
         out.print(max_batch_table(runs, estimates, limit, title=f"{suite_obj.name}: largest batch predicted to fit"))
     else:
         out.print(estimate_table(runs, estimates, limit, title=title))
+        sizes = [size for size in limits if size is not None]
+        if len(sizes) > 1 or (sizes and len({r.batch_size for r in runs}) > 1):
+            what_fits = f"{suite_obj.name}: largest batch predicted to fit ({resolved})"
+            out.print(fit_table(runs, estimates, sizes, title=what_fits))
     if resolved == "cuda":
         out.print(
             "CUDA estimate from fake CPU tensors with the CPU→CUDA deltas (512-B rounding, 1-B dropout masks); "

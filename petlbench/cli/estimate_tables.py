@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from rich.table import Table
 from rich.text import Text
 
-from petlbench.cli.tables import backbone_label, result_line
+from petlbench.cli.tables import Col, FitTable, backbone_label, result_line
 from petlbench.estimate.autobatch import AutoBatchOutcome
 from petlbench.estimate.client import Estimate, fits
 from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct
+from petlbench.report.fit import largest_fitting, size_label
 from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
 
@@ -48,7 +48,7 @@ def fit_text(peak: int | None, limit: int | None) -> Text:
 
 def estimate_table(
     runs: Sequence[RunSpec], estimates: Mapping[str, Estimate], limit: int | None, title: str | None = None
-) -> Table:
+) -> FitTable:
     """One line per run: predicted peak by category, inference peak, and FITS/OOM against `limit`."""
     varying = _varying(runs)
     caption = _shared(runs, varying)
@@ -56,12 +56,14 @@ def estimate_table(
         caption += f"; limit {fmt_bytes(limit)} ({limit:,} B)"
     if any(e.metrics is not None and e.metrics.estimate_approximate for e in estimates.values()):
         caption += "; ≈ approximate (see estimate_note)"
-    table = Table(title=title, caption=caption or None, header_style="bold")
     left = {"run_id", "method", "knob", "fit", *varying}
-    for column in ("#", "run_id", "method", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ."):
-        table.add_column(column, justify="left" if column in left else "right")
-    for column in ("infer", "fit", "headroom"):
-        table.add_column(column, justify="left" if column in left else "right")
+    names = ("#", "run_id", "method", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ.")
+    names += ("infer", "fit", "headroom")
+    # narrow terminal: the breakdown and ids go first; the peak, the verdict and the knob stay
+    drops = {"grads": 9, "optim": 8, "weights": 7, "#": 6, "run_id": 5, "infer": 4, "activ.": 3, "headroom": 2}
+    table = FitTable(
+        [Col(c, "left" if c in left else "right", drops.get(c, 0)) for c in names], title=title, caption=caption or None
+    )
     for i, run in enumerate(runs, 1):
         estimate = estimates.get(run.run_id)
         m = estimate.metrics if estimate is not None else None
@@ -91,12 +93,16 @@ def estimate_table(
 
 def max_batch_table(
     templates: Sequence[RunSpec], estimates: Mapping[str, Estimate], limit: int, title: str | None = None
-) -> Table:
+) -> FitTable:
     """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration."""
     varying = _varying(templates)
-    table = Table(title=title, caption=f"limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("method", "knob", *varying, "max batch", "peak there", "left", "first over", "over by"):
-        table.add_column(column, justify="left" if column in ("method", "knob", *varying) else "right")
+    names = ("method", "knob", *varying, "max batch", "peak there", "left", "first over", "over by")
+    drops = {"over by": 3, "left": 2, "first over": 1}
+    table = FitTable(
+        [Col(c, "left" if c in ("method", "knob", *varying) else "right", drops.get(c, 0)) for c in names],
+        title=title,
+        caption=f"limit {fmt_bytes(limit)} ({limit:,} B)",
+    )
     for i, run in enumerate(templates):
         estimate = estimates.get(run.run_id)
         cells: list[str | Text] = [run.method, fmt_knob(run.knob_name, run.knob)]
@@ -133,14 +139,16 @@ def probe_line(result: RunResult, fit: bool | None, reused: bool, limit: int) ->
     return line
 
 
-def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: str | None = None) -> Table:
+def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: str | None = None) -> FitTable:
     """The max feasible batch per configuration: predicted (estimate) vs confirmed (real runs)."""
     templates = [o.template for o in outcomes]
     varying = _varying(templates)
-    table = Table(title=title, caption=f"memory limit {fmt_bytes(limit)} ({limit:,} B)", header_style="bold")
-    for column in ("method", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes"):
-        table.add_column(column, justify="left" if column in ("method", "knob", *varying) else "right")
-    table.add_column("note")
+    names = ("method", "knob", *varying, "predicted", "max feasible", "peak there", "left", "next", "probes")
+    drops = {"probes": 4, "left": 3, "next": 2, "peak there": 1}
+    columns = [Col(c, "left" if c in ("method", "knob", *varying) else "right", drops.get(c, 0)) for c in names]
+    table = FitTable(
+        [*columns, Col("note", wrap=True)], title=title, caption=f"memory limit {fmt_bytes(limit)} ({limit:,} B)"
+    )
     for i, outcome in enumerate(outcomes):
         run = outcome.template
         cells: list[str | Text] = [run.method, fmt_knob(run.knob_name, run.knob)]
@@ -167,4 +175,26 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
             ]
         cells.append(Text(note, style="dim"))
         table.add_row(*cells)
+    return table
+
+
+def fit_table(
+    runs: Sequence[RunSpec], estimates: Mapping[str, Estimate], sizes: Sequence[int], title: str | None = None
+) -> FitTable:
+    """What fits on my GPU: per configuration, the largest batch of the sweep predicted to fit in each size."""
+    varying = _varying(runs)
+    configs: dict[tuple[str, ...], list[tuple[int, float | None]]] = {}
+    for i, run in enumerate(runs):
+        key = (run.method, fmt_knob(run.knob_name, run.knob), *(values[i] for values in varying.values()))
+        estimate = estimates.get(run.run_id)
+        peak = estimate.metrics.peak_allocated_bytes if estimate is not None and estimate.metrics else None
+        configs.setdefault(key, []).append((run.batch_size, float(peak) if peak is not None else None))
+    names = ["method", "knob", *varying, *(size_label(s) for s in sizes)]
+    table = FitTable(
+        [Col(c, "left" if i < 2 + len(varying) else "right") for i, c in enumerate(names)],
+        title=title,
+        caption="largest batch of the sweep predicted to fit; +: the largest batch swept fits",
+    )
+    for key, peaks in configs.items():
+        table.add_row(*key, *(largest_fitting(peaks, size).text() for size in sizes))
     return table

@@ -5,16 +5,106 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rich.console import Group
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
 from petlbench.budget import CheckResult, format_value
 from petlbench.data.specs import data_label
 from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
+from petlbench.report.compare import Comparison
 from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import Tuner, describe_tuner
+
+
+class Col:
+    """A column of a `FitTable`: `drop` > 0 marks a column that may be left out when the terminal is narrow
+    (highest first); `wrap` marks free text that may wrap (numbers, knobs and statuses never wrap nor get cut)."""
+
+    def __init__(self, name: str, justify: str = "left", drop: int = 0, wrap: bool = False) -> None:
+        self.name, self.justify, self.drop, self.wrap = name, justify, drop, wrap
+
+
+class FitTable:
+    """A table that fits the console it is printed on, never cutting a number: at full width a Rich table;
+    narrower, the droppable columns go first (named in the caption); narrower still, one block per row
+    ('column value' pairs packed into lines)."""
+
+    def __init__(self, columns: Sequence[Col], title: str | None = None, caption: str | None = None, **style: Any):
+        self.columns = list(columns)
+        self.title, self.caption, self.style = title, caption, style
+        self.rows: list[list[str | Text]] = []
+
+    def add_row(self, *cells: str | Text) -> None:
+        self.rows.append(list(cells))
+
+    def _table(self, keep: Sequence[int], dropped: Sequence[str]) -> Table:
+        caption = self.caption or ""
+        if dropped:
+            caption += ("; " if caption else "") + f"not shown at this width: {', '.join(dropped)}"
+        table = Table(title=self.title, caption=caption or None, header_style="bold", **self.style)
+        for i in keep:
+            col = self.columns[i]
+            overflow = "fold" if col.wrap else "ellipsis"  # a cut number would show as '…' (tests look for it)
+            table.add_column(col.name, justify=col.justify, no_wrap=not col.wrap, overflow=overflow)  # type: ignore[arg-type]
+        for row in self.rows:
+            table.add_row(*(row[i] for i in keep))
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        keep = list(range(len(self.columns)))
+        order = sorted((i for i, c in enumerate(self.columns) if c.drop), key=lambda i: -self.columns[i].drop)
+        dropped: list[str] = []
+        wide = options.update_width(100_000)
+        while True:
+            table = self._table(keep, dropped)
+            if _minimum_width(console, wide, table) <= width:
+                yield table
+                return
+            if not order:
+                break
+            gone = order.pop(0)
+            keep.remove(gone)
+            dropped.append(self.columns[gone].name)
+        yield from self._blocks(width)
+
+    def _blocks(self, width: int) -> RenderResult:
+        """List layout: the first cell bold, then 'name value' pairs, never split, packed into lines."""
+        if self.title:
+            yield Text(self.title, style="bold")
+        for row in self.rows:
+            yield Text.assemble((Text(row[0]) if isinstance(row[0], str) else row[0]), style="bold")
+            line = Text("  ")
+            for col, cell in zip(self.columns[1:], row[1:], strict=True):
+                value = Text(cell) if isinstance(cell, str) else cell
+                if not value.plain or value.plain == "-":
+                    continue
+                pair = Text.assemble((col.name or "", "dim"), " " if col.name else "", value)
+                if len(line) > 2 and cell_len(line.plain) + 3 + cell_len(pair.plain) > width:
+                    yield line
+                    line = Text("  ")
+                if len(line) > 2:
+                    line.append(" · ", style="dim")
+                line.append_text(pair)
+            if len(line) > 2:
+                yield line
+        if self.caption:
+            yield Text(self.caption, style="dim")
+
+
+def _minimum_width(console: Console, options: ConsoleOptions, table: Table) -> int:
+    """The narrowest `table` can be without cutting: Rich's own minimum counts the longest word of a cell, but a
+    no_wrap cell ('≤ 2.65 MiB', 'num_queries=16') needs its whole text."""
+    total = table._extra_width
+    for column in table.columns:
+        measured = table._measure_column(console, options, column)
+        total += measured.maximum if column.no_wrap else measured.minimum
+    return total
+
 
 STATUS_STYLE = {"ok": "green", "oom": "yellow", "error": "red", "timeout": "red", "skipped": "dim"}
 
@@ -34,7 +124,9 @@ def backbone_label(spec: RunSpec) -> str:
 RUNS_HEAD, RUNS_TAIL = 30, 10
 
 
-def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = None, title: str | None = None) -> Table:
+def runs_table(
+    runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = None, title: str | None = None
+) -> FitTable:
     """The expanded runs of a suite (for `validate` and `run --dry-run`), bounded to RUNS_HEAD + RUNS_TAIL rows.
 
     Settings shared by every run (backbone, data, device, ...) go in the caption, so the rows stay narrow.
@@ -56,10 +148,13 @@ def runs_table(runs: Sequence[RunSpec], statuses: Mapping[str, str] | None = Non
     shared = [f"{k}: {v[0]}" for k, v in columns.items() if k not in varying and v]
     if len(shown) < total:
         shared.append(f"{total:,} runs, {total - len(shown):,} not shown")
-    table = Table(title=title, caption=", ".join(shared) or None, header_style="bold")
+    drops = {"#": 3, "run_id": 2, "stored": 1}
     names = ("#", "run_id", "tuner", "knob", "batch", *varying, "stored")
-    for column in names:
-        table.add_column(column, justify="right" if column in ("#", "batch", "lr") else "left")
+    table = FitTable(
+        [Col(c, "right" if c in ("#", "batch", "lr") else "left", drops.get(c, 0)) for c in names],
+        title=title,
+        caption=", ".join(shared) or None,
+    )
     for i in (j + 1 for j in shown):
         run = runs[i - 1]
         if i == total - RUNS_TAIL + 1 and len(shown) < total:
@@ -95,30 +190,20 @@ def result_line(result: RunResult) -> Text:
     return line
 
 
-def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table:
+def summary_table(results: Iterable[RunResult], title: str = "Summary") -> FitTable:
     """End-of-sweep table: one row per run with the headline numbers."""
     results = list(results)
     datasets = [data_label(r.spec.data) for r in results]
     show_data = len(set(datasets)) > 1
-    table = Table(title=title, header_style="bold")
-    if show_data:
-        table.add_column("data")
-    for column in (
-        "tuner",
-        "knob",
-        "batch",
-        "precision",
-        "status",
-        "trainable",
-        "peak",
-        "weights",
-        "grads",
-        "optim",
-        "activ.",
-        "img/s",
-        "acc",
-    ):
-        table.add_column(column, justify="left" if column in ("tuner", "knob", "precision", "status") else "right")
+    names = ["tuner", "knob", "batch", "precision", "status", "trainable", "peak", "weights", "grads", "optim"]
+    names += ["activ.", "img/s", "acc"]
+    # narrow terminal: the breakdown goes first (it is in the report), then precision and data
+    drops = {"grads": 6, "optim": 5, "weights": 4, "activ.": 3, "precision": 2, "data": 1}
+    cols = [Col("data", drop=1)] if show_data else []
+    cols += [
+        Col(c, "left" if c in ("tuner", "knob", "precision", "status") else "right", drops.get(c, 0)) for c in names
+    ]
+    table = FitTable(cols, title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for r, dataset in zip(results, datasets, strict=True):
         m = r.metrics
         table.add_row(
@@ -141,11 +226,11 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> Table
 
 
 def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Table:
-    """Every tuner, its knobs and defaults (`petlbench tuners`)."""
+    """Every tuner, its knobs and defaults (`petlbench tuners`); text wraps, knob names never get cut."""
     table = Table(header_style="bold", show_lines=True)
-    table.add_column("tuner", style="bold")
-    table.add_column("what it does")
-    table.add_column("knobs (default)")
+    table.add_column("tuner", style="bold", no_wrap=True)
+    table.add_column("what it does", overflow="fold", ratio=2)
+    table.add_column("knobs (default)", overflow="fold", ratio=3)
     for name, cfg in tuners.items():
         knobs = Text()
         for row in describe_tuner(cfg):
@@ -172,10 +257,15 @@ def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Grou
     one_setting = len(settings) == 1
     if one_setting and title:
         title += f" ({settings[0]})"
-    table = Table(title=title, header_style="bold", box=None, pad_edge=False, padding=(0, 1))
     columns = ("", "run", *([] if one_setting else ["setting"]), "metric", "actual", "budget", "use", "entry")
-    for column in columns:
-        table.add_column(column, justify="right" if column in ("actual", "budget", "use") else "left", no_wrap=True)
+    drops = {"entry": 3, "use": 2, "setting": 1}
+    table = FitTable(
+        [Col(c, "right" if c in ("actual", "budget", "use") else "left", drops.get(c, 0)) for c in columns],
+        title=title,
+        box=None,
+        pad_edge=False,
+        padding=(0, 1),
+    )
     numbers: dict[str, int] = {}  # one numbered note per distinct explanation
     for c in checks:
         if c.note:
@@ -212,3 +302,37 @@ def _metric_name(check: CheckResult) -> str:
     column = check.metric.removesuffix(" ratio")
     name = _METRIC_NAMES.get(column, column)
     return f"{name} ÷ {check.versus}" if check.kind == "ratio" else name
+
+
+def _signed_pct(value: float | None) -> Text:
+    if value is None:
+        return Text("-", style="dim")
+    return Text(f"{100 * value:+.1f}%")
+
+
+def compare_table(comparison: Comparison, top: int, title: str | None = None) -> FitTable:
+    """`petlbench compare`: per run, peak memory before → after and the relative changes (red: worse)."""
+    drops = {"peak before": 2, "Δ acc": 1}
+    columns = [Col("run")]
+    columns += [Col(c, "right", drops.get(c, 0)) for c in ("peak before", "peak after", "Δ peak", "Δ img/s", "Δ acc")]
+    table = FitTable(columns, title=title, box=None, pad_edge=False, padding=(0, 1))
+    for delta in comparison.deltas[:top]:
+        before, after = delta.values["peak_allocated_bytes"]
+        peak, speed = (
+            _signed_pct(delta.relative("peak_allocated_bytes")),
+            _signed_pct(delta.relative("train_images_per_s")),
+        )
+        if (delta.relative("peak_allocated_bytes") or 0) > 0:
+            peak.stylize("red")
+        if (delta.relative("train_images_per_s") or 0) < 0:
+            speed.stylize("red")
+        accuracy = delta.absolute("acc_top1")
+        table.add_row(
+            delta.label,
+            fmt_bytes(before),
+            fmt_bytes(after),
+            peak,
+            speed,
+            Text("-", style="dim") if accuracy is None else Text(f"{100 * accuracy:+.2f} pt"),
+        )
+    return table

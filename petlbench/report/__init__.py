@@ -1,4 +1,4 @@
-"""`petlbench report`: figures (PNG + SVG), `report.md` and `report.html` from results folders.
+"""`petlbench report`: figures (PNG + SVG, + PDF in paper format), `report.md` and `report.html` from results folders.
 
 `build_report` is the core: it reads rows, splits them into groups that may share a figure
 (`frame.split_groups`), draws the Pareto fronts (`pareto`), memory vs batch size and the memory breakdown
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLOT_KINDS: Final = ("pareto", "memory-batch", "breakdown")
-_FIGURE_PREFIXES: Final = ("pareto-", "memory-batch-", "breakdown-")
+_FIGURE_PREFIXES: Final = ("pareto-", "memory-batch-", "breakdown-", "fit-")
+FORMATS: Final = ("png", "pdf")
+PAPER_WIDTHS: Final = {"double": 7.0, "single": 3.3}  # inches: a two-column and a one-column figure
 
 
 class Plot(str, Enum):
@@ -63,6 +65,8 @@ def build_report(
     plots: Collection[str] = PLOT_KINDS,
     out: Path = Path("reports"),
     batch_size: int | None = None,
+    fmt: str = "png",
+    width: str = "double",
 ) -> ReportSummary:
     """Read every result row under `paths` and write the figures and the report into `out`.
 
@@ -71,14 +75,20 @@ def build_report(
         plots: any of "pareto", "memory-batch", "breakdown" ("all" means all three).
         out: output folder (created). Figures from an earlier report there are replaced.
         batch_size: batch size of the breakdown bars; default: the largest batch every method ran ok.
+        fmt: "png" (PNG + SVG, screen sizes) or "pdf" (PDF + SVG + PNG sized for a paper, TrueType fonts).
+        width: paper format only: "double" (7 in, two-column) or "single" (3.3 in, one-column).
 
     Raises:
         ResultsError: no rows, or an unreadable results file.
         ConfigError: an unknown plot kind, or a `batch_size` no run finished at.
     """
-    from petlbench.report.style import tuner_colors
+    from petlbench.report.style import PaperFormat, paper_format
 
     kinds = _kinds(plots)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: unknown {fmt!r}; valid: {', '.join(FORMATS)}")
+    if width not in PAPER_WIDTHS:
+        raise ConfigError(f"--width: unknown {width!r}; valid: {', '.join(PAPER_WIDTHS)}")
     rows = load_rows(paths)
     if batch_size is not None and "breakdown" in kinds:
         done = rows.loc[(rows["status"] == "ok") & rows["mem_weights_bytes"].notna(), "batch_size"]
@@ -89,7 +99,6 @@ def build_report(
                 f"batch sizes with one: {present}"
             )
     groups, split_by = split_groups(rows)
-    colors = tuner_colors(str(t) for t in rows["method"].dropna())
     out.mkdir(parents=True, exist_ok=True)
     _remove_old_figures(out)
 
@@ -97,9 +106,11 @@ def build_report(
     notes: list[str] = []
     figures: list[Path] = []
     blocks: list[Block] = _preamble(paths, rows, statuses, groups, split_by)
-    for number, group in enumerate(groups, 1):
-        pts = points(group.rows)
-        blocks.extend(_group_section(number, group, pts, kinds, colors, batch_size, out, figures, notes))
+    paper = PaperFormat(PAPER_WIDTHS[width]) if fmt == "pdf" else None
+    with paper_format(paper):
+        for number, group in enumerate(groups, 1):
+            pts = points(group.rows)
+            blocks.extend(_group_section(number, group, pts, kinds, batch_size, out, figures, notes))
     vtab_blocks, vtab_methods = _vtab_section(rows)
     blocks.extend(vtab_blocks)
     blocks.extend(_failures(rows, groups))
@@ -123,16 +134,25 @@ def _kinds(plots: Collection[str]) -> list[str]:
 
 def _remove_old_figures(out: Path) -> None:
     for path in out.iterdir():
-        if path.suffix in (".png", ".svg") and path.name.startswith(_FIGURE_PREFIXES):
+        if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
             path.unlink()
 
 
 def _save(fig: Figure, out: Path, stem: str, figures: list[Path]) -> str:
+    """PNG + SVG; in paper format also a PDF with TrueType fonts (survive printing and editing)."""
+    from petlbench.report.style import PAPER_RC, paper_active
+
     png = out / f"{stem}.png"
-    fig.savefig(png, dpi=110)
+    paper = paper_active()
+    fig.savefig(png, dpi=300 if paper else 110)
     fig.savefig(out / f"{stem}.svg", metadata={"Date": None})
+    if paper:
+        import matplotlib
+
+        with matplotlib.rc_context(PAPER_RC):  # font embedding is read at save time
+            fig.savefig(out / f"{stem}.pdf", metadata={"CreationDate": None})
     figures.append(png)
-    log.info("wrote %s (+ .svg)", png)
+    log.info("wrote %s (+ .svg%s)", png, " + .pdf" if paper else "")
     return stem
 
 
@@ -153,10 +173,23 @@ def _preamble(
         )
     else:
         notes.append("All rows share device, precision, attention kernel, backbone and dataset: one group.")
-    notes.append(
-        "Peak memory is `peak_allocated_bytes`: the CUDA caching allocator's peak on GPU, the live-tensor tracker's "
-        "exact peak on CPU (`memory_source`). The driver-level peak (CUDA context included) is never mixed in."
-    )
+    estimate = rows["memory_source"] == "estimate" if "memory_source" in rows else rows["status"].isna()
+    if estimate.all():
+        limits = sorted({int(v) for v in rows["memory_limit_bytes"].dropna()}) if "memory_limit_bytes" in rows else []
+        judged = ", ".join(fmt_bytes(v) for v in limits) or "no device memory (no FITS/OOM verdict)"
+        notes.append(
+            "**Predicted, not measured**: every row is an estimate (`memory_source = estimate`, the real training "
+            "step traced on fake tensors), judged against "
+            f"{judged} (`memory_limit_bytes`). For CUDA it predicts `max_memory_allocated` with the CPU→CUDA "
+            "deltas; CUDA context, workspaces and fragmentation are not included. Estimates have no throughput "
+            "or accuracy: those views are left out."
+        )
+    else:
+        notes.append(
+            "Peak memory is `peak_allocated_bytes`: the CUDA caching allocator's peak on GPU, the live-tensor "
+            "tracker's exact peak on CPU (`memory_source`). The driver-level peak (CUDA context included) is never "
+            "mixed in." + (" Groups of estimate rows say *predicted* in every title." if estimate.any() else "")
+        )
     notes.append(
         "OOM runs are drawn as red-edged crosses (at the device capacity line, or in a shaded OOM zone / at the "
         "bottom of an axis when there is no value); error and timeout runs are not drawn and are listed under "
@@ -236,7 +269,6 @@ def _group_section(
     group: Group,
     pts: pd.DataFrame,
     kinds: list[str],
-    colors: dict[str, str],
     batch_size: int | None,
     out: Path,
     figures: list[Path],
@@ -253,36 +285,39 @@ def _group_section(
         notes.append(f"{group.title}: no ok run, no figures")
         return blocks
     if "pareto" in kinds:
-        blocks.extend(_pareto_section(group, pts, colors, out, figures))
+        blocks.extend(_pareto_section(group, pts, out, figures))
     if "memory-batch" in kinds:
-        blocks.extend(_memory_batch_section(group, pts, colors, out, figures))
+        blocks.extend(_memory_batch_section(group, pts, out, figures))
+        if group.predicted:
+            blocks.extend(_fit_section(group, pts, out, figures))
     if "breakdown" in kinds:
         blocks.extend(_breakdown_section(group, pts, batch_size, out, figures, notes))
     return blocks
 
 
-def _pareto_section(
-    group: Group, pts: pd.DataFrame, colors: dict[str, str], out: Path, figures: list[Path]
-) -> list[Block]:
+def _pareto_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Path]) -> list[Block]:
     from petlbench.report.pareto import describe_axes, front_sequences, frontier_flags, pareto_figure, pareto_specs
 
-    blocks: list[Block] = [Heading("Pareto fronts", 3)]
+    blocks: list[Block] = [Heading(group.headline("Pareto fronts"), 3)]
     specs = pareto_specs(pts)
     flags = {spec.name: frontier_flags(pts, spec) for spec in specs}
     fronts: list[str] = []
     for spec in specs:
-        fig = pareto_figure(group, pts, spec, flags[spec.name], colors)
+        fig = pareto_figure(group, pts, spec, flags[spec.name])
         stem = _save(fig, out, f"pareto-{spec.name}-{group.slug}", figures)
-        blocks.append(Image(stem, f"{spec.title}, {group.title}"))
+        blocks.append(Image(stem, f"{group.headline(spec.title)}, {group.title}"))
         panels = [
             f"batch {batch}: {' → '.join(names)}" for batch, names in front_sequences(pts, spec, flags[spec.name])
         ]
         if panels:
             fronts.append(f"**{spec.title}** ({describe_axes(spec)}) — " + "; ".join(panels))
-    blocks.append(Heading("Frontier", 4))
+    blocks.append(Heading(group.headline("Frontier"), 4))
     blocks.append(Bullets(fronts or ["(no point has both values)"]))
     multi_seed = bool((pts["runs"] > 1).any())
-    columns = ["method", "batch", "status", "trainable params", "peak memory", "train img/s"]
+    peak_name = "predicted peak memory" if group.predicted else "peak memory"
+    columns = ["method", "batch", "status", "trainable params", peak_name]
+    if pts["train_images_per_s"].notna().any():
+        columns.append("train img/s")
     if pts["acc_top1"].notna().any():
         columns += ["acc (final)", "acc (best)"]
     if multi_seed:
@@ -297,25 +332,24 @@ def _pareto_section(
             str(p["status"]),
             fmt_params(p["params_trainable"]),
             fmt_bytes(p["peak_allocated_bytes"]) if p["status"] == "ok" else "-",
-            fmt_rate(p["train_images_per_s"], "").strip(),
         ]
+        if "train img/s" in columns:
+            row.append(fmt_rate(p["train_images_per_s"], "").strip())
         if "acc (final)" in columns:
             row += [fmt_pct(p["acc_top1"]), fmt_pct(p["acc_top1_best"])]
         if multi_seed:
             row.append(str(p["runs"]))
         row += ["✓" if on_front[spec.name][position] else "" for spec in specs]
         rows.append(row)
-    blocks.append(Heading("Points", 4))
+    blocks.append(Heading(group.headline("Points"), 4))
     blocks.append(Table(columns, rows, frozenset(range(3, len(columns)))))
     return blocks
 
 
-def _memory_batch_section(
-    group: Group, pts: pd.DataFrame, colors: dict[str, str], out: Path, figures: list[Path]
-) -> list[Block]:
+def _memory_batch_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Path]) -> list[Block]:
     from petlbench.report.plots import max_feasible, memory_batch_figure
 
-    fig = memory_batch_figure(group, pts, colors)
+    fig = memory_batch_figure(group, pts)
     stem = _save(fig, out, f"memory-batch-{group.slug}", figures)
     batches = sorted(int(b) for b in pts["batch_size"].dropna().unique())
     feasible = max_feasible(pts)
@@ -334,14 +368,42 @@ def _memory_batch_section(
         rows.append(cells)
     columns = ["method", *[f"bs {b}" for b in batches], "max feasible batch"]
     capacity = group.capacity
-    return [
-        Heading("Peak memory vs batch size", 3),
-        Image(stem, f"Peak memory vs batch size, {group.title}"),
-        Table(columns, rows, frozenset(range(1, len(columns)))),
-        *(
-            [Para(f"Device capacity: {fmt_bytes(capacity)} (`env.gpu_memory_bytes`).")]
+    if group.predicted:
+        where = (
+            f"Judged against {fmt_bytes(capacity)} of device memory (`memory_limit_bytes`), drawn as the dashed line."
             if capacity
-            else [Para("Device capacity unknown (CPU rows): OOM runs, if any, are drawn along the top.")]
+            else "No device memory given (`--device-memory`): no limit drawn."
+        )
+    elif capacity:
+        where = f"Device capacity: {fmt_bytes(capacity)} (`env.gpu_memory_bytes`)."
+    else:
+        where = "Device capacity unknown (CPU rows): OOM runs, if any, are drawn along the top."
+    return [
+        Heading(group.headline("Peak memory vs batch size"), 3),
+        Image(stem, f"{group.headline('Peak memory vs batch size')}, {group.title}"),
+        Table(columns, rows, frozenset(range(1, len(columns)))),
+        Para(where),
+    ]
+
+
+def _fit_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Path]) -> list[Block]:
+    """What fits on my GPU: per method the largest swept batch predicted to fit in each memory size."""
+    from petlbench.report.fit import fit_figure, fit_rows, memory_sizes, size_label
+
+    sizes = memory_sizes(group.rows)
+    table = fit_rows(pts, sizes, variant_order(pts))
+    title = group.headline("Largest batch that fits per GPU memory size")
+    fig = fit_figure(title, group.title, table, sizes)
+    stem = _save(fig, out, f"fit-{group.slug}", figures)
+    columns = ["method", *[size_label(s) for s in sizes]]
+    rows = [[variant, *[f.text() for f in fits]] for variant, _, fits in table]
+    return [
+        Heading(title, 3),
+        Image(stem, f"{title}, {group.title}"),
+        Table(columns, rows, frozenset(range(1, len(columns)))),
+        Para(
+            "The largest batch size of the sweep whose predicted peak is at most the memory size; `+`: the largest "
+            "batch swept fits (larger ones were not estimated); `none`: even the smallest does not."
         ),
     ]
 
@@ -367,7 +429,8 @@ def _breakdown_section(
     fig = breakdown_figure(group, pts, batch)
     stem = _save(fig, out, f"breakdown-{group.slug}", figures)
     rows = []
-    for variant in variant_order(at):
+    tracked = at.set_index("variant")["mem_tracked_peak_bytes"]
+    for variant in sorted(variant_order(at), key=lambda v: -float(tracked.get(v, 0.0) or 0.0)):
         p = at[at["variant"] == variant].iloc[0]
         rows.append(
             [
@@ -378,13 +441,16 @@ def _breakdown_section(
             ]
         )
     columns = ["method", *[name for _, name, _ in CATEGORIES], "tracked peak", "peak allocated"]
+    heading = group.headline(f"Memory breakdown at the peak, batch size {batch}")
     return [
-        Heading(f"Memory breakdown at batch size {batch}", 3),
+        Heading(heading, 3),
         Para(
-            f"Batch size {batch}: {why}. Categories are live bytes at the peak of one tracked training step and "
-            "sum to the tracked peak."
+            f"Batch size {batch}: {why}. Bars are the composition *at the peak* of one tracked training step "
+            "(weights, gradients, optimizer state, activations, always in this order), largest first; they sum to "
+            "the tracked peak. Gradients are often ≈0 there (legend: ≈0 at the peak): from a small batch on, the peak "
+            "is reached at the start of the backward pass, before gradients exist."
         ),
-        Image(stem, f"Memory breakdown at batch size {batch}, {group.title}"),
+        Image(stem, f"{heading}, {group.title}"),
         Table(columns, rows, frozenset(range(1, len(columns)))),
     ]
 

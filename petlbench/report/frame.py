@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from petlbench.fmt import first_line, missing
+from petlbench.report.identity import method_sort_key
 from petlbench.spec.models import GROUP_COLUMNS
 
 if TYPE_CHECKING:
@@ -32,11 +33,15 @@ _LABELS: Final = {
     "attn_kernel": "attention kernel",
     "grad_checkpointing": "gradient checkpointing",
 }
-FACETS: Final = (*((column, _LABELS.get(column, column)) for column in GROUP_COLUMNS), ("dataset", "dataset"))
+FACETS: Final = (
+    *((column, _LABELS.get(column, column)) for column in GROUP_COLUMNS),
+    ("dataset", "dataset"),
+    ("memory_source", "memory source"),  # a prediction never shares a figure with a measurement
+)
 # Facets the title names in its own words; any other facet that varies is added as `column=value`.
 _TITLED: Final = frozenset(
     {"suite", "device", "env.gpu_name", "precision", "backbone.model", "backbone.img_size", "backbone.kwargs"}
-    | {"backbone.fused_attn", "attn_kernel", "dataset", "grad_checkpointing"}
+    | {"backbone.fused_attn", "attn_kernel", "dataset", "grad_checkpointing", "memory_source"}
 )
 # Measured during the run, so missing on runs that failed early: borrowed from their ok siblings when unique.
 _MEASURED: Final = ("attn_kernel", "env.gpu_name")
@@ -66,10 +71,29 @@ class Group:
     slug: str  # file-name part: 'smoke-cpu-fp32'
 
     @property
+    def predicted(self) -> bool:
+        """Every row is an estimate (`memory_source == "estimate"`): numbers are predictions, not measurements."""
+        if "memory_source" not in self.rows or self.rows.empty:
+            return False
+        return bool((self.rows["memory_source"] == "estimate").all())
+
+    @property
     def capacity(self) -> float | None:
-        """The device's memory in bytes, when the rows recorded it (GPU runs)."""
-        values = self.rows["env.gpu_memory_bytes"].dropna()
+        """The device's memory in bytes: what the GPU runs recorded, or for estimates the limit they were judged
+        against (`memory_limit_bytes`)."""
+        column = "memory_limit_bytes" if self.predicted else "env.gpu_memory_bytes"
+        if column not in self.rows:
+            return None
+        values = self.rows[column].dropna()
         return float(values.max()) if len(values) else None
+
+    @property
+    def capacity_name(self) -> str:
+        return "device memory" if self.predicted else "device capacity"
+
+    def headline(self, text: str) -> str:
+        """A figure title or table heading: 'Predicted ...' for estimates, so no one reads them as measured."""
+        return f"Predicted {text[0].lower()}{text[1:]}" if self.predicted else text
 
 
 def split_groups(rows: pd.DataFrame) -> tuple[list[Group], list[str]]:
@@ -126,6 +150,8 @@ def _title(values: dict[str, str], varying: Sequence[str] = ()) -> str:
     attention = f"attn {get('attn_kernel', '-')}"
     if get("backbone.fused_attn") == "False":
         attention += " (timm unfused)"
+    if get("memory_source") == "estimate" and device != "cpu":
+        attention = ""  # the kernel the CPU trace ran is not the one a GPU would run
     parts = [get("suite", "-"), device, get("precision", "-"), backbone, attention, get("dataset", "-")]
     if get("grad_checkpointing") == "True":
         parts.append("grad ckpt")
@@ -216,7 +242,9 @@ def _worst(statuses: pd.Series) -> str:
 
 
 def variant_order(frame: pd.DataFrame) -> list[str]:
-    """Variants sorted by method, then knob value (numerically)."""
+    """Variants sorted by method family (baselines, reparameterisation, prompts, adapters, side networks), then
+    knob value (numerically): the same order in every figure and table."""
     pairs = frame[["variant", "method", "knob"]].drop_duplicates("variant")
-    pairs = pairs.assign(_k=pairs["knob"].fillna(-1.0)).sort_values(["method", "_k"])
+    pairs = pairs.assign(_m=pairs["method"].map(lambda m: method_sort_key(str(m))), _k=pairs["knob"].fillna(-1.0))
+    pairs = pairs.sort_values(["_m", "_k"])
     return [str(v) for v in pairs["variant"]]

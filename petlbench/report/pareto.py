@@ -29,9 +29,14 @@ from petlbench.report.style import (
     axis_label,
     choose_scale,
     freeze_layout,
+    method_handle,
+    method_sort_key,
+    method_style,
     new_figure,
+    nudged,
     padded_limits,
     place_labels,
+    spread_offsets,
     style_axis,
 )
 from petlbench.results import knob_text
@@ -98,6 +103,7 @@ class ParetoSpec:
     title: str
     x: Axis
     y: Axis
+    front: bool = True  # False: a plain scatter, every point labelled (a front that one point dominates says little)
 
 
 WITH_ACCURACY: Final = (
@@ -107,14 +113,17 @@ WITH_ACCURACY: Final = (
 )
 WITHOUT_ACCURACY: Final = (
     ParetoSpec("throughput-vs-memory", "Training throughput vs peak memory", MEMORY, THROUGHPUT),
-    ParetoSpec("params-vs-memory", "Trainable parameters vs peak memory", MEMORY, PARAMS),
+    ParetoSpec("params-vs-memory", "Trainable parameters vs peak memory", MEMORY, PARAMS, front=False),
 )
 
 
 def pareto_specs(pts: pd.DataFrame) -> tuple[ParetoSpec, ...]:
-    """The accuracy fronts when any point has an accuracy, else the memory/throughput/params ones."""
+    """The accuracy fronts when any point has an accuracy, else the memory/throughput/params ones; a view whose
+    axes no ok point has values on (throughput of an estimate) is left out rather than drawn empty."""
     has_accuracy = bool(pts["acc_top1"].notna().any())
-    return WITH_ACCURACY if has_accuracy else WITHOUT_ACCURACY
+    ok = pts[pts["status"] == "ok"]
+    specs = WITH_ACCURACY if has_accuracy else WITHOUT_ACCURACY
+    return tuple(s for s in specs if ok[[s.x.column, s.y.column]].notna().all(axis=1).any())
 
 
 def frontier_flags(pts: pd.DataFrame, spec: ParetoSpec) -> pd.Series:
@@ -125,7 +134,8 @@ def frontier_flags(pts: pd.DataFrame, spec: ParetoSpec) -> pd.Series:
     usable = pts["status"] == "ok"
     if THROUGHPUT in (spec.x, spec.y) and "timing_unstable" in pts:
         usable &= ~pts["timing_unstable"].astype(bool)  # a throughput front is never built on unstable timings
-    for _, panel in pts[usable].groupby("batch_size"):
+    panels = pts[usable].groupby("batch_size") if spec.front else []
+    for _, panel in panels:
         mask = frontier_mask(
             panel[spec.x.column], panel[spec.y.column], maximize_x=spec.x.maximize, maximize_y=spec.y.maximize
         )
@@ -134,11 +144,10 @@ def frontier_flags(pts: pd.DataFrame, spec: ParetoSpec) -> pd.Series:
     return result
 
 
-def pareto_figure(
-    group: Group, pts: pd.DataFrame, spec: ParetoSpec, flags: pd.Series, colors: dict[str, str]
-) -> Figure:
+def pareto_figure(group: Group, pts: pd.DataFrame, spec: ParetoSpec, flags: pd.Series) -> Figure:
     """One figure, one panel per batch size."""
-    batches = sorted(pts["batch_size"].dropna().unique())
+    drawable = pts[(pts["status"] == "oom") | pts[[spec.x.column, spec.y.column]].notna().all(axis=1)]
+    batches = sorted(drawable["batch_size"].dropna().unique())  # no empty panel
     ncols = min(len(batches), 3) or 1
     nrows = max(1, math.ceil(len(batches) / ncols))
     fig = new_figure(max(5.2 * ncols, 8.0), 4.2 * nrows + 1.1)
@@ -150,13 +159,13 @@ def pareto_figure(
     drawers = []
     for ax, batch in zip(axes, batches, strict=False):
         panel = pts[pts["batch_size"] == batch]
-        drawers.append(_panel(ax, panel, flags.loc[panel.index], spec, xscale, yscale, capacity, colors))
+        drawers.append(_panel(fig, ax, panel, flags.loc[panel.index], spec, xscale, yscale, capacity, group))
         ax.set_title(f"batch size {int(batch)}   (better: {_better(spec)})", fontsize=10)
     for ax in axes[len(batches) :]:
-        ax.set_visible(False)
-    fig.suptitle(f"{spec.title}\n{group.title}", fontsize=11)
-    drawn_capacity = capacity if spec.x.kind == "bytes" and (pts["status"] == "oom").any() else None
-    handles = _legend(pts, colors, drawn_capacity)
+        ax.remove()  # no empty panel
+    fig.suptitle(f"{group.headline(spec.title)}\n{group.title}", fontsize=11)
+    shows_limit = spec.x.kind == "bytes" and (group.predicted or (pts["status"] == "oom").any())
+    handles = _legend(pts, spec, capacity if shows_limit else None, group.capacity_name)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
     freeze_layout(fig)
     for ax, (labels, obstacles) in zip(axes, drawers, strict=False):
@@ -165,6 +174,7 @@ def pareto_figure(
 
 
 def _panel(
+    fig: Figure,
     ax: Axes,
     panel: pd.DataFrame,
     front: pd.Series,
@@ -172,11 +182,12 @@ def _panel(
     xscale: Scale,
     yscale: Scale,
     capacity: float | None,
-    colors: dict[str, str],
+    group: Group,
 ) -> tuple[list[Label], list[tuple[float, float]]]:
     style_axis(ax, "x", xscale)
     style_axis(ax, "y", yscale)
-    ax.set_xlabel(axis_label(spec.x.name, xscale, spec.x.unit_word))
+    predicted = "predicted " if group.predicted else ""
+    ax.set_xlabel(axis_label(predicted * (spec.x.kind == "bytes") + spec.x.name, xscale, spec.x.unit_word))
     ax.set_ylabel(axis_label(spec.y.name, yscale, spec.y.unit_word))
     ok = panel[panel["status"] == "ok"]
     drawn = ok.dropna(subset=[spec.x.column, spec.y.column])
@@ -186,7 +197,8 @@ def _panel(
     cap = xscale(capacity) if capacity and spec.x.kind == "bytes" else None
     oom_xs = [_value(p, spec.x, xscale) for _, p in oom.iterrows()]
     known_oom_x = [v for v in oom_xs if v is not None]
-    xlim = padded_limits([*xs, *known_oom_x, *([cap] if cap is not None and len(oom) else [])], xscale.log)
+    show_cap = cap is not None and (len(oom) > 0 or group.predicted)
+    xlim = padded_limits([*xs, *known_oom_x, *([cap] if show_cap and cap is not None else [])], xscale.log)
     ylim = padded_limits(ys, yscale.log)
     fallback_x = cap
     if any(v is None for v in oom_xs) and fallback_x is None:  # capacity unknown: an OOM zone past the points
@@ -208,7 +220,7 @@ def _panel(
         ylim = (ylim[0] / 1.5, ylim[1]) if yscale.log else (ylim[0] - 0.08 * (ylim[1] - ylim[0]), ylim[1])
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
-    if cap is not None and xlim[0] < cap < xlim[1]:
+    if cap is not None and show_cap and xlim[0] < cap < xlim[1]:
         ax.axvline(cap, color=OOM_COLOR, lw=1.0, ls="--", alpha=0.7)
     bottom = ylim[0] * 1.15 if yscale.log else ylim[0] + 0.04 * (ylim[1] - ylim[0])
 
@@ -216,29 +228,52 @@ def _panel(
     obstacles: list[tuple[float, float]] = []
     on_front = drawn[front.loc[drawn.index]]
     off_front = drawn[~front.loc[drawn.index]]
+    fan = spread_offsets(ax, xs, ys)  # markers on top of each other fan out sideways
+    shift = {index: fan[i] for i, index in enumerate(drawn.index)}
     timed = THROUGHPUT in (spec.x, spec.y)
-    for _, p in off_front.iterrows():
+    for index, p in off_front.iterrows():
         x, y = xscale(p[spec.x.column]), yscale(p[spec.y.column])
-        color = colors[str(p["method"])]
-        if timed and bool(p.get("timing_unstable", False)):  # hollow grey: its speed is not to be trusted
-            ax.scatter([x], [y], s=34, facecolors="none", edgecolors="#999999", linewidths=1.0, zorder=3)
-            text = f"{p['variant']} (unstable timing)"
-        else:
-            ax.scatter([x], [y], s=28, color=color, alpha=0.3, edgecolors="none", zorder=3)
-            text = str(p["variant"])
+        style = method_style(str(p["method"]))
+        faint = spec.front  # without a front every point is a first-class point
+        unstable = timed and bool(p.get("timing_unstable", False))  # hollow grey: its speed is not to be trusted
+        ax.scatter(
+            [x],
+            [y],
+            s=28 if faint else 50,
+            color="none" if unstable else style.color,
+            marker=style.marker,
+            alpha=0.9 if unstable else 0.3 if faint else 0.95,
+            edgecolors="#999999" if unstable else "none" if faint else "black",
+            linewidths=1.0 if unstable else 0.5,
+            zorder=3,
+            transform=nudged(fig, ax, shift[index]),
+            gid=f"method={p['method']}",
+        )
         obstacles.append((x, y))
-        labels.append(Label(x, y, text, "#777777", priority=False, size=7))
+        text = f"{p['variant']} (unstable timing)" if unstable else str(p["variant"])
+        labels.append(Label(x, y, text, "#777777" if faint else style.color, priority=not faint, size=7))
     if len(on_front):
         ordered = on_front.sort_values(spec.x.column)
         fx = [xscale(v) for v in ordered[spec.x.column]]
         fy = [yscale(v) for v in ordered[spec.y.column]]
         ax.plot(fx, fy, color="#333333", lw=1.2, alpha=0.8, zorder=2)
         obstacles.extend(along(fx, fy, xscale.log, yscale.log))
-        for (_, p), x, y in zip(ordered.iterrows(), fx, fy, strict=True):
-            color = colors[str(p["method"])]
-            ax.scatter([x], [y], s=60, color=color, edgecolors="black", linewidths=0.7, zorder=4)
+        for (index, p), x, y in zip(ordered.iterrows(), fx, fy, strict=True):
+            style = method_style(str(p["method"]))
+            ax.scatter(
+                [x],
+                [y],
+                s=60,
+                color=style.color,
+                marker=style.marker,
+                edgecolors="black",
+                linewidths=0.7,
+                zorder=4,
+                transform=nudged(fig, ax, shift[index]),
+                gid=f"method={p['method']}",
+            )
             obstacles.append((x, y))
-        labels.extend(_front_labels(ax, ordered, fx, fy, colors))
+        labels.extend(_front_labels(ax, ordered, fx, fy))
     # OOM: a red-edged cross per run; those that share a spot get one label
     spots: dict[tuple[float, float], list[str]] = {}
     for (_, p), known_x in zip(oom.iterrows(), oom_xs, strict=True):
@@ -248,7 +283,13 @@ def _panel(
             continue
         spot = (ox, oy if oy is not None else bottom)
         ax.scatter(
-            [spot[0]], [spot[1]], marker="X", s=80, color=colors[str(p["method"])], edgecolors=OOM_COLOR, zorder=5
+            [spot[0]],
+            [spot[1]],
+            marker="X",
+            s=80,
+            color=method_style(str(p["method"])).color,
+            edgecolors=OOM_COLOR,
+            zorder=5,
         )
         obstacles.append(spot)
         spots.setdefault(spot, []).append(str(p["variant"]))
@@ -269,9 +310,7 @@ def _panel(
     return labels, obstacles
 
 
-def _front_labels(
-    ax: Axes, ordered: pd.DataFrame, fx: list[float], fy: list[float], colors: dict[str, str]
-) -> list[Label]:
+def _front_labels(ax: Axes, ordered: pd.DataFrame, fx: list[float], fy: list[float]) -> list[Label]:
     """One label per front point, except that neighbouring points of one tuner that sit close together share
     one label ('sqt num_queries=8, 16, 32', in front order) instead of stacking three."""
     screen = ax.transData.transform(list(zip(fx, fy, strict=True)))
@@ -291,7 +330,7 @@ def _front_labels(
             values = [knob_text(first["knob_name"], ordered.iloc[i]["knob"]).partition("=")[2] for i in run]
             text = f"{first['method']} {first['knob_name']}={', '.join(values)}"
         middle = run[len(run) // 2]
-        labels.append(Label(fx[middle], fy[middle], text, colors[tuners[middle]], priority=True, size=8.5))
+        labels.append(Label(fx[middle], fy[middle], text, method_style(tuners[middle]).color, priority=True, size=8.5))
     return labels
 
 
@@ -308,13 +347,12 @@ def _value(p: pd.Series, axis: Axis, scale: Scale) -> float | None:
     return scale(float(value))
 
 
-def _legend(pts: pd.DataFrame, colors: dict[str, str], capacity: float | None) -> list[Line2D]:
-    handles = [
-        Line2D([], [], marker="o", ls="", color=colors[t], markeredgecolor="black", markersize=7, label=t)
-        for t in sorted(pts.loc[pts["status"].isin(["ok", "oom"]), "method"].dropna().unique())
-    ]
-    handles.append(Line2D([], [], color="#333333", lw=1.2, label="Pareto front (labelled)"))
-    handles.append(Line2D([], [], marker="o", ls="", color="#888888", alpha=0.3, label="dominated (faint)"))
+def _legend(pts: pd.DataFrame, spec: ParetoSpec, capacity: float | None, capacity_name: str) -> list[Line2D]:
+    methods = pts.loc[pts["status"].isin(["ok", "oom"]), "method"].dropna().unique()
+    handles = [method_handle(str(t)) for t in sorted(methods, key=lambda m: method_sort_key(str(m)))]
+    if spec.front:
+        handles.append(Line2D([], [], color="#333333", lw=1.2, label="Pareto front (labelled)"))
+        handles.append(Line2D([], [], marker="o", ls="", color="#888888", alpha=0.3, label="dominated (faint)"))
     if (pts["status"] == "oom").any():
         where = "drawn at the capacity line" if capacity else "no value: drawn at the edge"
         handles.append(
@@ -330,7 +368,7 @@ def _legend(pts: pd.DataFrame, colors: dict[str, str], capacity: float | None) -
             )
         )
     if capacity:
-        handles.append(Line2D([], [], color=OOM_COLOR, ls="--", label=f"device capacity {fmt_bytes(capacity)}"))
+        handles.append(Line2D([], [], color=OOM_COLOR, ls="--", label=f"{capacity_name} {fmt_bytes(capacity)}"))
     return handles
 
 

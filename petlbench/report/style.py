@@ -7,48 +7,115 @@ switch, no state shared between figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from matplotlib.transforms import Bbox
+from matplotlib.transforms import Bbox, offset_copy
+
+from petlbench.report.identity import MethodStyle, method_sort_key, method_style
+
+__all__ = ["MethodStyle", "method_sort_key", "method_style"]
 
 UnitKind: TypeAlias = Literal["bytes", "count", "rate", "pct"]
 
-# tab10 without red (red means OOM / capacity in every figure)
-PALETTE: Final = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#bcbd22",
-    "#7f7f7f",
-    "#393b79",
-    "#637939",
-    "#8c6d31",
-)
-OOM_COLOR: Final = "#d62728"
-MARKERS: Final = ("o", "s", "^", "D", "v", "P", "*", "<", ">", "h")
+OOM_COLOR: Final = "#d62728"  # red means OOM / capacity in every figure: no method is red
 LINESTYLES: Final = ("-", "--", "-.", ":")
 LOG_SPAN: Final = 20.0  # a positive axis spanning more than this factor goes log
 
 
+def method_handle(method: str, label: str | None = None, **line: Any) -> Line2D:
+    """A legend entry in the method's colour and marker."""
+    style = method_style(method)
+    return Line2D(
+        [],
+        [],
+        marker=style.marker,
+        ls="",
+        color=style.color,
+        markeredgecolor="black",
+        markersize=7,
+        label=label or method,
+        **line,
+    )
+
+
 def tuner_colors(tuners: Iterable[str]) -> dict[str, str]:
-    """A colour per tuner, assigned in sorted order so every figure of a report agrees."""
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(set(tuners)))}
+    """A colour per method, from `method_style`: the same in every figure and every report."""
+    return {name: method_style(name).color for name in set(tuners)}
+
+
+@dataclass(frozen=True)
+class PaperFormat:
+    """Figures for a paper: a fixed width (3.3 in one column, 7 in two columns), no grid, no top/right spines."""
+
+    width_in: float = 7.0
+
+
+PAPER_RC: Final[dict[Any, Any]] = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "font.size": 8.0}
+_PAPER: ContextVar[PaperFormat | None] = ContextVar("petlbench_paper", default=None)
+
+
+@contextmanager
+def paper_format(paper: PaperFormat | None) -> Iterator[None]:
+    """Within this block new figures are sized for a paper column (None: the screen sizes)."""
+    token = _PAPER.set(paper)
+    try:
+        rc: dict[Any, Any] = PAPER_RC if paper else {}
+        with rc_context(rc):
+            yield
+    finally:
+        _PAPER.reset(token)
+
+
+def paper_active() -> bool:
+    return _PAPER.get() is not None
 
 
 def new_figure(width: float, height: float) -> Figure:
+    """A headless figure; in paper format scaled to the column width (height kept in proportion, not below 2 in)."""
+    paper = _PAPER.get()
+    if paper is not None:
+        height = max(2.0, height * paper.width_in / width)
+        width = paper.width_in
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def spread_offsets(
+    ax: Axes, xs: Sequence[float], ys: Sequence[float], radius_px: float = 5.0, step_pt: float = 4.0
+) -> list[float]:
+    """Horizontal offsets (points) that fan out markers drawn on top of each other, so none hides another
+    (e.g. LoRA r=4 and r=8 at the same memory). Call once the limits are set; untouched points get 0."""
+    screen: list[Any] = list(ax.transData.transform(list(zip(xs, ys, strict=True)))) if xs else []
+    offsets = [0.0] * len(xs)
+    clusters: list[list[int]] = []
+    for i, point in enumerate(screen):
+        for cluster in clusters:
+            anchor = screen[cluster[0]]
+            if abs(point[0] - anchor[0]) < radius_px and abs(point[1] - anchor[1]) < radius_px:
+                cluster.append(i)
+                break
+        else:
+            clusters.append([i])
+    for cluster in clusters:
+        for k, i in enumerate(cluster):
+            offsets[i] = (k - (len(cluster) - 1) / 2) * step_pt
+    return offsets
+
+
+def nudged(fig: Figure, ax: Axes, dx_pt: float) -> Any:
+    """The data transform shifted by `dx_pt` points (the marker moves; its data value does not)."""
+    return offset_copy(ax.transData, fig=fig, x=dx_pt, y=0.0, units="points") if dx_pt else ax.transData
 
 
 @dataclass(frozen=True)
@@ -98,7 +165,10 @@ def style_axis(ax: Axes, which: Literal["x", "y"], scale: Scale) -> None:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
         axis.set_minor_formatter(NullFormatter())
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: _tick(v)))
-    ax.grid(True, which="major", alpha=0.25)
+    if _PAPER.get() is not None:  # print: no grid, no box
+        ax.spines[["top", "right"]].set_visible(False)
+    else:
+        ax.grid(True, which="major", alpha=0.25)
 
 
 def _tick(value: float) -> str:
