@@ -93,6 +93,8 @@ def test_a_worker_killed_by_the_oom_killer_is_an_oom_row(tmp_path: Path, monkeyp
     spec = tiny_specs([8])[0]
 
     class Killed:
+        pid = 0
+
         def wait(self, timeout: float | None) -> int:
             return -signal.SIGKILL
 
@@ -100,6 +102,7 @@ def test_a_worker_killed_by_the_oom_killer_is_an_oom_row(tmp_path: Path, monkeyp
             pass
 
     monkeypatch.setattr(local, "_start_child", lambda *args: Killed())
+    monkeypatch.setattr(local, "kill_pgid", lambda pid: None)  # no real process group to clean up
     result = run_in_subprocess(spec, tmp_path)
     assert result.status == "oom" and "OOM killer" in (result.error or "")
 

@@ -34,7 +34,15 @@ from petlbench.errors import ConfigError
 from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.executors.forkserver import ForkServers, fork_server_enabled
-from petlbench.executors.process import clean_stale_temp, kill_group, killed_by_oom_killer, oom_kills, start, temp_dir
+from petlbench.executors.process import (
+    clean_stale_temp,
+    kill_group,
+    kill_pgid,
+    killed_by_oom_killer,
+    oom_kills,
+    start,
+    temp_dir,
+)
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
 
@@ -72,6 +80,8 @@ def describe_exit(code: int) -> str:
 class Child(Protocol):
     """A running worker, however it was started (spawned interpreter or forked from the fork server)."""
 
+    pid: int  # also its process group: it leads its own session
+
     def wait(self, timeout: float | None) -> int:
         """Its exit code (negative: killed by that signal); raises subprocess.TimeoutExpired."""
         ...
@@ -86,6 +96,7 @@ class SpawnedChild:
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
+        self.pid = proc.pid
 
     def wait(self, timeout: float | None) -> int:
         return self.proc.wait(timeout=timeout)
@@ -190,6 +201,7 @@ def run_in_subprocess(
         finally:
             if children is not None:
                 children.discard(proc)
+        kill_pgid(proc.pid)  # what the worker left running (DataLoader workers after its os._exit)
         duration = time.monotonic() - start_time
         if out_file.exists():
             try:
