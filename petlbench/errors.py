@@ -29,6 +29,14 @@ class ResultsError(PetlbenchError):
     """A results file cannot be read (corrupt, or written by a newer schema)."""
 
 
+class WriteError(PetlbenchError):
+    """A results or report folder cannot be written (read-only, full, a file where a folder should be): exit 2."""
+
+
+class ResultsLocked(PetlbenchError):
+    """Another `petlbench run` holds the suite's results folder (exit code 2)."""
+
+
 class BudgetExceeded(PetlbenchError):
     """One or more runs exceed their memory/params/speed budget (exit code 1)."""
 

@@ -7,10 +7,12 @@ seconds; formatting belongs to reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.data.specs import data_label
-from petlbench.errors import ResultsError
+from petlbench.errors import ResultsError, ResultsLocked, WriteError
 from petlbench.fmt import describe_exception, fmt_knob, missing
 from petlbench.spec.models import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
 
@@ -181,16 +183,84 @@ def result_path(results_dir: Path, result: RunResult) -> Path:
     return suite_dir(results_dir, result.spec.suite) / f"{result.run_id}{RESULT_SUFFIX}"
 
 
+def _unique_tmp(path: Path) -> Path:
+    """A temp name no other writer uses (two processes writing the same run never share a temp file)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _cannot_write(folder: Path, exc: OSError, what: str = "results") -> WriteError:
+    reason = exc.strerror or describe_exception(exc)
+    return WriteError(
+        f"{folder}: cannot write {what} ({reason}); free space, fix its permissions or choose another folder"
+    )
+
+
+def check_writable(folder: Path, what: str = "results") -> None:
+    """Create `folder` and write and remove a probe file in it, so an unwritable folder fails before any run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = _unique_tmp(folder / ".write-check")
+        probe.write_bytes(b"petlbench")
+        probe.unlink()
+    except OSError as exc:
+        raise _cannot_write(folder, exc, what) from None
+
+
 def write_result(results_dir: Path, result: RunResult) -> Path:
-    """Write one run's row atomically; an existing file for the same run_id is replaced."""
+    """Write one run's row atomically; an existing file for the same run_id is replaced.
+
+    Any OSError (disk full, read-only, a file where the folder should be) is a one-line WriteError naming the
+    folder, and the temp file is removed: the folder then holds only whole result files.
+    """
     import pandas as pd
 
     path = result_path(results_dir, result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame([result.to_row()]).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    tmp = _unique_tmp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([result.to_row()]).to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _cannot_write(path.parent, exc) from None
     return path
+
+
+LOCK_NAME: Final = ".lock"
+
+
+@contextlib.contextmanager
+def results_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder/.lock` (flock) for a sweep: a second `petlbench run` of the same suite refuses at once.
+
+    The kernel drops the lock when the holder dies (even by kill -9), so a stale lock never blocks a rerun.
+    """
+    import fcntl
+
+    check_writable(folder)
+    lock_path = folder / LOCK_NAME
+    try:
+        handle = lock_path.open("a+")
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ResultsLocked(
+                f"{folder}: another petlbench run (PID {holder}) is running this suite; wait for it to finish, or use "
+                "another --results-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def estimate_dir(results_dir: Path, suite: str) -> Path:

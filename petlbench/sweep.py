@@ -5,6 +5,7 @@ every finished result is stored at once, and judge the outcome. Nothing here pri
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from petlbench.executors.base import Executor, RunEvent, RunFinished
 from petlbench.executors.devices import resolve_device
 from petlbench.fmt import first_line
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import DONE_STATUSES, RunResult, stored_statuses, suite_dir, write_result
+from petlbench.results import DONE_STATUSES, RunResult, results_lock, stored_statuses, suite_dir, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import Device, RunSpec, Suite
@@ -84,14 +85,27 @@ def execute(
 ) -> Iterator[RunEvent]:
     """Run `specs`; each result is stored before its event is yielded, so an interruption loses nothing finished.
 
-    `memory_limit` (auto-batch probes) is recorded on every row as the limit it was judged against.
+    `memory_limit` (auto-batch probes) is recorded on every row as the limit it was judged against. A result that
+    cannot be stored (disk full, read-only) raises WriteError after the executor has stopped every running worker:
+    the rows stored before stay, nothing more runs.
     """
-    for event in executor.execute(specs):
-        if isinstance(event, RunFinished):
-            if memory_limit is not None:
-                event.result.metrics.memory_limit_bytes = memory_limit
-            write_result(results_dir, event.result)
-        yield event
+    events = executor.execute(specs)
+    try:
+        for event in events:
+            if isinstance(event, RunFinished):
+                if memory_limit is not None:
+                    event.result.metrics.memory_limit_bytes = memory_limit
+                write_result(results_dir, event.result)
+            yield event
+    finally:  # a write error, an interrupt, or the caller stopped: the executor kills what still runs
+        close = getattr(events, "close", None)
+        if callable(close):
+            close()
+
+
+def hold(results_dir: Path, suite: str) -> AbstractContextManager[None]:
+    """For the whole sweep: the suite's results folder is writable (checked now) and locked against a second run."""
+    return results_lock(suite_dir(results_dir, suite))
 
 
 def record(results_dir: Path, results: Iterable[RunResult]) -> None:

@@ -48,16 +48,21 @@ def plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def workers_with(marker: str) -> list[int]:
-    """Pids of live petlbench workers whose environment carries `marker` (not other people's workers)."""
+    """Pids of live petlbench workers whose environment carries `marker` (not other people's workers): spawned
+    (`python -m petlbench.worker`) or forked by the fork server (named `petlbench-run`). Zombies do not count."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             environ, cmdline = (proc / "environ").read_bytes(), (proc / "cmdline").read_bytes()
+            comm, stat = (proc / "comm").read_text().strip(), (proc / "stat").read_text()
         except OSError:
             continue
-        if b"petlbench.worker" in cmdline and f"PETLBENCH_TEST_MARKER={marker}".encode() in environ:
+        if stat.rpartition(")")[2].split()[0] in {"Z", "X"}:
+            continue
+        worker = b"petlbench.worker" in cmdline or (b"petlbench.forkserver" in cmdline and comm == "petlbench-run")
+        if worker and f"PETLBENCH_TEST_MARKER={marker}".encode() in environ:
             pids.append(int(proc.name))
     return pids
 

@@ -1,7 +1,8 @@
 """The `petlbench` command line: parse, call one core function, render with Rich, map errors to exit codes.
 
-Exit codes: 0 ok, 1 findings (failed runs with --strict, budgets exceeded), 2 usage or configuration error,
-130 interrupted. The parent process never imports torch; workers do.
+Exit codes: 0 ok, 1 findings (failed runs with --strict, budgets exceeded), 2 usage or configuration error (and
+a results/report folder that cannot be written, or a suite another run holds), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM). The parent process never imports torch; workers do.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from petlbench.cli import estimate as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out, progress_bar
 from petlbench.cli.tables import check_table, compare_table, result_line, runs_table, summary_table, tuners_table
 from petlbench.data.specs import DATA_ROOT_ENV
-from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
 from petlbench.estimate import client as estimate_client
 from petlbench.estimate.guard import check_cpu_plan
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
+from petlbench.executors.process import Terminated, sigterm_as_interrupt
 from petlbench.measure.nvml import visible_gpus
 from petlbench.report import Plot
-from petlbench.results import RunResult, stored_statuses, suite_dir, summarize
-from petlbench.sweep import config_errors, execute, exit_code, plan, prepare, record
+from petlbench.results import RunResult, check_writable, stored_statuses, suite_dir, summarize
+from petlbench.sweep import config_errors, execute, exit_code, hold, plan, prepare, record
 from petlbench.tuners import available_tuners
 
 app = typer.Typer(
@@ -78,6 +80,7 @@ def _running(labels: Sequence[str], shown: int = 2) -> str:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     suite: Annotated[
         Path | None, typer.Argument(help="suite YAML; omit it for the built-in CPU quickstart", show_default=False)
     ] = None,
@@ -121,12 +124,18 @@ def run(
     Exit code 2 when the suite, its data or a run's configuration is invalid (a bad image found by a worker
     included); the other runs still finish and are saved.
 
+    SIGTERM stops a sweep like Ctrl-C (workers killed, finished runs kept) and exits 143; Ctrl-C exits 130.
+    A second run of the same suite into the same results folder refuses to start (exit 2).
+
     Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
+    ctx.with_resource(sigterm_as_interrupt())
     try:
         prepared = prepare(suite or builtin_quickstart(), device, data_root, preflight_checks, executor == "local")
         suite_obj, runs = prepared.suite, prepared.runs
         runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
+        if not dry_run:  # writable, and no other run of this suite writes it while this one does
+            ctx.with_resource(hold(results_dir, suite_obj.name))
         if suite_obj.auto_batch_size:
             estimate_cmd.run_auto_batch_command(
                 suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, runner, out, err
@@ -171,7 +180,7 @@ def run(
         except PetlbenchError as exc:
             fail(exc)
         results.extend(skipped)
-    interrupted = False
+    interrupted = 0
     progress = progress_bar(eta=True)
     with ExitStack() as stack:
         stack.enter_context(progress)
@@ -189,8 +198,8 @@ def run(
                     progress.console.print(result_line(event.result))
                     progress.advance(task)
                 progress.update(task, description=_running(list(running.values())))
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            interrupted = 143 if isinstance(exc, Terminated) else 130
         except PetlbenchError as exc:
             progress.stop()
             fail(exc)
@@ -205,7 +214,7 @@ def run(
             f"interrupted: {len(results)} runs finished in this session; {where}/ holds {held} results; "
             "run the same command to resume"
         )
-        raise typer.Exit(130)
+        raise typer.Exit(interrupted)
     if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
         _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
     failed = config_errors(results)
@@ -330,7 +339,10 @@ def report(
 
     paths = results or [Path("results")]
     try:
+        check_writable(out_dir, "the report")
         summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size, fmt, width)
+    except OSError as exc:  # the folder was writable a moment ago: full, or removed
+        fail(WriteError(f"{out_dir}: cannot write the report ({exc.strerror or exc}); choose another --out"))
     except PetlbenchError as exc:
         fail(exc)
     counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())

@@ -32,9 +32,9 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +43,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.errors import ConfigError
-from petlbench.executors.process import kill_group
+from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.nvml import gpu_memory_bytes
 from petlbench.results import EnvValue, Metrics, RunResult, now_iso
@@ -246,6 +246,7 @@ def split_predicted_oom(
 # The estimator subprocess
 
 Progress = Callable[[int, int, str], None]  # (done, total, label of the run just estimated)
+TEMP_PREFIX: Final = "petlbench-estimate-"  # + owner PID, see process.clean_stale_temp
 MESSAGE_PREFIX: Final = "@petlbench-estimate "  # marks the child's protocol lines on its stdout
 
 
@@ -286,20 +287,21 @@ def run_estimates(
     results: dict[str, Estimate] = {}
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     total, done = len(specs), 0
-    with tempfile.TemporaryDirectory(prefix="petlbench-estimate-") as tmp:
+    clean_stale_temp(TEMP_PREFIX)  # left by a parent killed with -9
+    tmp = temp_dir(TEMP_PREFIX)
+    try:
         procs: list[subprocess.Popen[str]] = []
         try:
             for i in range(processes_for(len(groups), jobs)):
-                log = Path(tmp) / f"log{i}"
+                log = tmp / f"log{i}"
                 with log.open("w") as log_file:
-                    proc = subprocess.Popen(
+                    proc = start(
                         [python, "-m", "petlbench.estimate.engine"],
+                        child_env,
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=log_file,
                         text=True,
-                        env=child_env,
-                        start_new_session=True,
                     )
                 procs.append(proc)
                 threading.Thread(target=_serve, args=(proc, log, work, search, events), daemon=True).start()
@@ -325,6 +327,8 @@ def run_estimates(
         finally:
             for proc in procs:
                 kill_group(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _serve(

@@ -362,4 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from petlbench.executors.process import die_with_parent
+
+    die_with_parent()  # a CLI killed with -9 takes its estimator processes with it
     sys.exit(main())

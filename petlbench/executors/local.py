@@ -1,7 +1,10 @@
-"""Local executor: one `python -m petlbench.worker` subprocess per run, with a wall-clock timeout.
+"""Local executor: one worker process per run, with a wall-clock timeout.
 
-A fresh interpreter per run means a fresh CUDA context and caching allocator, so one run's fragmentation or
-OOM never leaks into the next. The child's stdout/stderr go to `results/<suite>/logs/<run_id>.log`.
+Each worker is forked from a fork server that imported torch and timm once (`forkserver.py`; docs/scaling.md), or,
+with `PETLBENCH_FORK_SERVER=0` and on Ray nodes, a fresh `python -m petlbench.worker` interpreter. Either way a
+run gets its own process, CUDA context and caching allocator, so one run's fragmentation or OOM never leaks into
+the next. The child's stdout/stderr go to `results/<suite>/logs/<run_id>.log`. Workers die with their parent
+(`process.die_with_parent`), and a SIGKILL from the kernel's OOM killer is recorded as `oom`.
 
 Runs go `jobs` at a time through a thread pool (a thread only waits on its child): a CUDA run leases one GPU
 from a `DevicePool` and its child sees only that GPU; with more than one job, each child gets an equal share of
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +26,24 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
 from petlbench.errors import ConfigError
 from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
-from petlbench.executors.process import kill_group
+from petlbench.executors.forkserver import ForkServers, fork_server_enabled
+from petlbench.executors.process import (
+    TEMP_PREFIX,
+    clean_stale_temp,
+    kill_group,
+    kill_pgid,
+    killed_by_oom_killer,
+    oom_kills,
+    start,
+    temp_dir,
+)
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
 
@@ -62,29 +77,57 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+class Child(Protocol):
+    """A running worker, however it was started (spawned interpreter or forked from the fork server)."""
+
+    pid: int  # also its process group: it leads its own session
+
+    def wait(self, timeout: float | None) -> int:
+        """Its exit code (negative: killed by that signal); raises subprocess.TimeoutExpired."""
+        ...
+
+    def kill(self) -> None:
+        """Kill it and everything it started (any thread may call it); `wait` then returns soon."""
+        ...
+
+
+class SpawnedChild:
+    """`python -m petlbench.worker` in a fresh interpreter (the fallback, and the only path on Ray nodes)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def wait(self, timeout: float | None) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        kill_group(self.proc)
+
+
 class Children:
-    """The worker processes running now, so that an interrupt in the main thread can kill them all.
+    """The workers running now, so that an interrupt in the main thread can kill them all.
 
     After `close()` nothing new may run: a child registered later is killed at once.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._procs: set[subprocess.Popen[bytes]] = set()
+        self._procs: set[Child] = set()
         self._closed = False
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def add(self, proc: subprocess.Popen[bytes]) -> None:
+    def add(self, proc: Child) -> None:
         with self._lock:
             if not self._closed:
                 self._procs.add(proc)
                 return
-        kill_group(proc)
+        proc.kill()
 
-    def discard(self, proc: subprocess.Popen[bytes]) -> None:
+    def discard(self, proc: Child) -> None:
         with self._lock:
             self._procs.discard(proc)
 
@@ -94,7 +137,25 @@ class Children:
             self._closed = True
             procs = list(self._procs)
         for proc in procs:
-            kill_group(proc)
+            proc.kill()
+
+
+def _start_child(
+    spec_file: Path, out_file: Path, log: Path, env: Mapping[str, str], python: str, servers: ForkServers | None
+) -> Child:
+    server = servers.get() if servers is not None else None
+    if server is not None:
+        forked = server.spawn(spec_file, out_file, log, env)
+        if forked is not None:
+            return forked
+    with log.open("wb") as log_file:
+        proc = start(
+            [python, "-m", "petlbench.worker", str(spec_file), str(out_file)],
+            {**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return SpawnedChild(proc)
 
 
 def run_in_subprocess(
@@ -103,55 +164,63 @@ def run_in_subprocess(
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
     children: Children | None = None,
+    servers: ForkServers | None = None,
 ) -> RunResult:
     """Run one spec in a fresh worker process; always returns exactly one result.
 
+    The worker is forked from a fork server of `servers` when given (and working), else a fresh interpreter.
     `children`, when given, holds the process while it runs, so another thread can kill it on an interrupt.
     """
     log = log_path(results_dir, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with tempfile.TemporaryDirectory(prefix="petlbench-run-") as tmp:
-        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+    tmp = temp_dir(TEMP_PREFIX)
+    try:
+        spec_file, out_file = tmp / "spec.json", tmp / "result.json"
         spec_file.write_text(spec.model_dump_json())
-        start = time.monotonic()
-        with log.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [python, "-m", "petlbench.worker", str(spec_file), str(out_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                start_new_session=True,  # Ctrl-C reaches only the parent, which then stops the child cleanly
+        oom_before = oom_kills()
+        start_time = time.monotonic()
+        proc = _start_child(spec_file, out_file, log, env or {}, python, servers)
+        if children is not None:
+            children.add(proc)
+        try:
+            code = proc.wait(timeout=spec.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)  # reap it (a fork server reports the exit of the worker it killed)
+            return failed_result(
+                spec,
+                "timeout",
+                f"run exceeded its timeout of {spec.timeout_s:g} s and was killed; raise timeout_s in the suite"
+                f"\n{log_tail(log)}",
+                duration_s=time.monotonic() - start_time,
             )
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
             if children is not None:
-                children.add(proc)
-            try:
-                code = proc.wait(timeout=spec.timeout_s)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
-                return failed_result(
-                    spec,
-                    "timeout",
-                    f"run exceeded its timeout of {spec.timeout_s:g} s and was killed; raise timeout_s in the suite"
-                    f"\n{log_tail(log)}",
-                    duration_s=time.monotonic() - start,
-                )
-            except BaseException:
-                kill_group(proc)
-                raise
-            finally:
-                if children is not None:
-                    children.discard(proc)
-        duration = time.monotonic() - start
+                children.discard(proc)
+        kill_pgid(proc.pid)  # what the worker left running (DataLoader workers after its os._exit)
+        duration = time.monotonic() - start_time
         if out_file.exists():
             try:
                 return RunResult.model_validate_json(out_file.read_text())
             except (ValidationError, OSError) as exc:
                 return failed_result(spec, "error", f"worker wrote an unreadable result: {exc}", duration)
+        if killed_by_oom_killer(code, oom_before, oom_kills()):
+            return failed_result(
+                spec,
+                "oom",
+                f"the kernel's OOM killer stopped the worker (out of host memory at batch size {spec.batch_size})"
+                f"\n{log_tail(log)}",
+                duration,
+            )
         return failed_result(
             spec, "error", f"worker {describe_exit(code)} without writing a result\n{log_tail(log)}", duration
         )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_on_node(spec_json: str, env: dict[str, str]) -> tuple[str, str]:
@@ -210,9 +279,12 @@ class LocalExecutor:
     def execute(self, specs: Sequence[RunSpec]) -> Iterator[RunEvent]:
         if not specs:
             return
+        clean_stale_temp(TEMP_PREFIX)  # folders of a parent that was killed with -9
         events: queue.Queue[RunEvent] = queue.Queue()
         children = Children()
         gpus = DevicePool(self.gpus) if self.gpus else None
+        env = {**os.environ, **self.env}
+        servers = ForkServers(env) if fork_server_enabled(env) else None
 
         def run(spec: RunSpec) -> None:
             if children.closed:  # interrupted before this run started
@@ -226,7 +298,9 @@ class LocalExecutor:
                     if children.closed:
                         return
                     events.put(RunStarted(spec))
-                    result = run_in_subprocess(spec, self.results_dir, self._child_env(device), children=children)
+                    result = run_in_subprocess(
+                        spec, self.results_dir, self._child_env(device), children=children, servers=servers
+                    )
             except Exception as exc:  # a bug here must not hang the sweep: the run still gets its row
                 result = failed_result(spec, "error", f"local executor failed: {type(exc).__name__}: {exc}")
             events.put(RunFinished(result))
@@ -242,4 +316,6 @@ class LocalExecutor:
                 yield event
         finally:  # done, interrupted (KeyboardInterrupt), or the caller stopped listening (GeneratorExit)
             children.close()
+            if servers is not None:  # before waiting for the run threads: one may wait on a server's imports
+                servers.close()
             pool.shutdown(wait=True, cancel_futures=True)
