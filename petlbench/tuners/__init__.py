@@ -19,6 +19,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Final
 
 from petlbench.errors import ConfigError
+from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.base import Tuner
 from petlbench.tuners.bitfit import Bitfit
 from petlbench.tuners.fact import Fact
@@ -46,7 +47,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter])
 
 
 def plugin_modules() -> list[ModuleType]:
