@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from petlbench.errors import ConfigError
 from petlbench.tuners.adapter import Adapter
+from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner
 from petlbench.tuners.bitfit import Bitfit
 from petlbench.tuners.fact import Fact
@@ -47,7 +48,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer])
 
 
 def plugin_modules() -> list[ModuleType]:
