@@ -19,12 +19,16 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Final
 
 from petlbench.errors import ConfigError
+from petlbench.tuners.adapter import Adapter
+from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner
+from petlbench.tuners.bitfit import Bitfit
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.sqt import Sqt
+from petlbench.tuners.ssf import Ssf
 from petlbench.tuners.vpt import Vpt
 
 __all__ = ["TUNERS", "Tuner", "available_tuners", "describe_tuner", "make_tuner", "unknown_tuner_message"]
@@ -45,7 +49,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf])
 
 
 def plugin_modules() -> list[ModuleType]:

@@ -1,0 +1,44 @@
+"""BitFit: only the bias terms train (Ben Zaken et al., ACL 2022; docs/methods.md, "BitFit").
+
+The whole tuner is this file plus its line in the registry: BitFit adds no module and no parameter, it only
+chooses which existing parameters train. Which biases is the one decision, and it follows the vision PETL code
+(OSU-MLB/PETL_Vision, `experiment/build_model.py`: every backbone parameter whose name contains `bias`): the bias
+of every module that has one, i.e. on a timm ViT the patch-embedding convolution, every LayerNorm (norm1, norm2,
+the final norm) and every Linear (qkv, proj, fc1, fc2), plus the new head. The choice here is structural (a
+module's own parameter registered as `bias`), not a substring match on names, so a parameter such as a relative
+position bias table is not caught by accident; on a timm ViT both rules pick the same set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from petlbench.tuners.base import Tuner
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Bitfit(Tuner):
+    """Every bias of the backbone and the new head train; nothing is added."""
+
+    name = "bitfit"
+    summary = "BitFit: only the biases train (patch embed, every LayerNorm and Linear) plus the new head."
+    adds_parameters = False
+    identity_at_init = True  # nothing changes until the first step
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def trainable_backbone_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        from petlbench.tuners.layers import classifier
+
+        chosen: dict[int, nn.Parameter] = {}
+        for module in model.modules():
+            for param_name, param in module.named_parameters(recurse=False):  # the module's own, not a child's
+                if param_name == "bias":
+                    chosen[id(param)] = param
+        for param in classifier(model, self.name).parameters():  # the head's weight too
+            chosen[id(param)] = param
+        return list(chosen.values())
