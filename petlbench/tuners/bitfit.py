@@ -32,13 +32,14 @@ class Bitfit(Tuner):
         return model
 
     def trainable_backbone_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
-        from petlbench.tuners.layers import classifier
+        from petlbench.tuners.layers import classifier_heads
 
         chosen: dict[int, nn.Parameter] = {}
         for module in model.modules():
             for param_name, param in module.named_parameters(recurse=False):  # the module's own, not a child's
                 if param_name == "bias":
                     chosen[id(param)] = param
-        for param in classifier(model, self.name).parameters():  # the head's weight too
-            chosen[id(param)] = param
+        for head in classifier_heads(model, self.name):  # the head's weight too (both heads of a distilled DeiT)
+            for param in head.parameters():
+                chosen[id(param)] = param
         return list(chosen.values())

@@ -161,6 +161,8 @@ def test_knob_value_and_defaults() -> None:
         "dropout": 0.1,
         "layernorm": "none",
         "mode": "parallel",
+        "backbone_mode": "train",
+        "head_init": "timm",
     }
 
 

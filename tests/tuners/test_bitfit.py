@@ -77,7 +77,8 @@ def test_only_existing_biases_train(tiny_vit: TinyVitFactory) -> None:
 
 
 def test_knobs() -> None:
-    assert describe_tuner(TUNERS["bitfit"]) == []  # no knob: the method is the choice of parameters
+    # no knob of its own (the method is the choice of parameters): only the two every tuner has
+    assert {row["name"] for row in describe_tuner(TUNERS["bitfit"])} == {"backbone_mode", "head_init"}
     assert make_tuner("bitfit", {}).knob_value() is None
     with pytest.raises(ValidationError, match="rank"):
         make_tuner("bitfit", {"rank": 8})
