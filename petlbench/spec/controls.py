@@ -52,7 +52,7 @@ _FIELD_ROLES: Final[dict[str, Role]] = {
 # Conditions a run observes rather than sets: the GPU model, and the attention op that actually ran.
 MEASURED_CONDITIONS: Final = ("env.gpu_name", "attn_kernel")
 # Fields added after results existed: left out of the run_id while unset, so earlier run_ids stay valid.
-UNSET_NOT_HASHED: Final = frozenset({"measure.cpu_threads"})
+UNSET_NOT_HASHED: Final = frozenset({"measure.cpu_threads", "measure.snapshot"})
 
 
 def _models(annotation: object) -> list[type[BaseModel]]:

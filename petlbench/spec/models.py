@@ -85,6 +85,11 @@ class MeasureSpec(StrictModel):
         description="torch intra-op threads of a CPU run (training included); None: torch's default, one per core. "
         "1 keeps tiny models fast on a shared machine, where spinning OpenMP threads stall each other",
     )
+    snapshot: bool | None = Field(
+        None,
+        description="CUDA only: record a memory snapshot (torch.cuda.memory._record_memory_history) of the tracked "
+        "step, saved as results/<suite>/snapshots/<run_id>.pickle (open it at pytorch.org/memory_viz); off by default",
+    )
 
 
 class TrainSpec(StrictModel):
