@@ -51,7 +51,15 @@ CATEGORY_COLORS: Final = {
     "activations": "#8172b3",
 }
 TOP_MODULES: Final = 5
-GIB: Final = 1024**3
+
+
+def _unit(largest: float) -> tuple[float, str]:
+    """A binary byte unit that keeps `largest` between 1 and 1024."""
+    for power, name in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if largest >= 1024**power:
+            return float(1024**power), name
+    return 1.0, "B"
+
 
 Save = Callable[["Figure", str], str]  # (figure, file stem) → stem written
 
@@ -146,33 +154,34 @@ def timeline_figure(group: Group, runs: Sequence[tuple[str, WhyData]], batch: in
     import numpy as np
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9.0, 1.0 + 1.7 * len(runs)), layout="constrained")
+    fig = Figure(figsize=(9.0, 1.0 + 1.5 * len(runs)), layout="constrained")
     axes = fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
-    top = max(w.peak_bytes for _, w in runs) / GIB * 1.08
+    div, unit = _unit(max(w.peak_bytes for _, w in runs))
+    top = max(w.peak_bytes for _, w in runs) / div * 1.12
     for ax, (variant, why) in zip(axes, runs, strict=True):
         x = np.asarray(why.x, dtype=float) / max(why.events - 1, 1)
-        layers = [np.asarray(why.live[c], dtype=float) / GIB for c in CATEGORIES]
+        layers = [np.asarray(why.live[c], dtype=float) / div for c in CATEGORIES]
         ax.stackplot(x, *layers, colors=[CATEGORY_COLORS[c] for c in CATEGORIES], labels=list(CATEGORIES), alpha=0.85)
         for name, start in why.phases[1:]:
             ax.axvline(start / max(why.events - 1, 1), color="0.3", linestyle="--", linewidth=0.8)
             ax.text(start / max(why.events - 1, 1), top * 0.98, f" {name}", va="top", fontsize=7, color="0.3")
         px = why.peak_event / max(why.events - 1, 1)
-        ax.plot([px], [why.peak_bytes / GIB], "o", color="black", markersize=4)
+        ax.plot([px], [why.peak_bytes / div], "o", color="black", markersize=4)
         ax.annotate(
             f"peak {fmt_bytes(why.peak_bytes)} ({why.peak_phase})",
-            (px, why.peak_bytes / GIB),
+            (px, why.peak_bytes / div),
             textcoords="offset points",
             xytext=(6, -10),
             fontsize=8,
         )
         ax.set_ylim(0, top)
         ax.set_xlim(0, 1)
-        ax.set_ylabel("GiB")
+        ax.set_ylabel(unit)
         ax.set_title(variant, fontsize=9, loc="left")
         ax.grid(True, alpha=0.25)
     axes[-1].set_xlabel("position in the training step (allocation events; forward → backward → optimizer)")
     axes[0].legend(loc="upper left", fontsize=7, ncols=4, framealpha=0.8)
-    fig.suptitle(f"Memory over one training step, batch {batch} — {group.title}", fontsize=10)
+    fig.suptitle(f"Memory over one training step, batch {batch}\n{group.title}", fontsize=9)
     return fig
 
 
@@ -181,24 +190,28 @@ def heat_figure(group: Group, runs: Sequence[tuple[str, WhyData]], batch: int) -
     import numpy as np
     from matplotlib.figure import Figure
 
-    strips = [heat_strip(w.entries).T / 2**20 for _, w in runs]  # MiB, [sublayer, block]
+    raw = [heat_strip(w.entries) for _, w in runs]
+    blocks = max(r.shape[0] for r in raw)
+    div, unit = _unit(max(float(r.max()) for r in raw))
+    strips = [np.pad(r, ((0, blocks - r.shape[0]), (0, 0))).T / div for r in raw]  # [sublayer, block]
     vmax = max(float(s.max()) for s in strips) or 1.0
-    fig = Figure(figsize=(9.0, 0.8 + 1.9 * len(runs)), layout="constrained")
+    fig = Figure(figsize=(9.0, 0.9 + 1.35 * len(runs)), layout="constrained")
     axes = fig.subplots(len(runs), 1, squeeze=False)[:, 0]
     image = None
     labels = [f"{s} ({SUBLAYER_GROUP[s]})" if s in ("qkv", "fc1") else s for s in SUBLAYERS]
     for ax, (variant, _), strip in zip(axes, runs, strips, strict=True):
         image = ax.imshow(strip, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_yticks(range(len(SUBLAYERS)), labels, fontsize=7)
+        ax.set_yticks(range(len(SUBLAYERS)), labels, fontsize=6)
         ax.set_xticks(range(strip.shape[1]), [str(i) for i in range(strip.shape[1])], fontsize=7)
         ax.set_title(variant, fontsize=9, loc="left")
         for (i, j), value in np.ndenumerate(strip):
             if value >= 0.25 * vmax:
-                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
+                text = f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white")
     axes[-1].set_xlabel("block")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), label="activation MiB at the peak", shrink=0.8)
-    fig.suptitle(f"Which parts of the backbone each method keeps alive, batch {batch} — {group.title}", fontsize=10)
+        fig.colorbar(image, ax=list(axes), label=f"activation {unit} live at the peak", shrink=0.8)
+    fig.suptitle(f"Which parts of the backbone each method keeps alive, batch {batch}\n{group.title}", fontsize=9)
     return fig
 
 
