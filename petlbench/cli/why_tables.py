@@ -56,22 +56,19 @@ def explanation_view(result: Explanation) -> RenderableType:
     if result.other is not None and result.differences is not None:
         a, b = result.run, result.other
         parts.append(run_summary(b))
-        table = Table(title=f"activations at the peak: {a.label} vs {b.label}", title_justify="left")
+        table = Table(
+            title=f"activations at the peak by sublayer, summed over blocks: {a.short} vs {b.short}",
+            title_justify="left",
+        )
         table.add_column("module")
-        for name in (a.label, b.label, "difference"):
+        for name in (a.short, b.short, "difference"):
             table.add_column(name, justify="right")
         for d in result.differences:
             table.add_row(module_label(d.name), fmt_bytes(d.a), fmt_bytes(d.b), _signed(d.delta))
         parts.append(table)
-        peak = a.why.peak_bytes - b.why.peak_bytes
-        parts.append(Text(f"peak: {_signed(peak)} ({a.label} vs {b.label})"))
-        if result.differences:
-            d = result.differences[0]
+        lines = [f"peak: {a.short} {_signed(a.why.peak_bytes - b.why.peak_bytes)} vs {b.short}"]
+        for d in result.differences[:3]:
             verb = "keeps" if d.delta > 0 else "frees"
-            parts.append(
-                Text(
-                    f"largest difference: {a.label} {verb} {module_label(d.name)} outputs: "
-                    f"{_signed(d.delta)} vs {b.label}"
-                )
-            )
+            lines.append(f"{a.short} {verb} {module_label(d.name)} tensors: {_signed(d.delta)} vs {b.short}")
+        parts.append(Text("\n".join(lines)))
     return Group(*parts)

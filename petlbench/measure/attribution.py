@@ -222,8 +222,45 @@ def pattern(module: str) -> str:
     return re.sub(r"(^|\.)blocks\.\d+(?=\.|$)", r"\1blocks.*", module)
 
 
+_SUBLAYER_PATH: Final = {
+    "qkv": "attn.qkv",
+    "attn": "attn",
+    "proj": "attn.proj",
+    "fc1": "mlp.fc1",
+    "act": "mlp.act",
+    "fc2": "mlp.fc2",
+    "other": "other",
+}
+
+
+def sublayer_pattern(module: str) -> str:
+    """`pattern`, with a tuner's wrappers folded into the timm sublayer they wrap, so two methods line up:
+    `blocks.7.mlp.fc1.base` and `blocks.3.mlp.fc1` → `blocks.*.mlp.fc1`; `blocks.2.base.norm2` → `blocks.*.norm2`.
+    """
+    match = _BLOCK.match(module)
+    where = sublayer(module)
+    if match is None or where is None:
+        return pattern(module)
+    prefix = module[: match.start(1)] + "*"
+    name = where[1]
+    if name == "norm":
+        norm = next(p for p in (match.group(2) or "").split(".") if p.startswith("norm"))
+        return f"{prefix}.{norm}"
+    return f"{prefix}.{_SUBLAYER_PATH[name]}"
+
+
+# what a sublayer's output is to the next one: a frozen layer's saved input shows under its producer
+_INPUT_OF: Final = {"norm1": "attn.qkv", "mlp.act": "mlp.fc2", "norm2": "mlp.fc1"}
+
+
 def module_label(module: str) -> str:
-    return module or "(no module: weights, optimizer state, batch, loss)"
+    """The module path, with the layer it feeds when that is what keeps it (`blocks.*.mlp.act (fc2 input)`)."""
+    if not module:
+        return "(no module: weights, optimizer state, batch, loss)"
+    for tail, consumer in _INPUT_OF.items():
+        if module.endswith("." + tail):
+            return f"{module} (= {consumer.rpartition('.')[2]} input)"
+    return module
 
 
 def parents(module: str, depth: int) -> str:

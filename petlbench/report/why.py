@@ -34,10 +34,11 @@ from petlbench.measure.attribution import (
     module_label,
     parents,
     pattern,
+    sublayer_pattern,
 )
 from petlbench.report.frame import Group, variant_order
 from petlbench.report.tables import Block, Heading, Image, Para, Table
-from petlbench.results import load_rows, row_label
+from petlbench.results import load_rows, row_label, run_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +125,8 @@ def why_section(group: Group, pts: pd.DataFrame, files: dict[str, Path], save: S
     blocks.append(
         Para(
             "Activation bytes live at the peak by the module that allocated them (in backward: the module whose "
-            "backward was running), summed over blocks (`blocks.*`). A frozen layer's saved input shows under "
+            "backward was running), summed over blocks (`blocks.*`), a tuner's wrappers folded into the sublayer "
+            "they wrap (`mlp.fc1.base` counts as `mlp.fc1`). A frozen layer's saved input shows under "
             "the module that produced it: the input of `mlp.fc2` is the output of `mlp.act`, the input of "
             "`mlp.fc1` that of `norm2`."
         )
@@ -132,7 +134,7 @@ def why_section(group: Group, pts: pd.DataFrame, files: dict[str, Path], save: S
     table = []
     for variant, why in runs:
         total = _at_peak(why, "activations")
-        for rank, g in enumerate(group_entries(why.entries, pattern, ["activations"])[:TOP_MODULES], 1):
+        for rank, g in enumerate(group_entries(why.entries, sublayer_pattern, ["activations"])[:TOP_MODULES], 1):
             share = g.bytes / total if total else 0.0
             table.append(
                 [variant if rank == 1 else "", str(rank), module_label(g.name), fmt_bytes(g.bytes), f"{share:.0%}"]
@@ -222,7 +224,8 @@ def heat_figure(group: Group, runs: Sequence[tuple[str, WhyData]], batch: int) -
 @dataclass(frozen=True)
 class RunWhy:
     run_id: str
-    label: str
+    label: str  # method, batch and setting
+    short: str  # method and batch
     why: WhyData
 
     def category(self, name: str) -> int:
@@ -247,7 +250,8 @@ class Explanation:
     top_modules: list[Grouped]  # by single module, largest first
     by_block: list[Grouped]  # by block (`blocks.7`) and sublayer group
     other: RunWhy | None = None
-    differences: list[Difference] | None = None  # activation bytes by module pattern, largest |delta| first
+    # activation bytes by sublayer pattern (wrappers folded: `sublayer_pattern`), largest |delta| first
+    differences: list[Difference] | None = None
 
 
 def select_run(rows: pd.DataFrame, run: str | None, method: str | None, batch_size: int | None) -> pd.Series:
@@ -285,7 +289,7 @@ def _run_why(row: pd.Series, files: dict[str, Path]) -> RunWhy:
             f"run {run_id} ({row_label(row)}): no stored timeline (timelines/{run_id}.npz); "
             "re-run it with this petlbench (`petlbench run --force` or `petlbench estimate`)"
         )
-    return RunWhy(run_id, row_label(row), load_why(files[run_id]))
+    return RunWhy(run_id, row_label(row), run_label(row), load_why(files[run_id]))
 
 
 def explain(
@@ -318,8 +322,8 @@ def explain(
     else:
         second = select_run(rows, None, vs, int(first["batch_size"]))
     other = _run_why(second, files)
-    a = {g.name: g.bytes for g in group_entries(entries, pattern, ["activations"])}
-    b = {g.name: g.bytes for g in group_entries(other.why.entries, pattern, ["activations"])}
+    a = {g.name: g.bytes for g in group_entries(entries, sublayer_pattern, ["activations"])}
+    b = {g.name: g.bytes for g in group_entries(other.why.entries, sublayer_pattern, ["activations"])}
     diffs = [Difference(n, a.get(n, 0), b.get(n, 0)) for n in sorted(a.keys() | b.keys())]
     diffs = sorted((d for d in diffs if d.delta), key=lambda d: (-abs(d.delta), d.name))
     return Explanation(explanation.run, explanation.top, explanation.top_modules, explanation.by_block, other, diffs)
