@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError, ResultsLocked, WriteError
 from petlbench.fmt import describe_exception, fmt_knob, missing
+from petlbench.measure.attribution import WhyData, save_why, why_path
 from petlbench.spec.models import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
 
 if TYPE_CHECKING:
@@ -111,6 +112,11 @@ class RunResult(BaseModel):
     env: dict[str, EnvValue] = {}
     created_at: str
     duration_s: float | None = None
+    # the tracked step's timeline and peak attribution; stored beside the row, not in it (write_result)
+    why: WhyData | None = None
+    # a CUDA memory snapshot of the tracked step (measure.snapshot): the worker's file, which the local executor
+    # moves to results/<suite>/snapshots/<run_id>.pickle
+    snapshot_file: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -220,6 +226,11 @@ def write_result(results_dir: Path, result: RunResult) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame([result.to_row()]).to_parquet(tmp, index=False)
         os.replace(tmp, path)
+        timeline = why_path(path.parent, result.run_id)
+        if result.why is not None:
+            save_why(timeline, result.why)
+        elif timeline.exists():  # a rerun without one: never leave the old run's timeline beside the new row
+            timeline.unlink()
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

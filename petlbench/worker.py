@@ -23,6 +23,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,8 +38,10 @@ from petlbench.errors import ConfigError, DeviceError, PetlbenchError
 from petlbench.executors.process import die_with_parent
 from petlbench.fmt import describe_exception
 from petlbench.measure.accuracy import train_and_evaluate
+from petlbench.measure.attribution import WhyData, summarize_step
 from petlbench.measure.env import collect_env
 from petlbench.measure.memory import (
+    CUDA_BLOCK,
     nvml_sampler,
     peak_rss,
     record_breakdown,
@@ -46,6 +51,7 @@ from petlbench.measure.memory import (
 )
 from petlbench.measure.speed import time_more, time_steps
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
+from petlbench.measure.tracker import TensorTracker
 from petlbench.results import Metrics, RunResult, Status, now_iso
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import make_tuner
@@ -92,8 +98,36 @@ def model_img_size(model: torch.nn.Module, fallback: int | None) -> int:
     return fallback or 224
 
 
-def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
-    """Fill `metrics` following the protocol in the module docstring. Partial results stay if a step fails."""
+@dataclass
+class Extras:
+    """What a run produces besides its row: the tracked step's timeline/attribution, a CUDA memory snapshot."""
+
+    snapshot_dir: Path | None = None  # where the worker may write a snapshot (its result file's folder)
+    why: WhyData | None = None
+    snapshot_file: str | None = None
+
+
+@contextmanager
+def cuda_snapshot(spec: RunSpec, device: torch.device, extras: Extras) -> Iterator[None]:
+    """With `measure.snapshot` on CUDA: record the allocator's history over the block, dump it as a pickle."""
+    if not spec.measure.snapshot or device.type != "cuda" or extras.snapshot_dir is None:
+        yield
+        return
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    try:
+        yield
+        path = extras.snapshot_dir / f"{spec.run_id}.snapshot.pickle"
+        torch.cuda.memory._dump_snapshot(str(path))
+        extras.snapshot_file = str(path)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def measure(spec: RunSpec, device: torch.device, metrics: Metrics, extras: Extras | None = None) -> None:
+    """Fill `metrics` following the protocol in the module docstring. Partial results stay if a step fails.
+
+    `extras` receives the tracked step's timeline and peak attribution (and a snapshot, if asked for)."""
+    extras = extras if extras is not None else Extras()
     metrics.data_task = task_key(spec.data)
     data: ImageSource | None = None
     if isinstance(spec.data, VtabData | ImageFolderData):  # index (and check) the files first: cheap, no decoding
@@ -149,8 +183,12 @@ def measure(spec: RunSpec, device: torch.device, metrics: Metrics) -> None:
     metrics.train_images_per_s = spec.batch_size / timing.median_s
 
     if spec.measure.breakdown or not cuda:
-        tracked = tracked_train_step(step, x, y)
+        recorder = TensorTracker(round_to=CUDA_BLOCK if cuda else 1)
+        with cuda_snapshot(spec, device, extras):
+            tracked = tracked_train_step(step, x, y, tracker=recorder)
         record_breakdown(metrics, tracked)
+        timeline = recorder.timeline()
+        extras.why = summarize_step(timeline.events, timeline.owners, timeline.modules, recorder.round_to)
         if not cuda:
             metrics.peak_allocated_bytes = tracked.peak_bytes  # CPU headline: exact and deterministic
 
@@ -225,9 +263,12 @@ def _where(exc: BaseException) -> str:
     return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
 
 
-def execute(spec: RunSpec) -> RunResult:
-    """Run the protocol and classify the outcome; never raises for a failure of the run itself."""
+def execute(spec: RunSpec, snapshot_dir: Path | None = None) -> RunResult:
+    """Run the protocol and classify the outcome; never raises for a failure of the run itself.
+
+    `snapshot_dir`: where a CUDA memory snapshot may be written (`measure.snapshot`)."""
     metrics = Metrics()
+    extras = Extras(snapshot_dir=snapshot_dir)
     env: dict[str, str | int | float | bool | None] = {}
     start = time.perf_counter()
     status: Status = "ok"
@@ -238,7 +279,7 @@ def execute(spec: RunSpec) -> RunResult:
             torch.set_num_threads(spec.measure.cpu_threads)  # before any op; env records the value in effect
         device = torch_device(spec)
         env = collect_env(device)
-        measure(spec, device, metrics)
+        measure(spec, device, metrics, extras)
     except PetlbenchError as exc:
         status, error, error_type = "error", str(exc), type(exc).__name__
     except BaseException as exc:
@@ -260,6 +301,8 @@ def execute(spec: RunSpec) -> RunResult:
         env=env,
         created_at=now_iso(),
         duration_s=time.perf_counter() - start,
+        why=extras.why,
+        snapshot_file=extras.snapshot_file,
     )
 
 
@@ -277,7 +320,7 @@ def run_files(spec_path: Path, out_path: Path) -> int:
     spec = RunSpec.model_validate_json(spec_path.read_text())
     prepare_hub_access(spec.backbone)
     log.info("run %s: %s", spec.run_id, spec.label())
-    result = execute(spec)
+    result = execute(spec, snapshot_dir=out_path.parent)
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(result.model_dump_json())
     os.replace(tmp, out_path)

@@ -359,6 +359,47 @@ def report(
 
 
 @app.command()
+def explain(
+    results: ResultsArg = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="run_id (or a unique prefix) of the run to explain", show_default=False)
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method", help="select the run by method or variant (e.g. lora, 'lora rank=8')", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="with --method: the batch size", show_default=False)
+    ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            "--vs",
+            help="another run_id, or a method at the same batch size: the difference module by module",
+            show_default=False,
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="rows per module table")] = 8,
+) -> None:
+    """Why a run peaks where it does: the peak, when it happens in the step, its breakdown and the modules whose
+    activations are live at it (from the timeline stored beside each row); --vs compares two runs.
+
+    Example: petlbench explain results/quickstart --method fact --batch-size 8 --vs lora
+    """
+    from petlbench.cli.why_tables import explanation_view
+    from petlbench.report.why import explain as explain_core
+
+    paths = results or [Path("results")]
+    try:
+        result = explain_core(paths, run, method, batch_size, vs, top)
+    except PetlbenchError as exc:
+        fail(exc)
+    out.print(explanation_view(result))
+
+
+@app.command()
 def check(
     results: ResultsArg = None,
     budgets: Annotated[Path, typer.Option("--budgets", help="budgets YAML to check against")] = Path(

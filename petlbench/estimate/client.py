@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict
 from petlbench.errors import ConfigError
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
+from petlbench.measure.attribution import WhyData
 from petlbench.measure.nvml import gpu_memory_bytes
 from petlbench.results import EnvValue, Metrics, RunResult, now_iso
 from petlbench.spec.base import StrictModel
@@ -87,6 +88,7 @@ class Estimate(BaseModel):
     first_over: int | None = None
     probes: list[tuple[int, int]] = []
     env: dict[str, EnvValue] = {}
+    why: WhyData | None = None  # the step's timeline and peak attribution (stored beside the estimate row)
 
 
 class EstimateResponse(BaseModel):
@@ -203,6 +205,7 @@ def estimate_result(spec: RunSpec, estimate: Estimate, limit: int | None) -> Run
         env=estimate.env,
         created_at=now_iso(),
         duration_s=estimate.seconds,
+        why=estimate.why,
     )
 
 

@@ -49,6 +49,7 @@ from petlbench.estimate.client import (
     model_key,
 )
 from petlbench.fmt import describe_exception
+from petlbench.measure.attribution import WhyData, summarize_step
 from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.timeline import at_batch
@@ -115,6 +116,7 @@ class _Fp16Step(TrainStep):
         with torch.autocast("cpu", dtype=torch.float16):
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.backward_starts()
         loss.backward()
         return loss.detach()
 
@@ -237,6 +239,11 @@ class _FakeModel:
         metrics.step_flops = self.step_flops(spec)
         return metrics
 
+    def why(self, spec: RunSpec) -> WhyData:
+        """The timeline and peak attribution of the run's (traced or replayed) training step."""
+        train, _ = self._timelines(spec)
+        return summarize_step(train.events, train.owners, train.modules, CUDA_BLOCK if spec.device == "cuda" else 1)
+
 
 class Estimator:
     """Estimates runs one after another, reusing the fake model of the previous run when it builds the same one.
@@ -262,6 +269,12 @@ class Estimator:
             self._model = self._key = None  # a failed step can leave the model half-updated
             raise
 
+    def estimate_why(self, spec: RunSpec) -> tuple[Metrics, WhyData]:
+        """The estimate and the step's timeline/attribution (what `petlbench estimate` stores beside the row)."""
+        metrics = self.estimate(spec)
+        assert self._model is not None
+        return metrics, self._model.why(spec)
+
     def search(self, spec: RunSpec, request: SearchRequest) -> Estimate:
         """The largest batch predicted to fit `request.limit_bytes` for this spec's configuration."""
         peaks: dict[int, Metrics] = {}
@@ -279,12 +292,13 @@ class Estimator:
         result = search_max_batch(
             lambda b: peak(b) <= request.limit_bytes, lo=request.min, hi=request.max, multiple_of=g, seed=seed
         )
-        best = None
+        best = why = None
         if result.best is not None:  # the full estimate (inference peak too) at the answer
-            best = self.estimate(spec.model_copy(update={"batch_size": result.best}))
+            best, why = self.estimate_why(spec.model_copy(update={"batch_size": result.best}))
         return Estimate(
             run_id=spec.run_id,
             metrics=best,
+            why=why,
             max_batch=result.best,
             first_over=result.first_over,
             probes=sorted((b, m.peak_allocated_bytes or 0) for b, m in peaks.items()),
@@ -308,7 +322,8 @@ def estimate_many(specs: Sequence[RunSpec], search: SearchRequest | None = None)
             if search is not None:
                 estimate = estimator.search(spec, search)
             else:
-                estimate = Estimate(run_id=spec.run_id, metrics=estimator.estimate(spec))
+                metrics, why = estimator.estimate_why(spec)
+                estimate = Estimate(run_id=spec.run_id, metrics=metrics, why=why)
         except Exception as exc:
             log.error("estimate of %s (%s) failed:\n%s", spec.run_id, spec.label(), traceback.format_exc())
             estimate = Estimate(run_id=spec.run_id, error=_describe(exc))

@@ -44,6 +44,7 @@ from petlbench.executors.process import (
     start,
     temp_dir,
 )
+from petlbench.measure.attribution import SNAPSHOT_DIR
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
 
@@ -54,6 +55,16 @@ LOG_LIMIT = 1 << 20  # a run on another node sends back at most the last MiB of 
 
 def log_path(results_dir: Path, spec: RunSpec) -> Path:
     return suite_dir(results_dir, spec.suite) / "logs" / f"{spec.run_id}.log"
+
+
+def keep_snapshot(result: RunResult, results_dir: Path) -> RunResult:
+    """Move a CUDA memory snapshot out of the worker's temp folder to results/<suite>/snapshots/<run_id>.pickle."""
+    if result.snapshot_file is None or not Path(result.snapshot_file).is_file():
+        return result.model_copy(update={"snapshot_file": None})
+    target = suite_dir(results_dir, result.spec.suite) / SNAPSHOT_DIR / f"{result.run_id}.pickle"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(result.snapshot_file, target)
+    return result.model_copy(update={"snapshot_file": str(target)})
 
 
 def log_tail(path: Path) -> str:
@@ -205,9 +216,10 @@ def run_in_subprocess(
         duration = time.monotonic() - start_time
         if out_file.exists():
             try:
-                return RunResult.model_validate_json(out_file.read_text())
+                result = RunResult.model_validate_json(out_file.read_text())
             except (ValidationError, OSError) as exc:
                 return failed_result(spec, "error", f"worker wrote an unreadable result: {exc}", duration)
+            return keep_snapshot(result, results_dir)
         if killed_by_oom_killer(code, oom_before, oom_kills()):
             return failed_result(
                 spec,

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.module_tracker import ModuleTracker
 
 from petlbench.measure.nvml import NvmlSampler
 from petlbench.measure.step import TrainStep
 from petlbench.measure.tracker import TensorTracker, TrackedPeak
 from petlbench.results import Metrics
+
+GLOBAL_MODULE = "Global"  # ModuleTracker's name for "no module running"
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +34,55 @@ def _round_to(x: torch.Tensor, round_to: int | None) -> int:
     return round_to if round_to is not None else CUDA_BLOCK if x.device.type == "cuda" else 1
 
 
+class _ModuleTracker(ModuleTracker):
+    """torch's ModuleTracker, blind to `nn.Identity`: it makes no tensor, and as its input and output are the same
+    tensor, its backward enter and exit hooks race (it would linger as the innermost module in backward)."""
+
+    def _fw_pre_hook(self, mod: nn.Module, input: object) -> None:
+        if not isinstance(mod, nn.Identity):
+            super()._fw_pre_hook(mod, input)
+
+    def _fw_post_hook(self, mod: nn.Module, input: object, output: object) -> None:
+        if not isinstance(mod, nn.Identity):
+            super()._fw_post_hook(mod, input, output)
+
+
+def current_module(modules: ModuleTracker) -> str:
+    """The innermost module running now, as a path below the root model (`blocks.7.mlp.fc1`); "" for none.
+
+    ModuleTracker keeps a set of `RootType.path` names; nested modules' names extend their parents', so the
+    innermost is the deepest. In backward, a module is entered when its outputs' gradients are ready and left
+    when its inputs' are, so a backward temporary belongs to the module whose backward produces it.
+    """
+    parents = modules.parents
+    if len(parents) <= 1:
+        return ""
+    deepest = max((p for p in parents if p != GLOBAL_MODULE), key=lambda p: (p.count("."), p))
+    _root, _, path = deepest.partition(".")
+    return path or "(top level)"
+
+
 def tracked_train_step(
     step: TrainStep,
     x: torch.Tensor,
     y: torch.Tensor,
     round_to: int | None = None,
     tracker: TensorTracker | None = None,
+    attribute: bool = True,
 ) -> TrackedPeak:
     """Run one training step under the tensor tracker; the peak and its breakdown by category.
 
     `round_to` defaults to the device's allocation granularity (512 B on CUDA, 1 B on CPU); the estimator passes
-    512 to predict a CUDA run from fake CPU tensors, or its own (recording) `tracker`.
+    512 to predict a CUDA run from fake CPU tensors, or its own (recording) `tracker`. The tracker's log marks the
+    phases (forward, backward, optimizer); with `attribute`, every storage also records the module that was
+    running when it was allocated (torch's ModuleTracker: global module hooks and gradient hooks, which allocate
+    nothing, so the peak is the same with or without).
     """
     model, optimizer = step.model, step.optimizer
     tracker = tracker if tracker is not None else TensorTracker(round_to=_round_to(x, round_to))
+    modules = _ModuleTracker() if attribute else None
+    if modules is not None:
+        tracker.owner = lambda: current_module(modules)
     tracker.register(model.parameters(), "weights")
     tracker.register(model.buffers(), "weights")
     tracker.register((p.grad for p in model.parameters()), "gradients")
@@ -54,13 +93,18 @@ def tracked_train_step(
         for p in model.parameters()
         if p.requires_grad
     ]
+    step.on_backward = lambda: tracker.mark("backward")
     try:
-        with tracker:
+        with tracker, modules if modules is not None else nullcontext():
             tracker.category = "activations"
+            tracker.mark("forward")
             step.forward_backward(x, y)
             tracker.category = "optimizer"
+            tracker.mark("optimizer")
             step.optimizer_step()
     finally:
+        step.on_backward = None
+        tracker.owner = None
         for hook in hooks:
             hook.remove()
     return tracker.result()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -65,11 +65,18 @@ class TrainStep:
         self.device_type = device_type
         self.label_smoothing = label_smoothing
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16-mixed" else None
+        # called between the loss and `backward()`: the tracker marks the forward/backward boundary there
+        self.on_backward: Callable[[], None] | None = None
+
+    def backward_starts(self) -> None:
+        if self.on_backward is not None:
+            self.on_backward()
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device_type):
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.backward_starts()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:

@@ -22,6 +22,8 @@ def at_batch(a: Timeline, batch_a: int, b: Timeline, batch_b: int, batch: int) -
     """The timeline at `batch`, from the same step traced at `batch_a` and `batch_b`; None if not affine in B."""
     if batch_a == batch_b or len(a.events) != len(b.events) or len(a.shapes) != len(b.shapes) or a.ops != b.ops:
         return None
+    if (a.owners, a.modules) != (b.owners, b.modules):
+        return None
     span = batch_b - batch_a
     for shape_a, shape_b in zip(a.shapes, b.shapes, strict=True):
         if len(shape_a) != len(shape_b):
@@ -48,4 +50,4 @@ def at_batch(a: Timeline, batch_a: int, b: Timeline, batch_b: int, batch: int) -
         tuple(da + (db - da) // span * (batch - batch_a) for da, db in zip(sa, sb, strict=True))
         for sa, sb in zip(a.shapes, b.shapes, strict=True)
     )
-    return Timeline(tuple(events), shapes, a.ops)
+    return Timeline(tuple(events), shapes, a.ops, a.owners, a.modules)

@@ -22,7 +22,7 @@ in a ViT training step.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, TypeAlias
@@ -39,6 +39,8 @@ ALLOC: Final = 0
 FREE: Final = 1
 RETAG: Final = 2
 RESET: Final = 3
+PHASE: Final = 4  # key = index into PHASES: the step entered that phase here
+PHASES: Final = ("forward", "backward", "optimizer")
 
 # aten attention ops → short kernel names for the `attn_kernel` column
 _ATTENTION_OPS: Final = (
@@ -67,6 +69,10 @@ class Timeline:
     events: tuple[tuple[int, int, Category, int], ...]
     shapes: tuple[tuple[int, ...], ...]
     ops: frozenset[str]
+    # `owners[key]` indexes `modules`: the module path running (forward or backward) when storage `key` was
+    # allocated; "" = none (registered tensors, the loss, the optimizer). Empty when no owner was recorded.
+    owners: tuple[int, ...] = ()
+    modules: tuple[str, ...] = ()
 
 
 class TensorTracker(TorchDispatchMode):
@@ -93,6 +99,10 @@ class TensorTracker(TorchDispatchMode):
         self._names: dict[Any, str] = {}
         self._ops: set[str] = set()
         self._open = True
+        # attribution: `owner()` names the module running now (set by petlbench.measure.memory); None: not recorded
+        self.owner: Callable[[], str] | None = None
+        self._owners: list[int] = []
+        self._module_index: dict[str, int] = {"": 0}
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -108,6 +118,9 @@ class TensorTracker(TorchDispatchMode):
         key, nbytes = len(self._shapes), storage.nbytes()
         self._by_id[sid] = (key, category, nbytes, weakref.ref(storage, partial(self._freed, sid)))
         self._shapes.append(tuple(int(d) for d in tensor.shape))
+        owner = self.owner
+        if owner is not None:
+            self._owners.append(self._module_index.setdefault(owner(), len(self._module_index)))
         if self._open:
             self._events.append((ALLOC, key, category, nbytes))
         size = self._round(nbytes)
@@ -154,13 +167,20 @@ class TensorTracker(TorchDispatchMode):
         if self._open:
             self._events.append((RESET, -1, "activations", 0))
 
+    def mark(self, phase: str) -> None:
+        """Log that the step enters `phase` (one of PHASES); the live counts do not change."""
+        if self._open:
+            self._events.append((PHASE, PHASES.index(phase), "activations", 0))
+
     def result(self) -> TrackedPeak:
         return TrackedPeak(self.peak, dict(self.peak_by_category), attention_kernel(self._ops))
 
     def timeline(self) -> Timeline:
         """The events so far, closing the log."""
         self._open = False
-        return Timeline(_canonical(self._events), tuple(self._shapes), frozenset(self._ops))
+        owners = tuple(self._owners) if len(self._owners) == len(self._shapes) else ()
+        modules = tuple(self._module_index) if owners else ()
+        return Timeline(_canonical(self._events), tuple(self._shapes), frozenset(self._ops), owners, modules)
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -243,7 +263,7 @@ def replay(timeline: Timeline, round_to: int = 1) -> TrackedPeak:
             live[categories[key]] -= sizes[key]
             live[category] += sizes[key]
             categories[key] = category
-        else:
+        elif kind == RESET:
             peak = total
             peak_by_category = dict(live)
     return TrackedPeak(peak, peak_by_category, attention_kernel(timeline.ops))

@@ -21,6 +21,8 @@ from petlbench.errors import ConfigError
 from petlbench.fmt import first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing
 from petlbench.report.frame import Group, points, split_groups, variant_order
 from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, literal, to_html, to_markdown
+from petlbench.report.why import FIGURE_PREFIXES as WHY_PREFIXES
+from petlbench.report.why import timelines_for, why_section
 from petlbench.results import load_rows
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     _remove_old_figures(out)
 
+    why_files = timelines_for(paths, rows)
     statuses = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
     notes: list[str] = []
     figures: list[Path] = []
@@ -111,6 +114,8 @@ def build_report(
         for number, group in enumerate(groups, 1):
             pts = points(group.rows)
             blocks.extend(_group_section(number, group, pts, kinds, batch_size, out, figures, notes))
+            if "breakdown" in kinds and why_files:
+                blocks.extend(why_section(group, pts, why_files, lambda fig, stem: _save(fig, out, stem, figures)))
     vtab_blocks, vtab_methods = _vtab_section(rows)
     blocks.extend(vtab_blocks)
     blocks.extend(_failures(rows, groups))
@@ -134,7 +139,7 @@ def _kinds(plots: Collection[str]) -> list[str]:
 
 def _remove_old_figures(out: Path) -> None:
     for path in out.iterdir():
-        if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith(_FIGURE_PREFIXES):
+        if path.suffix in (".png", ".svg", ".pdf") and path.name.startswith((*_FIGURE_PREFIXES, *WHY_PREFIXES)):
             path.unlink()
 
 

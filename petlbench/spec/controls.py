@@ -56,7 +56,7 @@ _FIELD_ROLES: Final[dict[str, Role]] = {
 MEASURED_CONDITIONS: Final = ("env.gpu_name", "attn_kernel")
 # Fields added after results existed: left out of the run_id while unset, so earlier run_ids stay valid.
 UNSET_NOT_HASHED: Final = frozenset(
-    {"measure.cpu_threads", "measure.min_time_s", "measure.max_steps", "measure.max_dispersion"}
+    {"measure.cpu_threads", "measure.min_time_s", "measure.max_steps", "measure.max_dispersion", "measure.snapshot"}
 )
 
 

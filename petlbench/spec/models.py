@@ -95,6 +95,12 @@ class MeasureSpec(StrictModel):
         None, gt=0, description="flag a row's timing as unstable when IQR / median step time exceeds this; 0.1"
     )
 
+    snapshot: bool | None = Field(
+        None,
+        description="CUDA only: record a memory snapshot (torch.cuda.memory._record_memory_history) of the tracked "
+        "step, saved as results/<suite>/snapshots/<run_id>.pickle (open it at pytorch.org/memory_viz); off by default",
+    )
+
     @property
     def timing(self) -> TimingProtocol:
         """The timing protocol with its defaults filled in."""
