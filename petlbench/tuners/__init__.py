@@ -26,6 +26,7 @@ from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.vpt import Vpt
+from petlbench.tuners.vqt import Vqt
 
 __all__ = ["TUNERS", "Tuner", "available_tuners", "describe_tuner", "make_tuner", "unknown_tuner_message"]
 
@@ -45,7 +46,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Vqt])
 
 
 def plugin_modules() -> list[ModuleType]:
