@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from petlbench.errors import ConfigError
 from petlbench.tuners.base import Tuner
+from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
@@ -46,7 +47,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Vqt])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Vqt, Dtl])
 
 
 def plugin_modules() -> list[ModuleType]:
