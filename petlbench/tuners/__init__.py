@@ -25,6 +25,7 @@ from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
+from petlbench.tuners.lst import Lst
 from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.vpt import Vpt
 from petlbench.tuners.vqt import Vqt
@@ -47,7 +48,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Vqt, Dtl])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Vqt, Dtl, Lst])
 
 
 def plugin_modules() -> list[ModuleType]:
