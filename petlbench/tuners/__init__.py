@@ -23,13 +23,16 @@ from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner
 from petlbench.tuners.bitfit import Bitfit
+from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
+from petlbench.tuners.lst import Lst
 from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.ssf import Ssf
 from petlbench.tuners.vpt import Vpt
+from petlbench.tuners.vqt import Vqt
 
 __all__ = ["TUNERS", "Tuner", "available_tuners", "describe_tuner", "make_tuner", "unknown_tuner_message"]
 
@@ -49,7 +52,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst])
 
 
 def plugin_modules() -> list[ModuleType]:
