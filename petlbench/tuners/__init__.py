@@ -22,6 +22,7 @@ from petlbench.errors import ConfigError
 from petlbench.tuners.base import Tuner
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
+from petlbench.tuners.hf_peft import Peft
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.sqt import Sqt
@@ -45,7 +46,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt])
+TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Peft])
 
 
 def plugin_modules() -> list[ModuleType]:
