@@ -60,7 +60,7 @@ PreflightOpt = Annotated[
     typer.Option(
         "--preflight/--no-preflight",
         help="before any run: check dataset folders, list files, labels and that images exist (no decoding), "
-        "local checkpoints, and offline hub tags against the cache",
+        "local checkpoints, offline hub tags against the cache, and peft configs with peft (a child process)",
     ),
 ]
 

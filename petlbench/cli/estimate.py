@@ -38,6 +38,7 @@ from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec, Suite
+from petlbench.tuners.hf_peft.preflight import check_peft
 
 SKIP_OPTION: Any = typer.Option(
     "--skip-predicted-oom",
@@ -110,6 +111,7 @@ def estimate(
         gpus = visible_gpus()
         resolved = estimate_device(device or suite_obj.device)
         runs = expand(suite_obj, resolved)
+        check_peft(suite_obj)  # peft configs, checked by peft in a child process (only for `tuner: peft` suites)
         limit = memory_limit(device_memory, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size)
     except PetlbenchError as exc:
         fail(exc)

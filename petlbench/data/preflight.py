@@ -2,7 +2,8 @@
 
 For every distinct file-based dataset of a suite: the folders, the list files, empty splits, labels against the
 task's class count, and that every listed image exists (no decoding). For local checkpoints: that the file exists.
-For hub tags without network: that the Hugging Face cache holds the weights.
+For hub tags without network: that the Hugging Face cache holds the weights. For `tuner: peft` entries: their
+peft configs, checked by peft itself in a child process (petlbench/tuners/hf_peft/preflight.py).
 A problem is one `DataError`/`ConfigError` line naming the suite field and the file (and line), so `petlbench
 validate` and `petlbench run` exit with code 2 before spending any time. An image that exists but does not decode
 can only be found by a worker; `petlbench run` then exits 2 too, after the other runs have finished and been saved.
@@ -19,6 +20,7 @@ from petlbench.data.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline
 from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
 from petlbench.spec.models import RunSpec, Suite
+from petlbench.tuners.hf_peft.preflight import check_peft
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ def check_data_root(data_root: Path | None, from_option: bool) -> None:
 
 
 def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> list[DataCheck]:
-    """Check every file-based dataset, local checkpoint and offline hub tag the runs use; raise on the first
-    problem."""
+    """Check every file-based dataset, local checkpoint and offline hub tag the runs use, and every peft config;
+    raise on the first problem."""
     checks: list[DataCheck] = []
     for position, data in enumerate(suite.datasets()):
         if not isinstance(data, VtabData | ImageFolderData):
@@ -78,4 +80,5 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
                     f"{suite.source}: backbone.weights: hub: {model!r} is not in the local Hugging Face cache "
                     f"({hub_cache_dir()}) and {hub_address()[0]} is unreachable; {HUB_HINT}"
                 )
+    check_peft(suite, str(data_root) if data_root is not None else None)
     return checks
