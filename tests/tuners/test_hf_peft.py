@@ -4,6 +4,7 @@ parameter-count formulas, peft's own defaults, merge, and the fake-tensor estima
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +16,18 @@ from petlbench.backbone import build_backbone
 from petlbench.errors import ConfigError
 from petlbench.estimate.engine import estimate_memory
 from petlbench.spec.expand import expand
-from petlbench.spec.loading import parse_suite
+from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import BackboneSpec
 from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
 from petlbench.tuners.hf_peft import RANK_FIELDS, Peft
+from petlbench.tuners.hf_peft.layers import PeftFieldError, PeftNeedsWeights
 from petlbench.tuners.lora.layers import LoraQkv
 from petlbench.worker import execute
 from tests.conftest import TINY_BACKBONE, TinyVitFactory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Six peft methods on the tiny ViT, configured as in suites/peft.yaml (sizes that divide the tiny widths).
 METHODS: dict[str, dict[str, object]] = {
@@ -126,6 +129,53 @@ def test_peft_lora_on_vit_b16_counts() -> None:
         tuned = build_tuned_model(backbone, make_tuner("peft", {}))
     assert tuned.params_added == 12 * 8 * (768 + 3 * 768) == 294_912
     assert tuned.params_trainable == 294_912 + 768 * 100 + 100
+
+
+def test_targets_follow_peft_matching_and_the_head_is_refused(tiny_vit: TinyVitFactory) -> None:
+    """A list entry matches names ending in '.entry', a string is a full-match regex, and no target may be the
+    classifier head (it trains in full; `all-linear` would include it)."""
+    backbone = tiny_vit()
+    d, rank = backbone.embed_dim, 4
+    two = peft_tuned(backbone, r=rank, target_modules=r"blocks\.[01]\.attn\.qkv")
+    assert two.params_added == 2 * rank * (d + 3 * d)
+    for targets in (["qkv", "head"], "all-linear", "he.d"):
+        with pytest.raises(PeftFieldError, match=r"config\.target_modules: matches the classifier head 'head'"):
+            peft_tuned(tiny_vit(), target_modules=targets)
+    with pytest.raises(PeftFieldError, match="'q_proj' matches no module of VisionTransformer") as caught:
+        peft_tuned(tiny_vit(), target_modules=["qkv", "q_proj"])
+    assert caught.value.field == "target_modules"
+    with pytest.raises(PeftFieldError, match=r"the pattern 'blocks\.9\.qkv' matches no module name"):
+        peft_tuned(tiny_vit(), target_modules="blocks.9.qkv")
+
+
+def test_shipped_suite_trains_what_docs_methods_md_says() -> None:
+    """suites/peft.yaml on ViT-B/16 (meta device), 100 classes: each method's count from its formula in ViT-B's
+    numbers (D = 768, L = 12, MLP 3072, head 76,900); LoKr's factorisation has no one-line form."""
+    d, depth, head = 768, 12, 768 * 100 + 100
+    expected = {
+        ("lora", 8.0): depth * 2 * (d * 8 + 8 * d),
+        ("peft-lora", 4.0): depth * 4 * (d + 3 * d),
+        ("peft-lora", 8.0): depth * 8 * (d + 3 * d),
+        ("peft-lora", 16.0): depth * 16 * (d + 3 * d),
+        ("peft-lora-dora", 8.0): depth * (8 * (d + 3 * d) + 3 * d),
+        ("peft-loha", 8.0): depth * 2 * 8 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d)),
+        ("peft-ia3", None): depth * (3 * d + 4 * d),
+        ("peft-vera", 256.0): depth * (256 + 3 * d),
+        ("peft-boft", 4.0): depth * (d * 4 + 3 * d),
+        ("peft-oft", 32.0): depth * (d // 32) * (32 * 31 // 2),
+    }
+    runs = expand(load_suite(ROOT / "suites" / "peft.yaml"), "cpu")
+    seen = set()
+    for run in runs:
+        with torch.device("meta"):
+            backbone = build_backbone(run.backbone, 100)
+            tuned = build_tuned_model(backbone, make_tuner(run.tuner, run.tuner_params))
+        key = (run.method, run.knob)
+        seen.add(key)
+        if key in expected:
+            assert tuned.params_added == expected[key], key
+            assert tuned.params_trainable == expected[key] + head, key
+    assert set(expected) <= seen and ("peft-lokr", 8.0) in seen
 
 
 def linears(model: nn.Module, suffixes: tuple[str, ...]) -> list[nn.Linear]:
@@ -266,6 +316,24 @@ def test_grid_sweeps_a_config_field_and_the_config_is_in_the_run_id() -> None:
     clash = {"tuner": "peft", "params": {"config": {"r": 8}}, "grid": {"r": [4]}}
     with pytest.raises(ConfigError, match=r"tuners\[0\]: r: set both in config and beside it"):
         expand(parse_suite(suite(clash)), "cpu")
+
+
+def test_the_check_child_reports_fields_and_passes_methods_that_need_real_weights() -> None:
+    """ADAMSS initialises from an SVD of the base weights: it cannot be built on the meta device (nor estimated),
+    but its config is valid, so the pre-flight check passes it; a bad field in the same item is still found."""
+    from petlbench.tuners.hf_peft.check import check
+
+    def item(params: dict[str, object]) -> dict[str, object]:
+        data = {"name": "synthetic", "num_classes": 10}
+        return {"params": params, "backbone": TINY_BACKBONE.model_dump(), "data": data, "data_root": None}
+
+    good = Peft.model_validate({"peft_type": "ADAMSS"}).model_dump()
+    bad = Peft.model_validate({"peft_type": "ADAMSS", "r": "x"}).model_dump()
+    assert check([item(good), item(bad)]) == [
+        {"item": 1, "field": "r", "message": "should be a valid integer (AdamssConfig), got 'x'"}
+    ]
+    with torch.device("meta"), pytest.raises(PeftNeedsWeights, match="ADAMSS initialises its adapters"):
+        build_tuned_model(build_backbone(TINY_BACKBONE, 10), make_tuner("peft", good))
 
 
 ESTIMATED = {name: METHODS[name] for name in ("loha", "boft", "vera")}

@@ -27,7 +27,7 @@ def check_item(item: dict[str, Any]) -> None:
     from petlbench.errors import PetlbenchError
     from petlbench.spec.models import BackboneSpec
     from petlbench.tuners.hf_peft import Peft
-    from petlbench.tuners.hf_peft.layers import attach_peft, peft_config
+    from petlbench.tuners.hf_peft.layers import PeftNeedsWeights, attach_peft, peft_config
 
     tuner = Peft.model_validate(item["params"])
     peft_config(tuner.peft_type, tuner.config)  # the fields first: they need no model
@@ -39,7 +39,7 @@ def check_item(item: dict[str, Any]) -> None:
             model = build_backbone(backbone, classes)
     except PetlbenchError:
         return  # a backbone or data problem is not peft's; the other checks and the worker report it
-    with torch.device("meta"):
+    with torch.device("meta"), contextlib.suppress(PeftNeedsWeights):  # fields and targets were checked already
         attach_peft(model, tuner.peft_type, tuner.config)
 
 

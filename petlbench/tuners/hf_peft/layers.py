@@ -54,6 +54,10 @@ class PeftMissing(TunerError):
     """peft cannot be imported."""
 
 
+class PeftNeedsWeights(TunerError):
+    """The method initialises its adapters from the backbone's weight values, which a meta model does not have."""
+
+
 class PeftFieldError(TunerError):
     """A peft config problem: `field` is a config field, 'peft_type', or None (the config as a whole)."""
 
@@ -179,30 +183,50 @@ def peft_config(peft_type: str, config: Mapping[str, Any]) -> PeftConfig:
     return made
 
 
-def _suffix_matches(target: str, names: list[str]) -> bool:
-    """peft's rule for a list entry: a module whose name is the entry or ends in '.' + entry."""
-    return any(name == target or name.endswith(f".{target}") for name in names)
+def _matches(target: str, name: str) -> bool:
+    """peft's rule for a list entry: the module's name is the entry or ends in '.' + entry."""
+    return name == target or name.endswith(f".{target}")
 
 
 def check_targets(model: nn.Module, field: str, targets: object) -> None:
-    """Every listed target (or the regex, for a string) names a module of `model`, as peft will look it up."""
-    names = [name for name, _ in model.named_modules() if name]
+    """Every listed target (or the regex, for a string) names a module of `model`, as peft will look it up, and
+    none is the classifier head, which trains in full already (an adapter on it would shadow that)."""
     if targets is None:
         return
+    names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in names):
+        if targets.lower() == "all-linear":  # peft's shorthand for every Linear
+            matched = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        else:
+            matched = [name for name in names if re.fullmatch(targets, name)]
+        if not matched:
             raise PeftFieldError(field, f"the pattern {targets!r} matches no module name of {type(model).__name__}")
+    elif isinstance(targets, list | tuple | set | frozenset):
+        matched = []
+        for target in targets:
+            if not isinstance(target, str):
+                continue
+            found = [name for name in names if _matches(target, name)]
+            if not found:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+                raise PeftFieldError(
+                    field,
+                    f"{target!r} matches no module of {type(model).__name__} (peft matches names ending in "
+                    f"'.{target}'); its module names end in: {', '.join(leaves)}",
+                )
+            matched += found
+    else:
         return
-    if not isinstance(targets, list | tuple | set | frozenset):
-        return
-    for target in targets:
-        if isinstance(target, str) and not _suffix_matches(target, names):
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if not name.rsplit(".", 1)[-1].isdigit()})
-            raise PeftFieldError(
-                field,
-                f"{target!r} matches no module of {type(model).__name__} (peft matches names ending in "
-                f"'.{target}'); its module names end in: {', '.join(leaves)}",
-            )
+    get_classifier = getattr(model, "get_classifier", None)
+    heads = get_classifier() if callable(get_classifier) else ()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    on_head = [name for name, m in model.named_modules() if name in matched and any(m is h for h in heads)]
+    if on_head:
+        raise PeftFieldError(
+            field,
+            f"matches the classifier head {on_head[0]!r}, which trains in full already; target the blocks' layers "
+            "instead (e.g. [qkv, attn.proj, fc1, fc2])",
+        )
 
 
 @contextlib.contextmanager
@@ -234,8 +258,15 @@ def attach_peft(model: nn.Module, peft_type: str, config: Mapping[str, Any]) -> 
                 root: nn.Module = peft.get_peft_model(model, made)  # the shared state lives on the PeftModel
             else:
                 root = peft.inject_adapter_in_model(made, model)
-    except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as exc:
         text = _first_line(exc)
+        if meta and isinstance(exc, NotImplementedError | RuntimeError) and "meta" in text.lower():
+            raise PeftNeedsWeights(
+                f"peft: {peft_type} initialises its adapters from the backbone's weight values (SVD, masks), which "
+                f"a model on the meta device has none of, so it cannot be estimated; run it instead ({text[:100]})"
+            ) from None
+        if isinstance(exc, RuntimeError):
+            raise
         field = _named_field(text, [f.name for f in dataclasses.fields(made)])
         raise PeftFieldError(field or ("target_modules" if "target" in text.lower() else None), text) from None
     return root
