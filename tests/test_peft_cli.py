@@ -114,6 +114,15 @@ def test_run_stops_before_any_worker_starts(tmp_path: Path, monkeypatch: pytest.
     assert not results.exists() or not list(results.rglob("*.parquet"))
 
 
+def test_estimate_checks_peft_configs_too(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path, [peft_entry({"r": "eight"})])
+    result = runner.invoke(app, ["estimate", str(suite), "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 2, result.output
+    assert errors(result.output) == [
+        f"error: {suite}: tuners[0].params.config.r: should be a valid integer (LoraConfig), got 'eight'"
+    ]
+
+
 def test_without_peft_the_suite_stops_with_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """peft not importable in the checking child: a `peft` package ahead on its path that fails to import."""
     fake = tmp_path / "no-peft" / "peft"

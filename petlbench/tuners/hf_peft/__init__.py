@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 # Without target_modules peft looks the targets up by a transformers model type, which a timm ViT has none of.
 DEFAULT_TARGETS: Final = ("qkv",)
 
-# The rank-like field of each method (the headline knob) and peft's default for it; tests/tuners/test_hf_peft.py
-# checks the defaults against peft's config classes.
+# The rank-like field of each method (the headline knob) and peft's default for it, which a config that leaves the
+# field out gets written in (the same run); tests/tuners/test_hf_peft.py checks the defaults against peft's.
 RANK_FIELDS: Final[dict[str, tuple[str, int]]] = {
     "LORA": ("r", 8),
     "LOHA": ("r", 8),
@@ -67,7 +67,8 @@ class Peft(Tuner):
     peft_type: str = Field("LORA", description="peft method name (peft.PeftType): LORA, LOHA, LOKR, IA3, VERA, ...")
     config: dict[str, JsonValue] = Field(
         default_factory=dict,
-        description="fields of that method's peft config (LoraConfig, ...); target_modules defaults to [qkv]",
+        description="fields of that method's peft config (LoraConfig, ...); target_modules defaults to [qkv], the "
+        "rank-like field (r, boft_block_size, ...) to peft's default",
     )
 
     @model_validator(mode="before")
@@ -86,6 +87,11 @@ class Peft(Tuner):
             raise ValueError(f"{', '.join(both)}: set both in config and beside it (params or grid); keep one")
         merged = {**config, **loose}
         merged.setdefault("target_modules", list(DEFAULT_TARGETS))
+        # The rank-like field is written out with peft's default, so every row says what it ran.
+        peft_type = own.get("peft_type", "LORA")
+        rank = RANK_FIELDS.get(peft_type.strip().upper()) if isinstance(peft_type, str) else None
+        if rank is not None:
+            merged.setdefault(rank[0], rank[1])
         return {**own, "config": merged}
 
     @field_validator("peft_type")
