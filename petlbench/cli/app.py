@@ -59,8 +59,8 @@ PreflightOpt = Annotated[
     typer.Option(
         "--preflight/--no-preflight",
         help="before any run: check dataset folders, list files, labels and that images exist (no decoding), "
-        "local checkpoints, offline hub tags against the cache, and build each backbone + tuner once on the meta "
-        "device (docs/errors.md)",
+        "local checkpoints, offline hub tags against the cache, peft configs with peft, and build each backbone + "
+        "tuner once on the meta device (docs/errors.md)",
     ),
 ]
 

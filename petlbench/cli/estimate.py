@@ -39,6 +39,7 @@ from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec, Suite
 from petlbench.sweep import record
+from petlbench.tuners.hf_peft.preflight import check_peft
 
 SKIP_OPTION: Any = typer.Option(
     "--skip-predicted-oom",
@@ -112,6 +113,7 @@ def estimate(
         gpus = visible_gpus()
         resolved = estimate_device(device or suite_obj.device)
         runs = expand(suite_obj, resolved)
+        check_peft(suite_obj)  # peft configs, checked by peft in a child process (only for `tuner: peft` suites)
         texts = [t.strip() for t in device_memory.split(",")] if device_memory else [None]
         limits = [memory_limit(t, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size) for t in texts]
         limit = limits[0]

@@ -99,6 +99,34 @@ class _CudaDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _ScalarDraws(TorchFunctionMode):
+    """One-element random draws become constants, so the Python branch they feed can be read from fake tensors.
+
+    Layers that decide in Python whether to run (peft's LoHa/LoKr module dropout: `torch.rand(1) > p`) or which
+    block to pick (peft's BOFT block dropout: `torch.randint(0, N, (1,)).item()`) need the draw's value, which a
+    fake tensor does not have. A constant (`torch.tensor`, below FakeTensorMode's constant limit) has one: `rand`
+    draws 1 - 2⁻²⁴, so `rand > p` holds for every p < 1 (the module runs: always so at p = 0, and the larger peak
+    otherwise); `randint` draws its lower bound. Larger draws (masks, noise) stay fake: they only need a shape.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.rand or func is torch.randint:
+            sized = [a for a in args if isinstance(a, tuple | list | torch.Size)]
+            ints = [a for a in args if isinstance(a, int)]
+            shape = tuple(sized[0]) if sized else tuple(kwargs.get("size") or (() if func is torch.randint else ints))
+            if shape and all(n == 1 for n in shape):
+                if func is torch.randint:
+                    value: float = kwargs.get("low", ints[0] if len(ints) == 2 else 0)
+                    dtype = kwargs.get("dtype") or torch.int64
+                else:
+                    value, dtype = 1.0 - 2.0**-24, kwargs.get("dtype") or torch.get_default_dtype()
+                return torch.tensor(value, dtype=dtype, device=kwargs.get("device")).reshape(shape)
+        return func(*args, **kwargs)
+
+
 def _autocast(spec: RunSpec) -> AbstractContextManager[object]:
     """CPU autocast for the spec's precision: the worker's own helper for CPU specs (fp16 on CPU fails there
     too), plain CPU autocast in the low-precision dtype for CUDA specs."""
@@ -155,7 +183,7 @@ class _FakeModel:
         """Run the tracked inference forward and training step at the spec's batch size; their timelines."""
         infer: Timeline | None = None
         dropout = _CudaDropout() if spec.device == "cuda" and has_dropout(spec) else None
-        with self.mode, dropout if dropout is not None else nullcontext():
+        with self.mode, _ScalarDraws(), dropout if dropout is not None else nullcontext():
             x = torch.empty(spec.batch_size, 3, self.img_size, self.img_size)
             y = torch.zeros(spec.batch_size, dtype=torch.int64)
             if spec.measure.inference:

@@ -58,7 +58,7 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
                             tuner=config.name,
                             tuner_params=config.model_dump(mode="json"),
                             method=config.method(),
-                            knob_name=config.knob,
+                            knob_name=config.knob_name(),
                             knob=config.knob_value(),
                             batch_size=batch_size,
                             precision=precision,
@@ -153,7 +153,8 @@ def _tuner_config(
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
             section = "grid" if field in entry.grid else f"task_params.{task}" if field in per_task else "params"
-            loc = f"{where}.{section}.{'.'.join(str(p) for p in err['loc'])}"
+            path = ".".join(str(p) for p in err["loc"])
+            loc = f"{where}.{section}.{path}" if path else where  # a model-level error names the entry
             if err["type"] == "extra_forbidden":
                 lines.append(
                     f"{source}: {loc}: unknown knob for tuner {entry.tuner!r}; "
@@ -161,7 +162,8 @@ def _tuner_config(
                 )
                 continue
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {loc}: {msg}, got {shown(err.get('input'))}")
+            got = err.get("input")
+            lines.append(f"{source}: {loc}: {msg}" + ("" if isinstance(got, dict) else f", got {shown(got)}"))
         raise ConfigError("\n".join(lines)) from None
 
 

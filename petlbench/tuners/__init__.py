@@ -26,6 +26,7 @@ from petlbench.tuners.bitfit import Bitfit
 from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
+from petlbench.tuners.hf_peft import Peft
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.lst import Lst
@@ -52,7 +53,9 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
     return MappingProxyType(registry)
 
 
-TUNERS: Final = _build_registry([Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst])
+TUNERS: Final = _build_registry(
+    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Peft]
+)
 
 
 def plugin_modules() -> list[ModuleType]:

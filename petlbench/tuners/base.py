@@ -85,6 +85,11 @@ class Tuner(StrictModel):
         """The method's name in tables and plots: the tuner, plus a variant that changes the method (vpt-deep)."""
         return self.name
 
+    def knob_name(self) -> str | None:
+        """Name of the headline knob: the class's `knob`, unless a tuner's knobs depend on a knob of its own (peft:
+        the rank-like field of the chosen method's config)."""
+        return self.knob
+
     def knob_value(self) -> float | None:
         """Value of the headline knob, or None for tuners without one (full, linear)."""
         if self.knob is None:
