@@ -76,6 +76,7 @@ class Tuner(StrictModel):
     adds_parameters: ClassVar[bool] = True  # creates parameters of its own (full, linear, BitFit do not)
     mergeable: ClassVar[bool] = False  # can fold its increments into the backbone weights
     identity_at_init: ClassVar[bool] = False  # output equals the untouched backbone's at step 0
+    extra: ClassVar[str | None] = None  # the optional install it needs (`pip install "petlbench[<extra>]"`)
 
     # common knobs; a subclass re-declares them to change the default (see `Lora`, `Vpt`)
     backbone_mode: BackboneMode = backbone_mode_field(LEGACY_BACKBONE_MODE, "train")

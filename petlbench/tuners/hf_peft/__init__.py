@@ -56,6 +56,7 @@ class Peft(Tuner):
     """A peft method (`peft_type`) with its config, injected into the ViT by peft."""
 
     name = "peft"
+    extra = "peft"
     summary = (
         "Hugging Face peft: a peft method (LORA, LOHA, LOKR, IA3, VERA, BOFT, ...) with that method's own config, "
         "injected into the ViT by peft; default: LoRA r=8 on the fused qkv."
