@@ -95,6 +95,11 @@ def _current_run_ids() -> dict[str, list[str]]:
 
 def test_shipped_run_ids_are_pinned() -> None:
     """A change that moves a run_id re-runs every stored result: it must be deliberate. Regenerate the file with
-    `python -c "import json; from tests.test_strict_values import _current_run_ids as c, PINNED as p; p.write_text(json.dumps(c(), indent=1) + chr(10))"`."""
+    `python -c "from tests.test_strict_values import repin; repin()"`."""
     pinned = json.loads(PINNED.read_text())
     assert _current_run_ids() == pinned
+
+
+def repin() -> None:
+    """Write the current run_ids of the shipped suites to tests/data/run_ids.json (after a deliberate change)."""
+    PINNED.write_text(json.dumps(_current_run_ids(), indent=1) + "\n")
