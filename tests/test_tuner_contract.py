@@ -49,7 +49,12 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 # (tuner, backbone) → what its one-line TunerError must say. A tuner that cannot handle a backbone refuses in
 # attach; listing it here is how the contract accepts that (an unexpected error, or no error, fails).
-REFUSALS: dict[tuple[str, str], str] = {}
+_TWO_HEADS = r"^{}: backbone VisionTransformerDistilled has 2 classifier heads \(a distilled DeiT\)"
+REFUSALS: dict[tuple[str, str], str] = {
+    # side networks that feed one head from their own features: a second (distillation) head has nothing to read
+    (name, "deit-distilled"): _TWO_HEADS.format(name)
+    for name in ("dtl", "lst", "vqt")
+}
 
 
 @pytest.fixture(autouse=True)

@@ -128,3 +128,14 @@ def wrap_block_linears(
         parent, _, name = path.rpartition(".")
         owner = block.get_submodule(parent) if parent else block
         owner.register_module(name, wrap(i, path, linear))
+
+
+def single_head(model: nn.Module, tuner: str) -> nn.Module:
+    """The backbone's one classifier head; a TunerError for a model with two (a distilled DeiT's `head_dist`)."""
+    heads = classifier_heads(model, tuner)
+    if len(heads) != 1:
+        raise TunerError(
+            f"{tuner}: backbone {type(model).__name__} has {len(heads)} classifier heads (a distilled DeiT); "
+            f"{tuner} feeds one head from its own features: use the model without a distillation head"
+        )
+    return heads[0]

@@ -104,13 +104,13 @@ def test_class_feature_is_the_untouched_backbones(tiny_vit: TinyVitFactory) -> N
 
 
 def test_backbone_stays_in_eval_mode_while_the_query_dropout_trains(tiny_vit: TinyVitFactory) -> None:
-    model = root(vqt(tiny_vit()))
+    model = root(vqt(tiny_vit()))  # backbone_mode 'eval', VQT's default: a training forward runs it in eval
     model.train()
-    assert model.training and model.query_dropout.training
-    assert not any(m.training for m in model.backbone.modules())
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
     a = model(x)
+    assert model.training and model.query_dropout.training
+    assert not any(m.training for m in model.backbone.modules())
     torch.manual_seed(1)
     assert not torch.allclose(a, model(x))  # dropout on the queries is active
     model.eval()

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import vit_blocks
+from petlbench.tuners.layers import single_head, vit_blocks
 
 
 def swish(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -55,6 +55,7 @@ class DtlModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, rank: int, start: int | None, beta: float, fusion_size: int) -> None:
         super().__init__()
+        single_head(backbone, "dtl")
         vit: Any = backbone
         blocks = vit_blocks(backbone, "dtl")
         dim, depth = int(vit.embed_dim), len(blocks)

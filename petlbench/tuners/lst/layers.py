@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import vit_blocks
+from petlbench.tuners.layers import single_head, vit_blocks
 
 StateDict = dict[str, torch.Tensor]
 
@@ -219,7 +219,7 @@ class LstModel(nn.Module):
                 f"(0..{depth - 1})"
             )
         _check_backbone(vit, blocks, reduction)
-        classifier = vit.get_classifier()
+        classifier = single_head(backbone, "lst")
         if not isinstance(classifier, nn.Module):
             raise TunerError("lst: backbone has no classifier module")
         ref = next(backbone.parameters())

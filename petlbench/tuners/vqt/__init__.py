@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import BackboneMode, HeadInit, Tuner, backbone_mode_field, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,6 +40,10 @@ class Vqt(Tuner):
     normalize: bool = Field(
         True, description="L2-normalise the class token and each layer's flattened query outputs before the head"
     )
+    backbone_mode: BackboneMode = backbone_mode_field(
+        "eval", "'eval', as VQT's encoder overrides train() to keep every backbone module in eval"
+    )
+    head_init: HeadInit = head_init_field("vpt", "'vpt', the VPT code base's classifier init, which VQT keeps")
 
     def dropout_rates(self) -> tuple[float, ...]:
         return (self.dropout,)

@@ -11,8 +11,8 @@ Design choices (the official code and every deviation: docs/methods.md, "VQT"):
   (`petlbench.tuners.sqt.model.knowledge_extraction`: `q` rows of qkv, the block's attention kernel following
   `attn.fused_attn`, proj, LayerScale, FFN). The test suite checks this against the concatenated computation.
 - **Backbone in eval mode.** The official encoder overrides `train()` so that every backbone module stays in eval
-  mode while VQT trains (only the query dropout is active); `VqtModel.train()` does the same, so backbone
-  dropout and drop path never run under VQT.
+  mode while VQT trains (only the query dropout is active): VQT's default `backbone_mode='eval'` does the same
+  (the common knob, applied by `build_tuned_model`), so backbone dropout and drop path do not run under VQT.
 - **One head over `[cls | q_1 | ... | q_L]`.** The official head is one Linear of width D + L·n·D with a single
   bias. The backbone's classifier (D inputs) keeps the class-token columns and the bias, and `query_head`
   (L·n·D inputs, no bias) holds the query columns: the sum of the two is that Linear. Both are initialised as
@@ -37,10 +37,8 @@ from torch import nn
 from typing_extensions import Self
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import vit_blocks
+from petlbench.tuners.layers import single_head, vit_blocks
 from petlbench.tuners.sqt.model import KV, TimmAttention, TimmBlock, knowledge_extraction
-
-_PRIOR_PROB = 0.01  # the official head's bias prior: bias = -log((1 - p) / p)
 
 
 def check_timm_block(index: int, blk: object, tuner: str) -> None:
@@ -112,7 +110,7 @@ class VqtModel(nn.Module):
         blocks = vit_blocks(backbone, "vqt")
         for i, blk in enumerate(blocks):
             check_timm_block(i, blk, "vqt")
-        classifier = vit.get_classifier()
+        classifier = single_head(backbone, "vqt")
         dim, depth = int(vit.embed_dim), len(blocks)
         if not isinstance(classifier, nn.Linear) or classifier.in_features != dim:
             raise TunerError(
@@ -128,21 +126,14 @@ class VqtModel(nn.Module):
         nn.init.uniform_(self.queries, -bound, bound)
         self.query_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.query_head = nn.Linear(depth * num_queries * dim, classifier.out_features, bias=False, **factory)
-        with torch.no_grad():  # the official head: Kaiming-normal (fan_out), "special" bias
-            nn.init.kaiming_normal_(classifier.weight, a=0, mode="fan_out")
+        # the official head is Kaiming-normal (fan_out) with a "special" bias: the classifier gets it from the
+        # tuner's head_init ('vpt', applied by build_tuned_model), the query part of the head here
+        with torch.no_grad():
             nn.init.kaiming_normal_(self.query_head.weight, a=0, mode="fan_out")
-            if classifier.bias is not None:
-                nn.init.constant_(classifier.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
-        self.train(backbone.training)
 
     @property
     def blocks(self) -> Sequence[TimmBlock]:
         return cast(Sequence[TimmBlock], self.backbone.blocks)
-
-    def train(self, mode: bool = True) -> Self:
-        super().train(mode)
-        self.backbone.train(False)  # official: the frozen encoder stays in eval mode while the queries train
-        return self
 
     def token_path(self, x: torch.Tensor) -> tuple[list[KV], torch.Tensor]:
         """The untouched ViT over the image tokens, without autograd: K_i, V_i of every block, and the
