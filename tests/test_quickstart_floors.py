@@ -73,3 +73,14 @@ def test_check_passes_quickstart_results_above_the_floors_and_fails_one_below(tm
     failed = check_files([tmp_path / "bad"], FLOORS).failed
     assert {c.row.split()[0] for c in failed} == {"full", "sqt"}
     assert all(c.metric == "acc_top1" and c.op == ">=" for c in failed)
+
+
+def test_the_quickstart_runs_one_run_per_core() -> None:
+    from petlbench.cli.app import quickstart_jobs
+    from petlbench.executors.devices import available_cores
+
+    runs = expand(load_suite(builtin_quickstart()), "cpu")
+    assert all(r.measure.cpu_threads == 1 for r in runs)  # one thread each, so two runs never share a core
+    assert quickstart_jobs(runs) == max(1, min(2, available_cores()))
+    wide = [r.model_copy(update={"measure": r.measure.model_copy(update={"cpu_threads": 64})}) for r in runs]
+    assert quickstart_jobs(wide) == 1

@@ -23,10 +23,12 @@ from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteE
 from petlbench.estimate import client as estimate_client
 from petlbench.estimate.guard import check_cpu_plan
 from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
+from petlbench.executors.devices import available_cores
 from petlbench.executors.process import Terminated, sigterm_as_interrupt
 from petlbench.measure.nvml import visible_gpus
 from petlbench.report import Plot
 from petlbench.results import RunResult, check_writable, stored_statuses, suite_dir, summarize
+from petlbench.spec.models import RunSpec
 from petlbench.sweep import config_errors, execute, exit_code, hold, plan, prepare, record
 from petlbench.tuners import available_tuners
 
@@ -63,6 +65,13 @@ PreflightOpt = Annotated[
         "tuner once on the meta device (docs/errors.md)",
     ),
 ]
+
+
+def quickstart_jobs(runs: Sequence[RunSpec]) -> int:
+    """The quickstart pins one torch thread per run, so on a CPU it runs one run per core (up to 2): each run
+    still has a core of its own, and a new user waits half as long."""
+    threads = max((r.measure.cpu_threads or available_cores() for r in runs), default=1)
+    return max(1, min(2, available_cores() // threads))
 
 
 def builtin_quickstart() -> Path:
@@ -133,7 +142,10 @@ def run(
     try:
         prepared = prepare(suite or builtin_quickstart(), device, data_root, preflight_checks, executor == "local")
         suite_obj, runs = prepared.suite, prepared.runs
-        runner = make_executor(executor, results_dir, runs[0].device if runs else "cpu", jobs, address)
+        run_device = runs[0].device if runs else "cpu"
+        if suite is None and jobs is None and executor == "local" and run_device == "cpu":
+            jobs = quickstart_jobs(runs)
+        runner = make_executor(executor, results_dir, run_device, jobs, address)
         if not dry_run:  # writable, and no other run of this suite writes it while this one does
             ctx.with_resource(hold(results_dir, suite_obj.name))
         if suite_obj.auto_batch_size:
