@@ -236,15 +236,16 @@ def _head_view(attn: TimmAttention, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-class _KvCapture:
+class KvCapture:
     """While active (a context manager around one block call), copies K and V out of its fused qkv output.
 
     A forward hook on `attn.qkv` takes the k and v thirds (`k_norm` applied, as timm does) and copies each into
     its own contiguous `[B, heads, N, hd]` tensor: a view would pin the whole qkv output, q third included.
     """
 
-    def __init__(self, attn: TimmAttention) -> None:
+    def __init__(self, attn: TimmAttention, tuner: str = "sqt") -> None:
         self.attn = attn
+        self.tuner = tuner
         self.kv: KV | None = None
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -253,7 +254,7 @@ class _KvCapture:
         v = _head_view(self.attn, out[..., 2 * d :])
         self.kv = (k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
 
-    def __enter__(self) -> _KvCapture:
+    def __enter__(self) -> KvCapture:
         self._handle = self.attn.qkv.register_forward_hook(self._hook)
         return self
 
@@ -264,7 +265,7 @@ class _KvCapture:
 
     def result(self) -> KV:
         if self.kv is None:
-            raise TunerError("sqt: a block did not call its attn.qkv; expected timm's Block/Attention")
+            raise TunerError(f"{self.tuner}: a block did not call its attn.qkv; expected timm's Block/Attention")
         return self.kv
 
 
@@ -330,7 +331,7 @@ class SqtModel(nn.Module):
         vit: Any = backbone  # timm's VisionTransformer (untyped)
         blocks = cast(Sequence[TimmBlock], vit_blocks(backbone, "sqt"))
         for i, blk in enumerate(blocks):
-            _check_block(i, blk)
+            check_timm_block(i, blk, "sqt")
         dim = int(vit.embed_dim)
         depth = len(blocks)
         ref = next(backbone.parameters())
@@ -361,7 +362,7 @@ class SqtModel(nn.Module):
         with torch.no_grad():
             x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
             for blk in blocks[:-1]:
-                with _KvCapture(blk.attn) as capture:
+                with KvCapture(blk.attn) as capture:
                     x = blk(x)
                 kvs.append(capture.result())
             kvs.append(last_block_kv(blocks[-1], x))  # the last block's own output is never used
@@ -410,8 +411,9 @@ _ATTENTION_FIELDS = (
 )
 
 
-def _check_block(index: int, blk: object) -> None:
-    """TunerError unless `blk` is timm's pre-norm Block (its own forward) around a fused-qkv Attention."""
+def check_timm_block(index: int, blk: object, tuner: str) -> None:
+    """TunerError unless `blk` is timm's pre-norm Block (its own forward) around a fused-qkv Attention: what the
+    query-only use of a frozen block (SQT, VQT) reads."""
     attn = getattr(blk, "attn", None)
     missing = [f for f in _ATTENTION_FIELDS if not hasattr(attn, f)]
     if (
@@ -421,8 +423,8 @@ def _check_block(index: int, blk: object) -> None:
         or missing
     ):
         raise TunerError(
-            f"sqt: blocks[{index}] is {type(blk).__name__} with attn {type(attn).__name__}; "
-            "SQT needs timm's pre-norm Block with a fused-qkv Attention"
+            f"{tuner}: blocks[{index}] is {type(blk).__name__} with attn {type(attn).__name__}; "
+            f"{tuner} needs timm's pre-norm Block with a fused-qkv Attention"
         )
 
 

@@ -27,69 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
-from typing_extensions import Self
 
 from petlbench.errors import TunerError
 from petlbench.tuners.layers import single_head, vit_blocks
-from petlbench.tuners.sqt.model import KV, TimmAttention, TimmBlock, knowledge_extraction
-
-
-def check_timm_block(index: int, blk: object, tuner: str) -> None:
-    """TunerError unless `blk` is timm's pre-norm Block (its own forward) around a fused-qkv Attention."""
-    attn = getattr(blk, "attn", None)
-    needed = ("num_heads", "head_dim", "scale", "fused_attn", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
-    if (
-        not isinstance(blk, Block)
-        or type(blk).forward is not Block.forward
-        or not isinstance(getattr(attn, "qkv", None), nn.Linear)
-        or any(not hasattr(attn, f) for f in needed)
-    ):
-        raise TunerError(
-            f"{tuner}: blocks[{index}] is {type(blk).__name__} with attn {type(attn).__name__}; "
-            "it needs timm's pre-norm Block with a fused-qkv Attention"
-        )
-
-
-class KvRecorder:
-    """While active around one block call, copies that block's K and V (`[B, heads, N, hd]`) out of its qkv.
-
-    Copies, not views: a view would keep the whole qkv output (the q third included) alive for backward.
-    """
-
-    def __init__(self, attn: TimmAttention, tuner: str) -> None:
-        self.attn = attn
-        self.tuner = tuner
-        self.kv: KV | None = None
-
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        attn = self.attn
-        d = attn.num_heads * attn.head_dim
-        b, n, _ = out.shape
-        k = out[..., d : 2 * d].reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-        v = out[..., 2 * d :].reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_norm(k)
-        self.kv = (k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
-
-    def __enter__(self) -> Self:
-        self._handle = self.attn.qkv.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._handle.remove()
-
-    def result(self) -> KV:
-        if self.kv is None:
-            raise TunerError(f"{self.tuner}: a block did not call its attn.qkv; expected timm's Block/Attention")
-        return self.kv
+from petlbench.tuners.sqt.model import KV, KvCapture, TimmBlock, check_timm_block, knowledge_extraction
 
 
 def query_init_bound(backbone: nn.Module, dim: int) -> float:
@@ -143,7 +89,7 @@ class VqtModel(nn.Module):
         with torch.no_grad():
             t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
             for blk in self.blocks:
-                with KvRecorder(blk.attn, "vqt") as recorder:
+                with KvCapture(blk.attn, "vqt") as recorder:
                     t = blk(t)
                 kvs.append(recorder.result())
             cls: torch.Tensor = m.forward_head(m.norm(t), pre_logits=True)
