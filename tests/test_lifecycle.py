@@ -273,7 +273,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_run_of_the_suite_refuses(tmp_pat
     parent.send_signal(signal.SIGTERM)
     _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == 143, stderr
-    assert "1 finished runs are saved" in stderr
+    assert "1 runs finished in this session" in stderr
     frame = load_results([results])
     assert list(frame["tuner"]) == ["linear"] and list(frame["status"]) == ["ok"]
     assert gone_within(marker, 5), "a worker survived SIGTERM"

@@ -144,7 +144,7 @@ def test_ctrl_c_stops_every_parallel_worker_and_keeps_finished_runs(tmp_path: Pa
     parent.send_signal(signal.SIGINT)
     _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == 130, stderr
-    assert "2 finished runs are saved" in stderr
+    assert "2 runs finished in this session" in stderr and "holds 2 results" in stderr
     frame = load_results([results])
     assert sorted(frame["tuner"]) == ["linear", "linear"] and set(frame["status"]) == {"ok"}
     assert not workers_with(marker), "a worker survived the interrupt"
