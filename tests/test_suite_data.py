@@ -127,7 +127,8 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
     tasks = [t.name for t in VTAB_TASKS]
     by_tuner: dict[str, list[RunSpec]] = {}
     for spec in specs:
-        by_tuner.setdefault(f"{spec.tuner} {spec.tuner_params.get('variant', '')}".strip(), []).append(spec)
+        plus = "+" if spec.tuner_params.get("fusion_size") else ""  # DTL and DTL+ are two entries of one tuner
+        by_tuner.setdefault(f"{spec.tuner}{plus} {spec.tuner_params.get('variant', '')}".strip(), []).append(spec)
     for name, group in by_tuner.items():
         assert [getattr(s.data, "task", None) for s in group] == tasks, name
     # paper settings per task (METHODS.md §2.6 and §1.10)
@@ -166,6 +167,14 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
         "fact tt": {("train", "torch")},
         "fact tk": {("train", "torch")},
         "sqt": {("train", "torch")},
+        "bitfit": {("train", "timm")},
+        "adapter": {("train", "timm")},
+        "adaptformer": {("train", "timm")},
+        "ssf": {("train", "timm")},
+        "vqt": {("eval", "vpt")},
+        "dtl": {("train", "timm")},
+        "dtl+": {("train", "timm")},
+        "lst": {("train", "timm")},
     }
     assert all(s.train is not None and s.train.eval_every == 10 for s in specs)
     assert len({s.run_id for s in specs}) == len(specs)
