@@ -232,7 +232,8 @@ def test_report_shows_the_timeline_and_the_activations(results_dir: Path, tmp_pa
     assert any(n.startswith("timeline-") for n in names) and any(n.startswith("activations-") for n in names)
     text = summary.markdown.read_text()
     assert "Why: memory over one training step" in text and "Where the activations are" in text
-    assert "blocks.*.mlp.act" in text  # FacT's row in the top-modules table
+    assert r"blocks.\*.mlp.act" in text  # FacT's row in the top-modules table (Markdown-escaped: a literal *)
+    assert "blocks.*.mlp.act" in summary.html.read_text()
 
 
 def test_explain_one_run_and_a_difference(results_dir: Path) -> None:
