@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -27,6 +29,12 @@ def first_line(text: Any, limit: int = 160) -> str:
         return ""
     line = lines[0].strip()
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """ "; did you mean 'num_queries'?" for the closest choice to a typo, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
@@ -68,12 +76,20 @@ def fmt_rate(value: float | None, unit: str = "img/s") -> str:
 
 
 def fmt_seconds(value: float | None) -> str:
+    """The one duration format: '553 ms', '4.21 s', '54.3 s', '2 min 12 s', '1 h 05 min' (three significant digits
+    below a minute, whole units above)."""
     if _missing(value):
         return "-"
     assert value is not None
     if value < 1:
-        return f"{value * 1000:.1f} ms"
-    return f"{value:.2f} s" if value < 60 else f"{value / 60:.1f} min"
+        return f"{value * 1000:.3g} ms"
+    if value < 59.95:
+        return f"{value:.3g} s"
+    whole = round(value)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    minutes = round(value / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def fmt_pct(value: float | None) -> str:
@@ -92,7 +108,6 @@ def fmt_knob(name: str | None, value: float | None) -> str:
 
 
 _BYTE_UNITS = {
-    "": 1,
     "b": 1,
     "kb": 1000,
     "mb": 1000**2,
@@ -107,13 +122,14 @@ _BYTE_UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-BYTES_HINT = "write e.g. 80GiB, 16GB, 512MiB, 512M (K/M/G/T alone are binary) or a byte count"
+BYTES_HINT = "write it with a unit: 80GiB, 24GB, 512MiB or 512M (K/M/G/T alone are binary), 1000B"
 _BYTES_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*")
 
 
 def parse_bytes(value: Any) -> int:
     """A memory size as bytes, the same forms everywhere (budgets, --memory-limit, --device-memory):
-    '80GiB' → 85899345920; '2 GB' → 2·10^9; '512M' → 512 MiB; '1.5GiB'; 123456 (an int or float: bytes).
+    '80GiB' → 85899345920; '2 GB' → 2·10^9; '512M' → 512 MiB; '1.5GiB'; '1000B'. A string needs a unit ('80' is
+    refused: bytes or GiB?); a number (a YAML int in a `*_bytes` budget field) is bytes.
 
     Fractions are rounded up. Raises ValueError (with the accepted forms) for anything else, including sizes
     ≤ 0, booleans and non-finite numbers.
@@ -126,6 +142,8 @@ def parse_bytes(value: Any) -> int:
         number, unit = float(value), ""
     elif isinstance(value, str) and (match := _BYTES_RE.fullmatch(value)):
         number, unit = float(match.group(1)), match.group(2).lower()
+        if not unit:  # '80' could mean bytes or GiB: never guessed
+            raise ValueError(f"memory size {value!r} has no unit; {BYTES_HINT}")
     else:
         raise ValueError(f"not a memory size: {value!r}; {BYTES_HINT}")
     if unit not in _BYTE_UNITS:

@@ -205,7 +205,10 @@ def test_auto_suite_expands_to_one_template_per_configuration(tmp_path: Path) ->
         ("batch_size: auto\nauto_batch: {min: 8, max: 4}\n", "auto_batch: max must be >= min (8), got 4"),
         ("batch_size: auto\nauto_batch: {min: 0}\n", "auto_batch.min: Input should be greater than 0, got 0"),
         ("batch_size: auto\nauto_batch: {min: 3, multiple_of: 2}\n", "auto_batch: min must be a multiple of"),
-        ("batch_size: auto\nauto_batch: {mx: 8}\n", "auto_batch.mx: unknown key; valid keys: max, min, multiple_of"),
+        (
+            "batch_size: auto\nauto_batch: {mx: 8}\n",
+            "auto_batch.mx: unknown key; did you mean 'max'? valid keys: max, min, multiple_of",
+        ),
         ("batch_size: auto\nname: x.estimate\n", "name: names ending in '.estimate' are reserved"),
     ],
 )

@@ -26,6 +26,23 @@ def test_tuners_lists_every_registered_tuner() -> None:
         assert name in result.output
 
 
+def test_tuners_name_shows_one_tuner_in_full() -> None:
+    result = runner.invoke(app, ["tuners", "lora"])
+    assert result.exit_code == 0, result.output
+    for knob in TUNERS["lora"].model_fields:
+        assert knob in result.output
+    assert "sqt" not in result.output
+    typo = runner.invoke(app, ["tuners", "lroa"])
+    assert typo.exit_code == 2 and "did you mean 'lora'?" in typo.output
+
+
+def test_version() -> None:
+    from petlbench import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"petlbench {__version__}"
+
+
 SMOKE_RUNS = len(expand(load_suite(SMOKE), "cpu"))
 
 

@@ -18,6 +18,7 @@ from petlbench.cli.tables import summary_table
 from petlbench.results import Metrics, RunResult
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
+from petlbench.tuners import TUNERS
 from tests.report_rows import MiB, row, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,18 @@ def results(tmp_path: Path) -> Path:
     ]
     rows.append(row("full", 8, peak=1234.5 * MiB, params=85_800_000, device="cpu", suite="narrow"))
     return write(rows, tmp_path / "results" / "narrow")
+
+
+def test_tuners_fits_one_screen_at_80_columns() -> None:
+    done = cli("tuners", columns=80)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) <= 40, done.stdout
+    assert max(len(line.rstrip()) for line in lines) <= 80, done.stdout
+    for name, cls in TUNERS.items():  # one line each, with the headline knob and its default
+        line = next(line for line in lines if line.split()[:1] == [name])
+        assert cls.knob is None or f"{cls.knob}={cls.model_fields[cls.knob].default}" in line, line
+    assert done.stdout.count("backbone_mode") == 1  # the knobs every tuner shares are described once
 
 
 @pytest.mark.slow

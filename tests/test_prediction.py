@@ -40,13 +40,13 @@ def runs(**overrides: object) -> list[RunSpec]:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("80GiB", 80 * 2**30), ("2 GB", 2 * 10**9), ("512M", 512 * 2**20), ("1.5KiB", 1536), ("1000", 1000)],
+    [("80GiB", 80 * 2**30), ("2 GB", 2 * 10**9), ("512M", 512 * 2**20), ("1.5KiB", 1536), ("1000B", 1000)],
 )
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "80 GiBs", "-1GiB", "0", ""])
+@pytest.mark.parametrize("text", ["lots", "80 GiBs", "-1GiB", "0", "", "80", "24"])
 def test_parse_bytes_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="memory size"):
         parse_bytes(text)

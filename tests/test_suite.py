@@ -82,7 +82,10 @@ def test_suite_name_defaults_to_file_stem(tmp_path: Path) -> None:
         (BASE + "tuners: [{tuner: lroa}]\n", "tuners[0].tuner: unknown tuner 'lroa'; did you mean 'lora'? valid: "),
         (BASE + "tuners: [{tuner: lora, grid: {rank: [4, -4]}}]\n", "tuners[0].grid.rank: Input should be greater"),
         (BASE + "tuners: [{tuner: lora, params: {rank: -4}}]\n", "tuners[0].params.rank: Input should be greater"),
-        (BASE + "tuners: [{tuner: lora, params: {rnak: 4}}]\n", "tuners[0].params.rnak: unknown knob for tuner"),
+        (
+            BASE + "tuners: [{tuner: lora, params: {rnak: 4}}]\n",
+            "tuners[0].params.rnak: unknown knob for tuner 'lora'; did you mean 'rank'?",
+        ),
         (BASE + "tuners: [{tuner: lora, grid: {rank: []}}]\n", "tuners[0].grid.rank: empty list"),
         (BASE + "tuners: []\n", "tuners: List should have at least 1 item"),
         (BASE + "batch_size: []\ntuners: [{tuner: full}]\n", "batch_size: empty list"),

@@ -17,7 +17,15 @@ import typer
 
 from petlbench.cli import estimate as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out, progress_bar
-from petlbench.cli.tables import check_table, compare_table, result_line, runs_table, summary_table, tuners_table
+from petlbench.cli.tables import (
+    check_table,
+    compare_table,
+    result_line,
+    runs_table,
+    summary_table,
+    tuner_detail,
+    tuners_table,
+)
 from petlbench.data.specs import DATA_ROOT_ENV
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
 from petlbench.estimate import client as estimate_client
@@ -30,7 +38,7 @@ from petlbench.report import Plot
 from petlbench.results import RunResult, check_writable, stored_statuses, suite_dir, summarize
 from petlbench.spec.models import RunSpec
 from petlbench.sweep import config_errors, execute, exit_code, hold, plan, prepare, record
-from petlbench.tuners import available_tuners
+from petlbench.tuners import available_tuners, unknown_tuner_message
 
 app = typer.Typer(
     name="petlbench",
@@ -298,16 +306,24 @@ app.command()(estimate_cmd.estimate)
 
 
 @app.command()
-def tuners() -> None:
-    """List every tuner with its knobs and their defaults (the headline knob in bold).
+def tuners(
+    name: Annotated[str | None, typer.Argument(help="one tuner, shown in full", show_default=False)] = None,
+) -> None:
+    """List every tuner on one line each (what it does, its headline knob); `petlbench tuners NAME` shows one tuner
+    with every knob, its default and why.
 
-    Example: petlbench tuners
+    Example: petlbench tuners lora
     """
     try:
         configs = available_tuners()
+        if name is not None and name not in configs:
+            raise ConfigError(f"tuners: {unknown_tuner_message(name, configs)}")
     except PetlbenchError as exc:
         fail(exc)
-    out.print(tuners_table(configs))
+    if name is None:
+        out.print(tuners_table(configs))
+    else:
+        out.print(tuner_detail(configs[name]))
 
 
 ResultsArg = Annotated[
@@ -501,6 +517,24 @@ def compare(
         err.print(error_line("regression: " + ", ".join(what)))
         raise typer.Exit(1)
     out.print(f"no run's peak memory grew by more than {max_increase:g}%")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from petlbench import __version__
+
+        out.print(f"petlbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """What each PETL method for Vision Transformers costs in memory, speed and parameters, and what it buys in
+    accuracy."""
 
 
 def main() -> None:

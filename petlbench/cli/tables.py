@@ -225,29 +225,61 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> FitTa
     return table
 
 
-def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Table:
-    """Every tuner, its knobs and defaults (`petlbench tuners`); text wraps, knob names never get cut."""
-    table = Table(header_style="bold", show_lines=True)
-    table.add_column("tuner", style="bold", no_wrap=True)
-    table.add_column("what it does", overflow="fold", ratio=2)
-    table.add_column("knobs (default)", overflow="fold", ratio=3)
-    for name, cfg in tuners.items():
-        knobs = Text()
-        for row in describe_tuner(cfg):
-            if len(knobs):
-                knobs.append("\n")
-            knobs.append(row["name"], style="bold" if row["headline"] else "")
-            knobs.append(f" = {_show_default(row['default'])}")
-            if row["description"]:
-                knobs.append(f"  {row['description']}", style="dim")
-        table.add_row(name, cfg.summary, knobs if len(knobs) else Text("(none)", style="dim"))
-    return table
-
-
 def _show_default(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)
+
+
+COMMON_KNOBS_NOTE = (
+    "Every tuner also takes backbone_mode (train: the frozen backbone's dropout and drop path act while training; "
+    "eval: they do not) and head_init (timm: truncated normal 0.02; torch: nn.Linear's default; vpt: VPT's), "
+    "with defaults from its official code (the last column)."
+)
+
+
+def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Group:
+    """`petlbench tuners`: one line per tuner (what it does, its headline knob, its backbone/head defaults), the
+    shared knobs explained once below."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
+    table.add_column("tuner", style="bold", no_wrap=True)
+    table.add_column("what it does", overflow="fold")
+    table.add_column("headline knob", no_wrap=True)
+    table.add_column("mode/head", no_wrap=True, style="dim")
+    for name, cfg in tuners.items():
+        knobs = {row["name"]: row for row in describe_tuner(cfg)}
+        headline = next((row for row in knobs.values() if row["headline"]), None)
+        knob = f"{headline['name']}={_show_default(headline['default'])}" if headline else "-"
+        defaults = f"{knobs['backbone_mode']['default']}/{knobs['head_init']['default']}"
+        table.add_row(name, Text(cfg.brief or first_line(cfg.summary, 60)), Text(knob), defaults)
+    return Group(table, _paragraph(COMMON_KNOBS_NOTE + " `petlbench tuners NAME` shows one tuner in full."))
+
+
+def _paragraph(text: str, style: str = "dim") -> Table:
+    """Text that wraps at the terminal's width (the consoles print single lines unwrapped: soft_wrap)."""
+    grid = Table.grid()
+    grid.add_column(overflow="fold")
+    grid.add_row(Text(text, style=style))
+    return grid
+
+
+def tuner_detail(cfg: type[Tuner]) -> Group:
+    """`petlbench tuners NAME`: what the tuner computes, then every knob with its type, default and meaning."""
+    parts: list[Text | Table] = [_paragraph(f"{cfg.name}: {cfg.summary}", style="")]
+    if cfg.extra:
+        parts.append(Text(f'needs: pip install "petlbench[{cfg.extra}]"', style="yellow"))
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
+    table.add_column("knob", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    for row in describe_tuner(cfg):
+        name = Text(row["name"], style="bold" if row["headline"] else "")
+        meaning = f"{row['type']}; {row['description']}".strip("; ")
+        table.add_row(name, Text(_show_default(row["default"])), Text(meaning))
+    parts.append(table)
+    if cfg.knob:
+        parts.append(Text(f"headline knob (the `knob` column of results): {cfg.knob}", style="dim"))
+    return Group(*parts)
 
 
 def check_table(checks: Sequence[CheckResult], title: str | None = None) -> Group:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from petlbench.data.specs import task_key
 from petlbench.errors import ConfigError
+from petlbench.fmt import did_you_mean
 from petlbench.spec.messages import format_validation_error, shown
 from petlbench.spec.models import Device, OptimizerSpec, Precision, RunSpec, Suite, TrainSpec, TunerEntry, as_list
 from petlbench.tuners import Tuner, available_tuners, unknown_tuner_message
@@ -156,8 +157,9 @@ def _tuner_config(
             path = ".".join(str(p) for p in err["loc"])
             loc = f"{where}.{section}.{path}" if path else where  # a model-level error names the entry
             if err["type"] == "extra_forbidden":
+                hint = did_you_mean(str(err["loc"][-1]), config_cls.model_fields) or ";"
                 lines.append(
-                    f"{source}: {loc}: unknown knob for tuner {entry.tuner!r}; "
+                    f"{source}: {loc}: unknown knob for tuner {entry.tuner!r}{hint} "
                     f"valid: {', '.join(config_cls.model_fields) or '(none)'}"
                 )
                 continue

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ValidationError
 
+from petlbench.fmt import did_you_mean
+
 # Union members that did not apply ('should be a list' when a mapping was given, and the reverse).
 _MEMBER_NOISE = frozenset({"list_type", "model_type"})
 
@@ -24,7 +26,7 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
         kind = err["type"]
         if kind == "extra_forbidden":
             valid = _valid_keys(model, err["loc"][:-1])
-            hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+            hint = f"{did_you_mean(str(err['loc'][-1]), valid) or ';'} valid keys: {', '.join(valid)}" if valid else ""
             entries.append((loc, kind, f"{source}: {loc}: unknown key{hint}"))
             continue
         if kind == "union_tag_invalid":

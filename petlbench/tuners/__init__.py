@@ -10,15 +10,17 @@ suite that uses them still imports no torch. The parent and every worker import 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType, ModuleType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from petlbench.errors import ConfigError
+from petlbench.fmt import did_you_mean
 from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner
@@ -84,9 +86,7 @@ def available_tuners() -> Mapping[str, type[Tuner]]:
 def unknown_tuner_message(name: str, known: Iterable[str]) -> str:
     """'unknown tuner 'lroa'; did you mean 'lora'? valid: full, linear, lora'."""
     known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown tuner {name!r}{hint} valid: {', '.join(known)}"
+    return f"unknown tuner {name!r}{did_you_mean(name, known) or ';'} valid: {', '.join(known)}"
 
 
 def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
@@ -103,8 +103,7 @@ def describe_tuner(cls: type[Tuner]) -> list[dict[str, Any]]:
     rows = []
     fields = sorted(cls.model_fields.items(), key=lambda item: item[0] in Tuner.model_fields)
     for field_name, info in fields:
-        annotation = info.annotation
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        type_name = _type_name(info.annotation)
         rows.append(
             {
                 "name": field_name,
@@ -115,3 +114,19 @@ def describe_tuner(cls: type[Tuner]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    """'int', 'float | None', 'train | eval' (a Literal's values), 'tuple of q | k | v'."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (tuple, list):
+        items = [a for a in args if a is not Ellipsis]
+        return f"{origin.__name__} of {_type_name(items[0])}" if items else origin.__name__
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

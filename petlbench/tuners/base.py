@@ -72,7 +72,8 @@ class Tuner(StrictModel):
 
     name: ClassVar[str]  # registry key, as suites write it
     knob: ClassVar[str | None] = None  # the headline knob shown in the unified `knob` column
-    summary: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # what it computes, in a sentence or two (`petlbench tuners NAME`)
+    brief: ClassVar[str] = ""  # a few words for the one-line list (`petlbench tuners`)
     adds_parameters: ClassVar[bool] = True  # creates parameters of its own (full, linear, BitFit do not)
     mergeable: ClassVar[bool] = False  # can fold its increments into the backbone weights
     identity_at_init: ClassVar[bool] = False  # output equals the untouched backbone's at step 0

@@ -24,6 +24,7 @@ class Bitfit(Tuner):
     """Every bias of the backbone and the new head train; nothing is added."""
 
     name = "bitfit"
+    brief = "only the biases and the head train"
     summary = "BitFit: only the biases train (patch embed, every LayerNorm and Linear) plus the new head."
     adds_parameters = False
     identity_at_init = True  # nothing changes until the first step

@@ -15,6 +15,7 @@ class Full(Tuner):
     """Every backbone parameter and the new head train; nothing is added."""
 
     name = "full"
+    brief = "all weights and the head train"
     summary = "Full fine-tuning: every backbone parameter and the new head train."
     adds_parameters = False
 

@@ -18,6 +18,7 @@ class Linear(Tuner):
     """
 
     name = "linear"
+    brief = "only a new linear head trains"
     summary = "Linear probe: frozen backbone, only the new classifier head trains."
     adds_parameters = False
 

@@ -28,6 +28,7 @@ class Adapter(Tuner):
 
     name = "adapter"
     knob = "bottleneck"
+    brief = "bottleneck after every MLP"
     summary = (
         "Adapter (NOAH's baseline): h + up(QuickGELU(down(h))) on every block's MLP output h, bottleneck 8, "
         "Xavier init (not the identity at step 0)."

@@ -30,6 +30,7 @@ class Adaptformer(Tuner):
 
     name = "adaptformer"
     knob = "bottleneck"
+    brief = "scaled bottleneck beside each MLP"
     summary = (
         "AdaptFormer: s·up(ReLU(down(x))) beside every block's MLP, fed the block's mid stream; bottleneck 64, "
         "s = 0.1, up starts at zero."

@@ -29,6 +29,7 @@ class Dtl(Tuner):
 
     name = "dtl"
     knob = "rank"
+    brief = "low-rank side path, added back"
     summary = (
         "DTL: a compact side network of rank-r maps over each block's input, summed and added back (swish) "
         "to the outputs of blocks M..L-1; DTL+ adds a depthwise conv over the patch grid."

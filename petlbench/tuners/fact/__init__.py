@@ -44,6 +44,7 @@ class Fact(Tuner):
 
     name = "fact"
     knob = "rank"
+    brief = "tensorised, shared low-rank deltas"
     summary = (
         "FacT: each block's qkv/proj/fc1/fc2 increment is s·V·core·U with U, V shared by all blocks; TT gives every "
         "D×D slice its own r×r core, TK builds the cores from one r×r×r tensor and slice factors P; V starts at 0."

@@ -57,6 +57,7 @@ class Peft(Tuner):
 
     name = "peft"
     extra = "peft"
+    brief = "any Hugging Face peft method"
     summary = (
         "Hugging Face peft: a peft method (LORA, LOHA, LOKR, IA3, VERA, BOFT, ...) with that method's own config, "
         "injected into the ViT by peft; default: LoRA r=8 on the fused qkv."

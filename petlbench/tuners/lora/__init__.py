@@ -22,6 +22,7 @@ class Lora(Tuner):
 
     name = "lora"
     knob = "rank"
+    brief = "low-rank deltas on q and v"
     summary = "LoRA: low-rank deltas (alpha/r)·B·A on the q and v rows of each block's fused qkv; B starts at zero."
     mergeable = True
     identity_at_init = True

@@ -28,6 +28,7 @@ class Lst(Tuner):
 
     name = "lst"
     knob = "reduction"
+    brief = "ladder side net, no backbone grad"
     summary = (
         "LST: a side transformer r times narrower than the ViT, initialised by pruning it, fed through gated "
         "linear ladders from the block outputs; the frozen backbone runs without autograd."

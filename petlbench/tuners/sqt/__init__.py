@@ -28,6 +28,7 @@ class Sqt(Tuner):
 
     name = "sqt"
     knob = "num_queries"
+    brief = "side queries read frozen K/V"
     summary = (
         "SQT/SynQT: learned per-layer queries read the frozen backbone's keys/values; only the query path "
         "and an instance-aware head train."

@@ -28,6 +28,7 @@ class Ssf(Tuner):
     """Per-channel scale and shift after the patch embedding, every norm and Linear, and the final norm."""
 
     name = "ssf"
+    brief = "scale and shift after each op"
     summary = (
         "SSF: γ⊙o + β after the patch embedding, norm1, qkv, proj, norm2, fc1, fc2 of every block and the final "
         "norm; γ ~ N(1, 0.02), β ~ N(0, 0.02); folds into the frozen weights (mergeable)."

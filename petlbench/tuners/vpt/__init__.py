@@ -55,6 +55,7 @@ class Vpt(Tuner):
 
     name = "vpt"
     knob = "prompt_len"
+    brief = "learnable prompt tokens"
     summary = (
         "VPT: p learnable prompt tokens after the class token, without positional embedding; deep VPT replaces "
         "them with fresh prompts before every block, shallow VPT only inserts them once."

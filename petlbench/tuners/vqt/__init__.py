@@ -28,6 +28,7 @@ class Vqt(Tuner):
 
     name = "vqt"
     knob = "num_queries"
+    brief = "query tokens in every block"
     summary = (
         "VQT: n learnable query tokens per block attend to the frozen image tokens (never the reverse); the "
         "L2-normalised class token and per-layer query outputs, concatenated, feed a linear head."
