@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import math
 import shlex
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model, model_validator
 
+from petlbench.columns import Column, Kind, column, gated, limit_name
+from petlbench.columns import format_value as format_column_value
 from petlbench.errors import ConfigError
-from petlbench.fmt import first_line, fmt_bytes, missing, parse_bytes
+from petlbench.fmt import did_you_mean, first_line, fmt_bytes, missing, parse_bytes
 from petlbench.results import row_label, run_label, setting_label
 from petlbench.spec.base import StrictModel
 from petlbench.spec.loading import read_yaml
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 OneOrMany: TypeAlias = T | list[T]
-Kind: TypeAlias = Literal["bytes", "count", "rate", "fraction", "ratio"]
 Op: TypeAlias = Literal["<=", ">="]
 
 ByteCount: TypeAlias = Annotated[int, BeforeValidator(parse_bytes)]
@@ -101,44 +103,58 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-# limit field → (result column, comparison, unit kind)
-LIMITS: Final[Mapping[str, tuple[str, Op, Kind]]] = {
-    "max_peak_allocated_bytes": ("peak_allocated_bytes", "<=", "bytes"),
-    "max_peak_reserved_bytes": ("peak_reserved_bytes", "<=", "bytes"),
-    "max_peak_infer_bytes": ("peak_infer_bytes", "<=", "bytes"),
-    "max_params_trainable": ("params_trainable", "<=", "count"),
-    "min_train_images_per_s": ("train_images_per_s", ">=", "rate"),
-    "min_acc_top1": ("acc_top1", ">=", "fraction"),
+# limit field → (result column, comparison): every column of the catalogue with a direction (petlbench/columns.py):
+# `max_<column>` for lower-is-better columns, `min_<column>` for higher-is-better ones
+LIMITS: Final[Mapping[str, tuple[str, Op]]] = {
+    limit_name(c): (c.name, "<=" if c.better == "lower" else ">=") for c in gated()
 }
 
-RatioMetric: TypeAlias = Literal[
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_infer_bytes",
-    "mem_activations_bytes",
-    "params_trainable",
-    "train_images_per_s",
-]
+
+def _limit_field(col: Column) -> tuple[Any, Any]:
+    """The type of a budget's limit on `col`: bytes in human units, fractions in (0, 1], counts ≥ 0, rates > 0."""
+    if col.kind == "bytes":
+        return ByteCount | None, None
+    if col.kind == "fraction":
+        return float | None, Field(None, gt=0, le=1, description=f"{col.name} as a fraction (0.9 = 90%)")
+    if col.dtype == "int":
+        return int | None, Field(None, ge=0)
+    return float | None, Field(None, gt=0)
 
 
-class Budget(StrictModel):
-    """Limits on every row `select` matches."""
+if TYPE_CHECKING:
+    _Limits = StrictModel
+else:
+    _Limits = create_model(
+        "_Limits", __base__=StrictModel, **{f: _limit_field(column(c)) for f, (c, _) in LIMITS.items()}
+    )
+
+
+class Budget(_Limits):
+    """Limits on every row `select` matches: any of `LIMITS` (max_peak_allocated_bytes, min_acc_top1, ...)."""
 
     name: str | None = None
     note: str | None = Field(None, description="why this limit; kept when the baseline is regenerated")
     select: Selector
-    max_peak_allocated_bytes: ByteCount | None = None
-    max_peak_reserved_bytes: ByteCount | None = None
-    max_peak_infer_bytes: ByteCount | None = None
-    max_params_trainable: int | None = Field(None, ge=0)
-    min_train_images_per_s: float | None = Field(None, gt=0)
-    min_acc_top1: float | None = Field(None, gt=0, le=1, description="final-epoch top-1 as a fraction (0.9 = 90%)")
 
     @model_validator(mode="after")
     def _some_limit(self) -> Budget:
         if all(getattr(self, field) is None for field in LIMITS):
             raise ValueError(f"give at least one limit: {', '.join(LIMITS)}")
         return self
+
+    def limits(self) -> list[tuple[str, Op, float]]:
+        """(column, comparison, limit) of every limit this budget sets."""
+        return [(c, op, float(getattr(self, f))) for f, (c, op) in LIMITS.items() if getattr(self, f) is not None]
+
+
+def _ratio_metric(value: str) -> str:
+    numeric = {c.name for c in gated()}
+    if value not in numeric:
+        raise ValueError(
+            f"{value!r} is not a measured column{did_you_mean(value, numeric) or ';'} valid: "
+            + ", ".join(sorted(numeric))
+        )
+    return value
 
 
 class RatioBudget(StrictModel):
@@ -148,7 +164,7 @@ class RatioBudget(StrictModel):
     note: str | None = None
     select: Selector
     versus: Selector
-    metric: RatioMetric = "peak_allocated_bytes"
+    metric: Annotated[str, AfterValidator(_ratio_metric)] = "peak_allocated_bytes"
     max_ratio: float | None = Field(None, gt=0)
     min_ratio: float | None = Field(None, gt=0)
 
@@ -240,10 +256,8 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
             problems.append(_no_match(source, where, budget.select, results))
             continue
         for _, row in rows.iterrows():
-            for field, (column, op, kind) in LIMITS.items():
-                limit = getattr(budget, field)
-                if limit is not None:
-                    checks.append(_check_value(where, budget.name or "", row, column, kind, op, float(limit)))
+            for name, op, limit in budget.limits():
+                checks.append(_check_value(where, budget.name or "", row, name, column(name).kind, op, limit))
     for j, ratio in enumerate(budgets.ratios):
         where = f"ratios[{j}]"
         rows = select(results, ratio.select)
@@ -268,8 +282,8 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
     return checks
 
 
-def _check_value(where: str, budget: str, row: pd.Series, column: str, kind: Kind, op: Op, limit: float) -> CheckResult:
-    value = row.get(column)
+def _check_value(where: str, budget: str, row: pd.Series, name: str, kind: Kind, op: Op, limit: float) -> CheckResult:
+    value = row.get(name)
     actual = None if value is None or missing(value) else float(value)
     note = ""
     if row["status"] != "ok":
@@ -278,7 +292,7 @@ def _check_value(where: str, budget: str, row: pd.Series, column: str, kind: Kin
         actual = None
         note = f"run ended {row['status']}: {first_line(row.get('error'), 100)}"
     elif actual is None:
-        note = f"{column} was not measured"
+        note = f"{name} was not measured"
     passed = not note and actual is not None and _within(actual, op, limit)
     return CheckResult(
         where,
@@ -286,7 +300,7 @@ def _check_value(where: str, budget: str, row: pd.Series, column: str, kind: Kin
         str(row["run_id"]),
         run_label(row),
         setting_label(row),
-        column,
+        name,
         kind,
         op,
         limit,
@@ -342,14 +356,14 @@ def _within(actual: float, op: Op, limit: float) -> bool:
 
 def _pair(row: pd.Series, partners: pd.DataFrame) -> pd.DataFrame:
     mask = partners["run_id"] != row["run_id"]
-    for column in PAIR_COLUMNS:
-        if column not in partners:
+    for name in PAIR_COLUMNS:
+        if name not in partners:
             continue
-        value = row.get(column)
+        value = row.get(name)
         if missing(value):
-            mask &= partners[column].isna()
+            mask &= partners[name].isna()
         else:
-            mask &= partners[column] == value
+            mask &= partners[name] == value
     paired: pd.DataFrame = partners[mask]
     return paired
 
@@ -419,9 +433,9 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
         + f": peak bytes = measured × {headroom:g} (rounded up), trainable params exact.",
         f"# Regenerate: {command}",
         "# Fields: select (suite, tuner, method, knob, batch_size, precision, device, backbone, grad_checkpointing,",
-        "# gpu_name, memory_source; a list means any of), max_peak_allocated_bytes / max_peak_reserved_bytes /",
-        "# max_peak_infer_bytes (bytes or 1.5GiB), max_params_trainable, min_train_images_per_s (GPU only),",
-        "# min_acc_top1 (a fraction);",
+        "# gpu_name, memory_source; a list means any of), then limits (bytes take units: 1.5GiB; accuracy is a",
+        "# fraction):",
+        *textwrap.wrap(", ".join(LIMITS), 110, initial_indent="#   ", subsequent_indent="#   "),
         "# ratios: select, versus, metric, max_ratio / min_ratio, paired on suite, device, GPU, precision,",
         "# batch size, backbone, data and seed.",
         "budgets:",
@@ -531,9 +545,7 @@ def format_value(value: float | None, kind: Kind) -> str:
         return f"{value:,.0f}"
     if kind == "rate":
         return f"{value:,.1f} img/s"
-    if kind == "fraction":
-        return f"{100 * value:.1f}%"
-    return f"{value:.3g}×"
+    return format_column_value(value, kind)
 
 
 def check_files(paths: Sequence[Path], budgets_path: Path) -> CheckReport:

@@ -92,6 +92,14 @@ def fmt_seconds(value: float | None) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+UNSTABLE_NOTE = "~: timing unstable (step times spread over 10% of their median): not a speed to compare"
+
+
+def noisy(text: str, unstable: Any) -> str:
+    """A throughput or step time marked '~' when its timing was flagged unstable (`timing_unstable`)."""
+    return f"~{text}" if text != "-" and not missing(unstable) and bool(unstable) else text
+
+
 def fmt_pct(value: float | None) -> str:
     if _missing(value):
         return "-"
@@ -146,9 +154,9 @@ def parse_bytes(value: Any) -> int:
             raise ValueError(f"memory size {value!r} has no unit; {BYTES_HINT}")
     else:
         raise ValueError(f"not a memory size: {value!r}; {BYTES_HINT}")
-    if unit not in _BYTE_UNITS:
+    if unit and unit not in _BYTE_UNITS:
         raise ValueError(f"not a memory size: {value!r} (unknown unit {unit!r}); {BYTES_HINT}")
-    size = math.ceil(number * _BYTE_UNITS[unit])
+    size = math.ceil(number * (_BYTE_UNITS[unit] if unit else 1))
     if size <= 0:
         raise ValueError(f"memory size must be > 0, got {value!r}")
     return size

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
+from petlbench.columns import Metrics, declared, numeric_columns, text_columns
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError, ResultsLocked, WriteError
 from petlbench.fmt import describe_exception, fmt_knob, missing
@@ -34,69 +35,6 @@ EnvValue: TypeAlias = str | int | float | bool | None
 # A rerun skips runs whose stored status is one of these; error/timeout/skipped runs are retried.
 DONE_STATUSES: Final = frozenset({"ok", "oom"})
 RESULT_SUFFIX: Final = ".parquet"
-
-
-class Metrics(BaseModel):
-    """Everything a run measures. None means 'not measured', never zero."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # parameters (counted structurally: added = parameters the tuner created)
-    params_total: int | None = None
-    params_trainable: int | None = None
-    params_added: int | None = None
-    weights_frozen_bytes: int | None = None
-    weights_trainable_bytes: int | None = None
-    # memory: the headline peak is `peak_allocated_bytes` (CUDA allocator, or the CPU tensor tracker)
-    memory_source: str | None = None  # cuda_allocator | cpu_tracker | estimate
-    # the limit a run was judged against (estimate FITS/OOM, run --skip-predicted-oom, batch_size: auto)
-    memory_limit_bytes: int | None = None
-    # estimates only (memory_source=estimate): True where a CPU→CUDA difference is not modelled (mixed precision,
-    # attention dropout, foreach); `estimate_note` lists the deltas applied and what is approximate
-    estimate_approximate: bool | None = None
-    estimate_note: str | None = None
-    step_flops: int | None = None  # estimates: FLOPs of one training step, counted on the fake trace
-    peak_allocated_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
-    peak_driver_bytes: int | None = None  # NVML, includes the CUDA context; never mixed into the headline
-    driver_memory_scope: str | None = None  # process | device (device = whole GPU, when per-process is hidden)
-    peak_infer_bytes: int | None = None
-    peak_rss_bytes: int | None = None  # CPU: process peak RSS over the measured steps (after a reset)
-    rss_baseline_bytes: int | None = None  # CPU: RSS when that peak was reset
-    # breakdown of the tracked peak (one tracked step); the four categories sum to mem_tracked_peak_bytes
-    mem_tracked_peak_bytes: int | None = None
-    mem_weights_bytes: int | None = None
-    mem_grads_bytes: int | None = None
-    mem_optimizer_bytes: int | None = None
-    mem_activations_bytes: int | None = None
-    attn_kernel: str | None = None  # the attention op that actually ran (flash, efficient, cpu_flash, math, ...)
-    # speed
-    step_time_median_s: float | None = None
-    step_time_p90_s: float | None = None
-    step_time_iqr_s: float | None = None  # interquartile range of the timed steps
-    timed_steps: int | None = None
-    timing_unstable: bool | None = None  # IQR / median above measure.max_dispersion: do not trust the speed
-    train_images_per_s: float | None = None
-    infer_time_median_s: float | None = None
-    infer_images_per_s: float | None = None
-    # accuracy
-    acc_top1: float | None = None  # final-epoch top-1 on the test split
-    acc_top1_best: float | None = None  # best over evaluations: test-selected (the papers' protocol)
-    acc_best_epoch: int | None = None
-    epochs: int | None = None
-    train_time_s: float | None = None
-    num_train: int | None = None
-    num_test: int | None = None
-    # identity: which weights and which data the run used (resolved in the worker; not part of the run_id)
-    weights_source: str | None = None  # random | hub | file
-    weights_ref: str | None = None  # hub repo (timm/<model>.<tag>) or the checkpoint's absolute path
-    weights_sha256: str | None = None  # first 16 hex digits of the checkpoint file's sha256
-    data_task: str | None = None  # VTAB task, ImageFolder task, or the dataset name
-    data_train_split: str | None = None  # e.g. train800val200.txt, train/
-    data_test_split: str | None = None  # e.g. test.txt, val/
-    data_folder: str | None = None  # resolved task / ImageFolder folder
-    data_fingerprint: str | None = None  # short sha256 of every (split, relative path, label)
-    num_classes: int | None = None
 
 
 class RunResult(BaseModel):
@@ -158,6 +96,9 @@ class RunResult(BaseModel):
         for key, value in self.env.items():
             row[f"env.{key}"] = value
         row["spec_json"] = spec.model_dump_json()
+        undeclared = [name for name in row if not declared(name)]
+        if undeclared:  # a programming error: every column is declared in petlbench/columns.py
+            raise TypeError(f"result columns not in the catalogue (petlbench/columns.py): {', '.join(undeclared)}")
         return row
 
 
@@ -382,46 +323,6 @@ def summarize(results: Iterable[RunResult]) -> Mapping[str, int]:
 # in every row is stored as `object`, and concatenating files mixes ints, floats and None. Everything downstream
 # wants floats with NaN for 'not measured', so rows are coerced once, at the boundary.
 
-# Columns read as numbers (NaN = not measured). Missing ones are added as all-NaN, so callers need no guards.
-NUMERIC_COLUMNS: Final = (
-    "knob",
-    "batch_size",
-    "params_total",
-    "params_trainable",
-    "params_added",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "peak_driver_bytes",
-    "peak_infer_bytes",
-    "mem_tracked_peak_bytes",
-    "mem_weights_bytes",
-    "mem_grads_bytes",
-    "mem_optimizer_bytes",
-    "mem_activations_bytes",
-    "step_time_median_s",
-    "step_time_iqr_s",
-    "train_images_per_s",
-    "infer_images_per_s",
-    "acc_top1",
-    "acc_top1_best",
-    "env.gpu_memory_bytes",
-)
-# Text columns every reader may use; missing ones are added as all-None.
-TEXT_COLUMNS: Final = (
-    "run_id",
-    "suite",
-    "status",
-    "error",
-    "created_at",
-    "tuner",
-    "method",
-    "knob_name",
-    "device",
-    "precision",
-    "memory_source",
-    "attn_kernel",
-)
-
 
 def load_rows(paths: Iterable[Path]) -> pd.DataFrame:
     """Every result row under `paths`, normalised; a ResultsError when there is none."""
@@ -437,21 +338,21 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Coerce numeric columns, add missing ones, keep the newest row per run_id, and add a `variant` label."""
     import pandas as pd
 
-    df = frame.copy()
-    for column in NUMERIC_COLUMNS:
-        df[column] = pd.to_numeric(df[column], errors="coerce") if column in df else math.nan
-        df[column] = df[column].astype("float64")
-    for column in TEXT_COLUMNS:
-        if column not in df:
-            df[column] = None
-        df[column] = df[column].astype(object).where(df[column].notna(), None)
+    columns: dict[str, Any] = {name: frame[name] for name in frame.columns}
+    for name in numeric_columns():
+        values = frame[name] if name in frame else pd.Series(math.nan, index=frame.index)
+        columns[name] = pd.to_numeric(values, errors="coerce").astype("float64")
+    for name in text_columns():
+        values = frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
+        columns[name] = values.astype(object).where(values.notna(), None)
+    df = pd.DataFrame(columns, index=frame.index)  # built at once: adding columns one by one fragments the frame
     if df["run_id"].notna().all() and len(df):
         # One file per run_id in a folder, but two folders (or a copied file) can hold the same run: newest wins.
         df = df.sort_values("created_at", kind="stable", na_position="first")
         df = df.drop_duplicates("run_id", keep="last")
-    df["method"] = [m if m is not None else t for m, t in zip(df["method"], df["tuner"], strict=True)]
-    df["variant"] = [variant_label(m, n, k) for m, n, k in zip(df["method"], df["knob_name"], df["knob"], strict=True)]
-    result: pd.DataFrame = df.reset_index(drop=True)
+    methods = [m if m is not None else t for m, t in zip(df["method"], df["tuner"], strict=True)]
+    variants = [variant_label(m, n, k) for m, n, k in zip(methods, df["knob_name"], df["knob"], strict=True)]
+    result: pd.DataFrame = df.assign(method=methods, variant=variants).reset_index(drop=True)
     return result
 
 

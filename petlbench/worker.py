@@ -32,10 +32,11 @@ from typing import NoReturn
 import torch
 
 from petlbench.backbone import build_backbone, prepare_hub_access, weights_identity
+from petlbench.columns import Metrics
 from petlbench.data.loaders import FileSource, ImageSource, load_data, num_classes
 from petlbench.data.specs import ImageFolderData, VtabData, task_key
 from petlbench.errors import ConfigError, DeviceError, PetlbenchError
-from petlbench.executors.process import die_with_parent
+from petlbench.executors.process import RUNS_IN_FLIGHT_ENV, die_with_parent
 from petlbench.fmt import describe_exception
 from petlbench.measure.accuracy import train_and_evaluate
 from petlbench.measure.attribution import WhyData, summarize_step
@@ -52,7 +53,7 @@ from petlbench.measure.memory import (
 from petlbench.measure.speed import time_more, time_steps
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.tracker import TensorTracker
-from petlbench.results import Metrics, RunResult, Status, now_iso
+from petlbench.results import RunResult, Status, now_iso
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import make_tuner
 from petlbench.tuners.base import TunedModel, build_tuned_model
@@ -245,6 +246,19 @@ def _measure_inference(
     metrics.infer_images_per_s = spec.batch_size / timing.median_s
 
 
+def runs_in_flight() -> int | None:
+    value = os.environ.get(RUNS_IN_FLIGHT_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -267,10 +281,11 @@ def execute(spec: RunSpec, snapshot_dir: Path | None = None) -> RunResult:
     """Run the protocol and classify the outcome; never raises for a failure of the run itself.
 
     `snapshot_dir`: where a CUDA memory snapshot may be written (`measure.snapshot`)."""
-    metrics = Metrics()
+    metrics = Metrics(runs_in_flight=runs_in_flight(), load_avg_start=load_average())
     extras = Extras(snapshot_dir=snapshot_dir)
     env: dict[str, str | int | float | bool | None] = {}
     start = time.perf_counter()
+    cpu_start = time.process_time()
     status: Status = "ok"
     error: str | None = None
     error_type: str | None = None
@@ -292,6 +307,8 @@ def execute(spec: RunSpec, snapshot_dir: Path | None = None) -> RunResult:
             error += _where(exc)
             error_type = type(exc).__name__
         log.error("run %s failed:\n%s", spec.run_id, traceback.format_exc())
+    metrics.cpu_time_s = time.process_time() - cpu_start
+    metrics.load_avg_end = load_average()
     return RunResult(
         spec=spec,
         status=status,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
 from petlbench.estimate.autobatch import linear_seed, run_auto_batch, search_max_batch, stored_probes
 from petlbench.estimate.client import Estimate
 from petlbench.executors import RunEvent, RunFinished, RunStarted
-from petlbench.results import Metrics, RunResult, load_results, now_iso, suite_dir
+from petlbench.results import RunResult, load_results, now_iso, suite_dir
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import RunSpec

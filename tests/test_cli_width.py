@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.cli.tables import summary_table
-from petlbench.results import Metrics, RunResult
+from petlbench.columns import Metrics
+from petlbench.results import RunResult
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.tuners import TUNERS

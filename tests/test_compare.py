@@ -71,3 +71,63 @@ def test_compare_help_ends_with_an_example() -> None:
     result = runner.invoke(app, ["compare", "--help"])
     assert result.exit_code == 0
     assert "Example: petlbench compare" in result.output
+
+
+def _timed(run_id: str, ips: float, iqr: float, unstable: bool = False) -> dict[str, object]:
+    """A row whose 32-image step takes 32/ips s with interquartile range `iqr` (a fraction of that median)."""
+    median = 32 / ips
+    return row(
+        "lora",
+        32,
+        knob=8,
+        peak=4 * GiB,
+        ips=ips,
+        run_id=run_id,
+        step_time_median_s=median,
+        step_time_iqr_s=iqr * median,
+        timing_unstable=unstable,
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        ((1000, 0.02), (800, 0.02), "change"),  # 25 % slower, IQRs of 2 %: a change
+        ((1000, 0.30), (800, 0.30), "noise"),  # the same medians, IQRs of 30 %: within the spread
+        ((1000, 0.02), (800, 0.02, True), "unstable"),  # a flagged side is never a change
+    ],
+)
+def test_a_throughput_change_is_a_change_only_outside_the_timing_noise(
+    tmp_path: Path, before: tuple[float, ...], after: tuple[float, ...], verdict: str
+) -> None:
+    a = write([_timed("r", *before)], tmp_path / "a" / "mem")  # type: ignore[arg-type]
+    b = write([_timed("r", *after)], tmp_path / "b" / "mem")  # type: ignore[arg-type]
+    (delta,) = compare_rows(load_rows([a]), load_rows([b])).deltas
+    assert delta.speed_verdict() == verdict
+    shown = runner.invoke(app, ["compare", str(a), str(b)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.output.splitlines() if line.startswith("lora"))
+    marked = {"change": "-20.0%", "noise": "~-20.0%", "unstable": "-20.0% unstable"}[verdict]
+    assert marked in line, line
+    if verdict != "change":
+        assert "within timing noise" in shown.output
+
+
+def test_compare_colours_only_real_throughput_changes() -> None:
+    from rich.console import Console
+
+    from petlbench.cli.tables import compare_table
+    from petlbench.report.compare import Comparison, Delta, Timing
+
+    def delta(label: str, iqr: float, unstable: bool = False) -> Delta:
+        values = {"peak_allocated_bytes": (1.0, 1.0), "train_images_per_s": (1000.0, 800.0), "acc_top1": (None, None)}
+        timing = (Timing(0.032, iqr, False), Timing(0.04, iqr, unstable))
+        return Delta(label, "x", values, timing)
+
+    deltas = [delta("slower", 0.001), delta("noisy", 0.05), delta("flagged", 0.001, True)]
+    console = Console(record=True, width=200, color_system="truecolor")
+    console.print(compare_table(Comparison(deltas, 0, 0), 10))
+    lines = {line.split()[0]: line for line in console.export_text(styles=True).splitlines() if "20.0%" in line}
+    colours = ("\x1b[31m", "\x1b[32m", "\x1b[91m", "\x1b[92m")
+    assert "\x1b[31m" in lines["slower"]  # red: a real slowdown
+    assert not any(code in lines["noisy"] or code in lines["flagged"] for code in colours)

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from petlbench.columns import Metrics
 from petlbench.estimate.client import SearchRequest, estimate_caveats, run_estimates
 from petlbench.estimate.engine import Estimator, estimate_many, estimate_memory
 from petlbench.measure.timeline import at_batch
 from petlbench.measure.tracker import ALLOC, FREE, Timeline, replay
-from petlbench.results import Metrics
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from petlbench.columns import Metrics
 from petlbench.estimate import calibration
 from petlbench.estimate.client import Estimate, estimate_result
-from petlbench.results import Metrics, RunResult, now_iso, write_result
+from petlbench.results import RunResult, now_iso, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite as parse_suite_file
 from petlbench.spec.loading import parse_suite

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import petlbench.estimate.client as prediction
+from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
 from petlbench.estimate.client import (
     Estimate,
@@ -18,7 +19,7 @@ from petlbench.estimate.client import (
     split_predicted_oom,
 )
 from petlbench.fmt import parse_bytes
-from petlbench.results import Metrics, RunResult, load_results, now_iso, write_result
+from petlbench.results import RunResult, load_results, now_iso, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec

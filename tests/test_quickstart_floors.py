@@ -15,7 +15,8 @@ import yaml
 
 from petlbench.budget import check_files
 from petlbench.cli.app import builtin_quickstart
-from petlbench.results import Metrics, RunResult
+from petlbench.columns import Metrics
+from petlbench.results import RunResult
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.tuners import TUNERS

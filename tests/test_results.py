@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from petlbench.columns import Metrics
 from petlbench.errors import ResultsError
-from petlbench.results import Metrics, RunResult, load_results, stored_statuses, write_result
+from petlbench.results import RunResult, load_results, stored_statuses, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import SCHEMA_VERSION

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 
@@ -60,3 +61,30 @@ def test_unstable_rows_never_make_a_throughput_front() -> None:
     spec_ = next(s for s in WITHOUT_ACCURACY if THROUGHPUT in (s.x, s.y))
     on_front = dict(zip(pts["variant"], frontier_flags(pts, spec_), strict=True))
     assert on_front == {"full": True, "linear": True, "lora": False}
+
+
+def test_an_unstable_timing_is_marked_in_the_terminal_and_in_every_report_table(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from petlbench.cli.tables import result_line, summary_table
+    from petlbench.columns import Metrics
+    from petlbench.fmt import UNSTABLE_NOTE
+    from petlbench.report import build_report
+    from petlbench.results import RunResult, now_iso
+    from tests.report_rows import write
+
+    run = spec()
+    metrics = Metrics(peak_allocated_bytes=1 << 20, train_images_per_s=123.0, timing_unstable=True)
+    result = RunResult(spec=run, status="ok", metrics=metrics, created_at=now_iso(), duration_s=1.0)
+    assert "~123 img/s" in result_line(result).plain and "timing unstable" in result_line(result).plain
+    console = Console(record=True, width=200)
+    console.print(summary_table([result]))
+    table = console.export_text()
+    assert "~123" in table and UNSTABLE_NOTE in table
+
+    rows = [row("lora", 8, knob=8, peak=1e6, ips=321.0, timing_unstable=True), row("full", 8, peak=2e6, ips=500.0)]
+    summary = build_report([write(rows, tmp_path / "r" / "mem")], ["pareto"], tmp_path / "out")
+    for document in (summary.markdown, summary.html):
+        text = document.read_text()
+        assert "~321" in text and "~500" not in text, document
+        assert "timing unstable" in text

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from petlbench.columns import Metrics
 from petlbench.estimate.engine import estimate_memory
-from petlbench.results import Metrics
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from petlbench.budget import CheckResult, format_value
 from petlbench.data.specs import data_label
-from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds
+from petlbench.fmt import UNSTABLE_NOTE, first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_rate, fmt_seconds, noisy
 from petlbench.report.compare import Comparison
 from petlbench.results import RunResult
 from petlbench.spec.models import RunSpec
@@ -180,7 +180,9 @@ def result_line(result: RunResult) -> Text:
     line.append(f" {spec.label():<38} ")
     if result.status == "ok":
         parts = [f"peak {fmt_bytes(m.peak_allocated_bytes)}", f"step {fmt_seconds(m.step_time_median_s)}"]
-        parts.append(fmt_rate(m.train_images_per_s))
+        parts.append(noisy(fmt_rate(m.train_images_per_s), m.timing_unstable))
+        if m.timing_unstable:
+            parts.append("timing unstable")
         if m.acc_top1 is not None:
             parts.append(f"acc {fmt_pct(m.acc_top1)}")
         line.append("  ".join(parts))
@@ -219,9 +221,11 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> FitTa
             fmt_bytes(m.mem_grads_bytes),
             fmt_bytes(m.mem_optimizer_bytes),
             fmt_bytes(m.mem_activations_bytes),
-            fmt_rate(m.train_images_per_s, ""),
+            noisy(fmt_rate(m.train_images_per_s, "").strip(), m.timing_unstable),
             fmt_pct(m.acc_top1),
         )
+    if any(r.metrics.timing_unstable for r in results):
+        table.caption = UNSTABLE_NOTE
     return table
 
 
@@ -347,7 +351,8 @@ def compare_table(comparison: Comparison, top: int, title: str | None = None) ->
     drops = {"peak before": 2, "Δ acc": 1}
     columns = [Col("run")]
     columns += [Col(c, "right", drops.get(c, 0)) for c in ("peak before", "peak after", "Δ peak", "Δ img/s", "Δ acc")]
-    table = FitTable(columns, title=title, box=None, pad_edge=False, padding=(0, 1))
+    caption = "Δ img/s: ~ within the timing noise, 'unstable' a timing flagged unstable; neither is a change"
+    table = FitTable(columns, title=title, caption=caption, box=None, pad_edge=False, padding=(0, 1))
     for delta in comparison.deltas[:top]:
         before, after = delta.values["peak_allocated_bytes"]
         peak, speed = (
@@ -356,8 +361,11 @@ def compare_table(comparison: Comparison, top: int, title: str | None = None) ->
         )
         if (delta.relative("peak_allocated_bytes") or 0) > 0:
             peak.stylize("red")
-        if (delta.relative("train_images_per_s") or 0) < 0:
-            speed.stylize("red")
+        verdict = delta.speed_verdict()
+        if verdict == "change":
+            speed.stylize("red" if (delta.relative("train_images_per_s") or 0) < 0 else "green")
+        elif verdict in ("noise", "unstable"):  # shown, never coloured: not a change
+            speed = Text(f"~{speed.plain}" if verdict == "noise" else f"{speed.plain} unstable", style="dim")
         accuracy = delta.absolute("acc_top1")
         table.add_row(
             delta.label,

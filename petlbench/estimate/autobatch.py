@@ -214,7 +214,8 @@ def stored_probes(folder: Path) -> dict[str, RunResult]:
     """run_id → result of every ok/oom row in a suite folder (what a rerun of an auto-batch search reuses)."""
     import math
 
-    from petlbench.results import DONE_STATUSES, Metrics, load_results
+    from petlbench.columns import Metrics
+    from petlbench.results import DONE_STATUSES, load_results
 
     if not folder.exists():
         return {}

@@ -42,12 +42,13 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
+from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.attribution import WhyData
 from petlbench.measure.nvml import gpu_memory_bytes
-from petlbench.results import EnvValue, Metrics, RunResult, now_iso
+from petlbench.results import EnvValue, RunResult, now_iso
 from petlbench.spec.base import StrictModel
 from petlbench.spec.models import ESTIMATE_SUFFIX, Device, RunSpec
 from petlbench.tuners import make_tuner

@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from petlbench.columns import Metrics
 from petlbench.data.loaders import num_classes
 from petlbench.errors import PetlbenchError
 from petlbench.estimate.autobatch import linear_seed, search_max_batch
@@ -54,7 +55,7 @@ from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_infer
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.timeline import at_batch
 from petlbench.measure.tracker import TensorTracker, Timeline, replay
-from petlbench.results import EnvValue, Metrics
+from petlbench.results import EnvValue
 from petlbench.spec.models import RunSpec
 from petlbench.worker import build_model, model_img_size
 

@@ -35,6 +35,7 @@ from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.executors.forkserver import ForkServers, fork_server_enabled
 from petlbench.executors.process import (
+    RUNS_IN_FLIGHT_ENV,
     TEMP_PREFIX,
     clean_stale_temp,
     kill_group,
@@ -138,6 +139,10 @@ class Children:
                 return
         proc.kill()
 
+    def running(self) -> int:
+        with self._lock:
+            return len(self._procs)
+
     def discard(self, proc: Child) -> None:
         with self._lock:
             self._procs.discard(proc)
@@ -190,7 +195,9 @@ def run_in_subprocess(
         spec_file.write_text(spec.model_dump_json())
         oom_before = oom_kills()
         start_time = time.monotonic()
-        proc = _start_child(spec_file, out_file, log, env or {}, python, servers)
+        in_flight = 1 + (children.running() if children is not None else 0)
+        env = {**(env or {}), RUNS_IN_FLIGHT_ENV: str(in_flight)}
+        proc = _start_child(spec_file, out_file, log, env, python, servers)
         if children is not None:
             children.add(proc)
         try:

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import IO, Any
 
 PARENT_PID_ENV = "PETLBENCH_PARENT_PID"
+RUNS_IN_FLIGHT_ENV = "PETLBENCH_RUNS_IN_FLIGHT"  # runs executing when a worker started: recorded on its row
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 

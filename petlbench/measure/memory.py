@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
+from petlbench.columns import Metrics
 from petlbench.measure.nvml import NvmlSampler
 from petlbench.measure.step import TrainStep
 from petlbench.measure.tracker import TensorTracker, TrackedPeak
-from petlbench.results import Metrics
 
 GLOBAL_MODULE = "Global"  # ModuleTracker's name for "no module running"
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from petlbench import __version__
 from petlbench.errors import ConfigError
-from petlbench.fmt import first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing
+from petlbench.fmt import UNSTABLE_NOTE, first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing, noisy
 from petlbench.report.frame import Group, points, split_groups, variant_order
 from petlbench.report.tables import Block, Bullets, Heading, Image, Para, Table, literal, to_html, to_markdown
 from petlbench.report.why import FIGURE_PREFIXES as WHY_PREFIXES
@@ -339,7 +339,7 @@ def _pareto_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Pa
             fmt_bytes(p["peak_allocated_bytes"]) if p["status"] == "ok" else "-",
         ]
         if "train img/s" in columns:
-            row.append(fmt_rate(p["train_images_per_s"], "").strip())
+            row.append(noisy(fmt_rate(p["train_images_per_s"], "").strip(), p["timing_unstable"]))
         if "acc (final)" in columns:
             row += [fmt_pct(p["acc_top1"]), fmt_pct(p["acc_top1_best"])]
         if multi_seed:
@@ -348,6 +348,8 @@ def _pareto_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Pa
         rows.append(row)
     blocks.append(Heading(group.headline("Points"), 4))
     blocks.append(Table(columns, rows, frozenset(range(3, len(columns)))))
+    if "train img/s" in columns and pts["timing_unstable"].astype(bool).any():
+        blocks.append(Para(UNSTABLE_NOTE))
     return blocks
 
 

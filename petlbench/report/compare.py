@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from petlbench.fmt import missing
 from petlbench.spec.models import PAIR_COLUMNS
@@ -26,6 +26,26 @@ METRICS: Final = (
     ("train_images_per_s", "throughput"),
     ("acc_top1", "accuracy"),
 )
+SPEED: Final = "train_images_per_s"
+NOISE_COLOR: Final = "#b0b0b0"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What a throughput comparison needs of one side: its median step time, interquartile range and flag."""
+
+    median_s: float | None
+    iqr_s: float | None
+    unstable: bool
+
+    @classmethod
+    def of(cls, row: pd.Series) -> Timing:
+        flag = row.get("timing_unstable")
+        return cls(_number(row.get("step_time_median_s")), _number(row.get("step_time_iqr_s")), _truthy(flag))
+
+
+def _truthy(value: Any) -> bool:
+    return not missing(value) and bool(value) and str(value).lower() not in ("false", "0")
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,7 @@ class Delta:
     label: str  # 'lora rank=8 bs=32 fp32'
     run_id: str
     values: dict[str, tuple[float | None, float | None]]
+    timing: tuple[Timing, Timing] = (Timing(None, None, False), Timing(None, None, False))
 
     def relative(self, metric: str) -> float | None:
         """(change − baseline) / baseline; None when either side has no value or the baseline is 0."""
@@ -42,6 +63,18 @@ class Delta:
         if before is None or after is None or before == 0:
             return None
         return (after - before) / abs(before)
+
+    def speed_verdict(self) -> Literal["change", "noise", "unstable", "unknown"]:
+        """Whether the throughput change is a change: both timings stable, and their interquartile ranges of step
+        time do not overlap (|median₁ − median₂| > (IQR₁ + IQR₂) / 2). `noise`: within that spread; `unstable`: a
+        side was flagged `timing_unstable`; `unknown`: a side has no timing."""
+        before, after = self.timing
+        if before.unstable or after.unstable:
+            return "unstable"
+        if before.median_s is None or after.median_s is None or self.relative(SPEED) is None:
+            return "unknown"
+        spread = ((before.iqr_s or 0.0) + (after.iqr_s or 0.0)) / 2
+        return "change" if abs(after.median_s - before.median_s) > spread else "noise"
 
     def absolute(self, metric: str) -> float | None:
         before, after = self.values.get(metric, (None, None))
@@ -105,8 +138,8 @@ def compare_rows(baseline: pd.DataFrame, change: pd.DataFrame) -> Comparison:
             if before["status"] == "ok":
                 broke.append(_label(before))
             continue
-        values = {column: (_number(before[column]), _number(after[column])) for column, _ in METRICS}
-        deltas.append(Delta(_label(before), str(before["run_id"]), values))
+        values = {column: (_number(before.get(column)), _number(after.get(column))) for column, _ in METRICS}
+        deltas.append(Delta(_label(before), str(before["run_id"]), values, (Timing.of(before), Timing.of(after))))
     deltas.sort(key=lambda d: (-abs(d.relative("peak_allocated_bytes") or 0.0), d.label))
     return Comparison(deltas, unmatched_left, len(waiting), sorted(not_ok), by_spec, sorted(broke))
 
@@ -124,12 +157,14 @@ def comparison_figure(comparison: Comparison, baseline: str, change: str, top: i
         values = [100 * (d.relative(column) or 0.0) for d in shown]
         worse = [(v > 0) == (column == "peak_allocated_bytes") and v != 0 for v in values]
         colors = [OOM_COLOR if w else "#2ca02c" for w in worse]
+        if column == SPEED:  # a change within the timing noise is drawn grey: neither better nor worse
+            colors = [c if d.speed_verdict() == "change" else NOISE_COLOR for c, d in zip(colors, shown, strict=True)]
         ax.barh(positions, values, color=colors, height=0.6)
         ax.axvline(0, color="#333333", lw=0.8)
         ax.set_xlabel(f"{name} change (%)")
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].set_yticks(positions, [d.label for d in shown], fontsize=7)
-    fig.suptitle(f"{change} vs {baseline}: change per run (red: worse)", fontsize=10)
+    fig.suptitle(f"{change} vs {baseline}: change per run (red: worse; grey: within timing noise)", fontsize=10)
     return fig
 
 
@@ -143,4 +178,11 @@ def describe(comparison: Comparison) -> Sequence[str]:
     if comparison.matched_by_spec:
         notes.append(f"{comparison.matched_by_spec} runs matched by spec (different suite name)")
     notes.extend(f"status changed: {line}" for line in comparison.not_ok)
+    verdicts = [d.speed_verdict() for d in comparison.deltas]
+    noisy = verdicts.count("noise") + verdicts.count("unstable")
+    if noisy:
+        notes.append(
+            f"throughput: {noisy} of {len(verdicts)} changes are within timing noise (~: interquartile ranges overlap, "
+            f"or a side is flagged timing_unstable); only {verdicts.count('change')} are changes"
+        )
     return notes

@@ -87,6 +87,19 @@ def spec_fields(spec_cls: type[BaseModel]) -> list[str]:
     return out
 
 
+def field_annotation(spec_cls: type[BaseModel], field: str) -> object:
+    """The type annotation of a RunSpec field (`batch_size`) or of a section's field (`backbone.img_size`; the first
+    member of a union section that has it)."""
+    name, _, sub = field.partition(".")
+    info = spec_cls.model_fields[name]
+    if not sub:
+        return info.annotation
+    for model in _models(info.annotation):
+        if sub in model.model_fields:
+            return model.model_fields[sub].annotation
+    raise KeyError(f"{field}: no such RunSpec field")
+
+
 def role(field: str) -> Role:
     """The role of a RunSpec field (`batch_size`, `optimizer.foreach`, ...); KeyError for an unknown one."""
     if field in _FIELD_ROLES:
