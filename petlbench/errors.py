@@ -17,6 +17,17 @@ class TunerError(ConfigError):
     """A tuner cannot be applied to the given backbone with the given knobs."""
 
 
+class KnobError(TunerError):
+    """One knob of a tuner is at fault: `field` is its path below the entry's params (`rank`, `config.r`), or None
+    when the tuner itself cannot be used (its optional install is missing). The pre-flight probe turns it into the
+    suite location the user wrote (`tuners[1].grid.r`, `tuners[1].params.config.rr`, `tuners[1].tuner`)."""
+
+    def __init__(self, field: str | None, detail: str, prefix: str = "") -> None:
+        super().__init__(f"{prefix}{field + ': ' if field else ''}{detail}")
+        self.field = field
+        self.detail = detail
+
+
 class DataError(ConfigError):
     """A dataset is missing, empty or malformed."""
 

@@ -23,8 +23,8 @@ from petlbench.columns import Metrics, declared, numeric_columns, text_columns
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError, ResultsLocked, WriteError
 from petlbench.fmt import describe_exception, fmt_knob, missing
-from petlbench.measure.attribution import WhyData, save_why, why_path
 from petlbench.spec.models import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
+from petlbench.why import WhyData, save_why, why_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -306,6 +306,32 @@ def stored_statuses(folder: Path) -> dict[str, str]:
         for run_id, status in zip(frame["run_id"], frame["status"], strict=True):
             statuses[str(run_id)] = str(status)
     return statuses
+
+
+def stored_results(folder: Path) -> list[RunResult]:
+    """Every row of one suite folder read back as a RunResult (spec, status, metrics; not env or timelines)."""
+    if not folder.exists():
+        return []
+    frame = load_results([folder])
+    if frame.empty or "spec_json" not in frame.columns:
+        return []
+    stored: list[RunResult] = []
+    for row in frame.to_dict("records"):
+        if not isinstance(row.get("spec_json"), str):
+            continue
+        values = {name: row[name] for name in Metrics.model_fields if name in row and not missing(row[name])}
+        error, duration = row.get("error"), row.get("duration_s")
+        stored.append(
+            RunResult(
+                spec=RunSpec.model_validate_json(row["spec_json"]),
+                status=row["status"],
+                error=error if isinstance(error, str) else None,
+                metrics=Metrics.model_validate(values),
+                created_at=str(row.get("created_at")),
+                duration_s=float(duration) if isinstance(duration, int | float) and not missing(duration) else None,
+            )
+        )
+    return stored
 
 
 def summarize(results: Iterable[RunResult]) -> Mapping[str, int]:

@@ -109,11 +109,11 @@ estimate_rc=${PIPESTATUS[0]}
 step "estimated vs measured"
 exact=()
 [ "$device" = cpu ] && exact=(--exact)
-"$py" -m petlbench.estimate.calibration "$out/results" "$name" "$out" "${exact[@]}" 2>&1 | tee "$out/compare.log"
+"$py" scripts/calibration.py "$out/results" "$name" "$out" "${exact[@]}" 2>&1 | tee "$out/compare.log"
 compare_rc=${PIPESTATUS[0]}
 
 step "bare training loop vs petlbench (one configuration)"
-"$py" -m petlbench.measure.reference "$out/results" "$name" "$out" 2>&1 | tee "$out/reference.log"
+"$py" scripts/reference_loop.py "$out/results" "$name" "$out" 2>&1 | tee "$out/reference.log"
 reference_rc=${PIPESTATUS[0]}
 
 step "done"

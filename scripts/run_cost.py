@@ -55,7 +55,7 @@ def main() -> None:
         for name in paths:
             servers = None
             if name == "fork":
-                from petlbench.executors.forkserver import ForkServers
+                from petlbench.executors.forkclient import ForkServers
 
                 servers = ForkServers(dict(os.environ))
             if servers is not None:

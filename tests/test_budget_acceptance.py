@@ -13,7 +13,7 @@ from petlbench.results import RunResult, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from petlbench.results import load_results, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.tuners import TUNERS
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 from tests.datagen import make_data_root, make_imagefolder, make_vtab_task, write_png
 

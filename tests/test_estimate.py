@@ -8,7 +8,7 @@ from petlbench.estimate.engine import estimate_memory
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.tuners import TUNERS
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 FIELDS = (

@@ -16,7 +16,7 @@ from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import TUNERS
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 

@@ -14,7 +14,7 @@ import torch
 from petlbench.results import RunResult
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 
 pytestmark = pytest.mark.gpu
 

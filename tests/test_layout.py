@@ -18,7 +18,7 @@ from petlbench.spec import controls
 from petlbench.spec.models import GROUP_COLUMNS, PAIR_COLUMNS, BackboneSpec, RunSpec
 from petlbench.tuners import TUNERS, Tuner
 from petlbench.tuners.base import build_tuned_model
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TinyVitFactory
 from tests.test_worker import spec
 

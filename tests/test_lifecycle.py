@@ -23,15 +23,15 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.errors import ResultsLocked, WriteError
-from petlbench.executors.base import RunEvent, RunFinished, RunStarted
-from petlbench.executors.forkserver import ForkServers
+from petlbench.executors.events import RunEvent, RunFinished, RunStarted
+from petlbench.executors.forkclient import ForkServers
 from petlbench.executors.local import run_in_subprocess
 from petlbench.executors.process import TEMP_PREFIX, clean_stale_temp, killed_by_oom_killer, oom_kills
 from petlbench.results import failed_result, load_results, results_lock
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
-from petlbench.sweep import execute
+from petlbench.run.sweep import execute
 from tests.test_parallel import workers_with, write_suite
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def workers_with(marker: str) -> list[int]:
     """Pids of live petlbench workers whose environment carries `marker` (not other people's workers): spawned
-    (`python -m petlbench.worker`) or forked by the fork server (named `petlbench-run`). Zombies do not count."""
+    (`python -m petlbench.run.worker`) or forked by the fork server (named `petlbench-run`). Zombies do not count."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -61,7 +61,7 @@ def workers_with(marker: str) -> list[int]:
             continue
         if stat.rpartition(")")[2].split()[0] in {"Z", "X"}:
             continue
-        worker = b"petlbench.worker" in cmdline or (b"petlbench.forkserver" in cmdline and comm == "petlbench-run")
+        worker = b"petlbench.run.worker" in cmdline or (b"petlbench.run.forkserver" in cmdline and comm == "petlbench-run")
         if worker and f"PETLBENCH_TEST_MARKER={marker}".encode() in environ:
             pids.append(int(proc.name))
     return pids

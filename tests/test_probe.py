@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from petlbench.cli.app import app
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
-from petlbench.spec.probe import probe_request, run_probe
+from petlbench.run.probe import probe_request, run_probe
 from petlbench.tuners import available_tuners
 from tests.conftest import TinyVitFactory
 
@@ -80,5 +80,5 @@ def test_every_registered_tuner_probes_clean_on_a_valid_backbone(tmp_path: Path)
     )
     loaded = load_suite(suite)
     request = probe_request(loaded, expand(loaded, "cpu"))
-    assert len(request["backbones"]) == 2 and len(request["tuners"]) == 2 * len(names)
+    assert len(request["backbones"]) == 2 and len(request["models"]) == 2 * len(names)
     assert run_probe(request) == []

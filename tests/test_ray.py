@@ -24,7 +24,7 @@ from petlbench.results import load_results
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec
-from petlbench.sweep import plan
+from petlbench.run.sweep import plan
 from tests.test_parallel import SAME, SMOKE, plugin_env, workers_with, write_suite
 
 RAY_CPUS = 2

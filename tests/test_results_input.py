@@ -86,7 +86,7 @@ def test_a_newer_schema_is_refused_by_run_planning_too(tmp_path: Path) -> None:
 
 
 def test_markdown_cells_and_literal_spans_are_plain_text() -> None:
-    from petlbench.report.tables import Heading, Para, Table, literal, to_html, to_markdown
+    from petlbench.report.document import Heading, Para, Table, literal, to_html, to_markdown
 
     nasty = "a*b*_c_ `x` [link](http://e) <img src=x> | ~~s~~ &amp; $m$ \\"
     blocks = [Heading(f"1. {literal(nasty)}"), Para(f"see `code` and {literal(nasty)}"), Table(["error"], [[nasty]])]

@@ -12,7 +12,7 @@ from petlbench.report.frame import points
 from petlbench.report.pareto import THROUGHPUT, WITHOUT_ACCURACY, frontier_flags
 from petlbench.results import normalise
 from petlbench.spec.models import MeasureSpec, TimingProtocol
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.report_rows import frame, row
 from tests.test_worker import spec
 

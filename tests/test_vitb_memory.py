@@ -9,7 +9,7 @@ import pytest
 
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 
 pytestmark = pytest.mark.slow
 

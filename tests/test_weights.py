@@ -21,7 +21,7 @@ from petlbench.errors import ConfigError
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import BackboneSpec
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_offline_hub_tag_fails_fast_in_a_fresh_worker(tmp_path: Path) -> None:
     # no network, whatever this machine has: the hub is a closed local port, the cache an empty folder
     env |= {"PYTHONPATH": str(ROOT), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [sys.executable, "-m", "petlbench.worker", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+        [sys.executable, "-m", "petlbench.run.worker", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
         capture_output=True,
         text=True,
         env=env,

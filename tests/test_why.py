@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.estimate.engine import Estimator
-from petlbench.measure.attribution import (
+from petlbench.why import (
     CATEGORIES,
     WhyData,
     find_timelines,
@@ -35,7 +35,8 @@ from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import TUNERS
-from petlbench.worker import build_model, execute
+from petlbench.run.model import build_model
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 BATCH = 4

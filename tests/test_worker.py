@@ -12,7 +12,7 @@ from petlbench.backbone import build_backbone
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 TINY = {

@@ -8,36 +8,28 @@ terminated (SIGTERM). The parent process never imports torch; workers do.
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated
 
 import typer
 
-from petlbench.cli import estimate as estimate_cmd
-from petlbench.cli.console import err, error_line, fail, out, progress_bar
+from petlbench.cli import estimates as estimate_cmd
+from petlbench.cli.console import err, error_line, fail, out
+from petlbench.cli.sweep_view import show_sweep
 from petlbench.cli.tables import (
     check_table,
     compare_table,
-    result_line,
     runs_table,
-    summary_table,
     tuner_detail,
     tuners_table,
 )
 from petlbench.data.specs import DATA_ROOT_ENV
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
-from petlbench.estimate import client as estimate_client
-from petlbench.estimate.guard import check_cpu_plan
-from petlbench.executors import ExecutorKind, RunFinished, RunStarted, make_executor
-from petlbench.executors.devices import available_cores
-from petlbench.executors.process import Terminated, sigterm_as_interrupt
-from petlbench.measure.nvml import visible_gpus
+from petlbench.executors import ExecutorKind
+from petlbench.executors.process import sigterm_as_interrupt
 from petlbench.report import Plot
-from petlbench.results import RunResult, check_writable, stored_statuses, suite_dir, summarize
-from petlbench.spec.models import RunSpec
-from petlbench.sweep import config_errors, execute, exit_code, hold, plan, prepare, record
+from petlbench.results import check_writable, stored_statuses, suite_dir
+from petlbench.run.sweep import SweepRequest, prepare
 from petlbench.tuners import available_tuners, unknown_tuner_message
 
 app = typer.Typer(
@@ -75,24 +67,33 @@ PreflightOpt = Annotated[
 ]
 
 
-def quickstart_jobs(runs: Sequence[RunSpec]) -> int:
-    """The quickstart pins one torch thread per run, so on a CPU it runs one run per core (up to 2): each run
-    still has a core of its own, and a new user waits half as long."""
-    threads = max((r.measure.cpu_threads or available_cores() for r in runs), default=1)
-    return max(1, min(2, available_cores() // threads))
-
-
 def builtin_quickstart() -> Path:
     """The quickstart suite shipped inside the package (so `petlbench run` works from any folder)."""
     return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
 
 
-def _running(labels: Sequence[str], shown: int = 2) -> str:
-    """Progress text for the runs in flight: 'lora rank=4 bs=8 fp32', or '3 running: a · b · +1'."""
-    if len(labels) <= 1:
-        return labels[0] if labels else "waiting"
-    more = [f"+{len(labels) - shown}"] if len(labels) > shown else []
-    return f"{len(labels)} running: " + " · ".join([*labels[:shown], *more])
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="runs at once; CPU: default 1, each run gets its share of the cores; CUDA: default and at most one run "
+        "per visible GPU; ray: cap on runs in flight",
+        show_default=False,
+    ),
+]
+ExecutorOpt = Annotated[
+    ExecutorKind,
+    typer.Option("--executor", help="local: subprocesses on this machine; ray: Ray tasks (pip install petlbench[ray])"),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="ray: a running cluster ('auto', or HOST:6379); omitted: a local Ray instance for this sweep",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -106,174 +107,47 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="re-run runs that already have a result")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs that would execute; run nothing")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any run ends oom, error or timeout")] = False,
-    jobs: Annotated[
-        int | None,
-        typer.Option(
-            "--jobs",
-            "-j",
-            help="runs at once; CPU: default 1, each run gets its share of the cores; CUDA: default and at most one "
-            "run per visible GPU; ray: cap on runs in flight",
-            show_default=False,
-        ),
-    ] = None,
-    executor: Annotated[
-        ExecutorKind,
-        typer.Option(
-            "--executor", help="local: subprocesses on this machine; ray: Ray tasks (pip install petlbench[ray])"
-        ),
-    ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address",
-            help="ray: a running cluster ('auto', or HOST:6379); omitted: a local Ray instance for this sweep",
-            show_default=False,
-        ),
-    ] = None,
+    jobs: JobsOpt = None,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     data_root: DataRootOpt = None,
-    preflight_checks: PreflightOpt = True,
+    preflight: PreflightOpt = True,
     skip_predicted_oom: Annotated[bool, estimate_cmd.SKIP_OPTION] = False,
     memory_limit: Annotated[str | None, estimate_cmd.LIMIT_OPTION] = None,
 ) -> None:
     """Run a suite: each run in its own subprocess, one parquet row per run under results/<suite>/.
 
-    With `batch_size: auto` each configuration's largest batch under the memory limit is searched instead.
-    Exit code 2 when the suite, its data or a run's configuration is invalid (a bad image found by a worker
-    included); the other runs still finish and are saved.
-
-    SIGTERM stops a sweep like Ctrl-C (workers killed, finished runs kept) and exits 143; Ctrl-C exits 130.
-    A second run of the same suite into the same results folder refuses to start (exit 2).
+    Without a suite: the built-in quickstart (a tiny ViT on scikit-learn's digits, every tuner, CPU, a few
+    minutes), then its report under reports/quickstart/. With `batch_size: auto` each configuration's largest
+    batch under the memory limit is searched instead. Exit code 2 when the suite, its data or a run's
+    configuration is invalid; the other runs still finish and are saved. SIGTERM stops a sweep like Ctrl-C
+    (workers killed, finished runs kept) and exits 143; Ctrl-C exits 130. A second run of the same suite into the
+    same results folder refuses to start (exit 2).
 
     Example: petlbench run suites/memory.yaml --device cuda --skip-predicted-oom
     """
     ctx.with_resource(sigterm_as_interrupt())
-    try:
-        prepared = prepare(suite or builtin_quickstart(), device, data_root, preflight_checks, executor == "local")
-        suite_obj, runs = prepared.suite, prepared.runs
-        run_device = runs[0].device if runs else "cpu"
-        if suite is None and jobs is None and executor == "local" and run_device == "cpu":
-            jobs = quickstart_jobs(runs)
-        runner = make_executor(executor, results_dir, run_device, jobs, address)
-        if not dry_run:  # writable, and no other run of this suite writes it while this one does
-            ctx.with_resource(hold(results_dir, suite_obj.name))
-        if suite_obj.auto_batch_size:
-            estimate_cmd.run_auto_batch_command(
-                suite_obj, runs, results_dir, force, dry_run, strict, memory_limit, runner, out, err
-            )
-            return
-        if memory_limit is not None and not skip_predicted_oom:
-            raise ConfigError("--memory-limit: only used with --skip-predicted-oom or a suite with batch_size: auto")
-        if skip_predicted_oom and runs:  # the same refusal with --dry-run as without
-            estimate_client.memory_limit(memory_limit, runs[0].device, visible_gpus(), "--memory-limit", required=True)
-        todo = plan(runs, results_dir, force)
-    except PetlbenchError as exc:
-        fail(exc)
-    where = suite_dir(results_dir, suite_obj.name)
-    device_name = runs[0].device if runs else "-"
-    out.print(
-        f"[bold]{suite_obj.name}[/bold]: {len(runs)} runs on {device_name} → {where}/ "
-        f"({len(todo.done)} done, {len(todo.todo)} to run"
-        + (f", {len(todo.retry)} retried" if todo.retry else "")
-        + ")"
-        + ("" if str(runner) == "local" else f" · {runner}")
+    quickstart = suite is None
+    request = SweepRequest(
+        suite=suite or builtin_quickstart(),
+        quickstart=quickstart,
+        reports_dir=results_dir.parent / "reports" / "quickstart" if quickstart else None,
+        device=device,
+        results_dir=results_dir,
+        force=force,
+        dry_run=dry_run,
+        strict=strict,
+        jobs=jobs,
+        executor=executor,
+        address=address,
+        data_root=data_root,
+        preflight=preflight,
+        skip_predicted_oom=skip_predicted_oom,
+        memory_limit=memory_limit,
     )
-    if dry_run and todo.todo:
-        out.print(runs_table(todo.todo, title="runs to execute"))
-        out.print(f"dry run: {len(todo.todo)} runs would execute; nothing was run")
-        return
-    if not todo.todo:
-        out.print(f"nothing to run: all {len(runs)} runs already have results in {where}/ (use --force to re-run)")
-        return
-    if prepared.auto_cpu:  # no GPU here: refuse a CPU plan that cannot fit or would take hours
-        try:
-            with out.status("device auto → cpu: predicting the plan's memory and time (petlbench estimate)"):
-                check_cpu_plan(suite_obj.source, todo.todo)
-        except PetlbenchError as exc:
-            fail(exc)
-
-    results: list[RunResult] = []
-    specs = todo.todo
-    if skip_predicted_oom:
-        try:
-            specs, skipped = estimate_cmd.skip_predicted_oom(specs, memory_limit, visible_gpus(), out)
-            record(results_dir, skipped)
-        except PetlbenchError as exc:
-            fail(exc)
-        results.extend(skipped)
-    interrupted = 0
-    progress = progress_bar(eta=True)
-    with ExitStack() as stack:
-        stack.enter_context(progress)
-        parallel = jobs or (len(visible_gpus()) if device_name == "cuda" else 1) or 1
-        seed = _seconds_per_run(where, device_name)
-        task = progress.add_task("starting", total=len(specs), seed_s=seed, parallel=parallel)
-        running: dict[str, str] = {}
-        try:
-            for event in execute(specs, runner, results_dir):
-                if isinstance(event, RunStarted):
-                    running[event.spec.run_id] = event.spec.label()
-                elif isinstance(event, RunFinished):
-                    running.pop(event.result.run_id, None)
-                    results.append(event.result)
-                    progress.console.print(result_line(event.result))
-                    progress.advance(task)
-                progress.update(task, description=_running(list(running.values())))
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-            interrupted = 143 if isinstance(exc, Terminated) else 130
-        except PetlbenchError as exc:
-            progress.stop()
-            fail(exc)
-
-    if results:
-        out.print(summary_table(results, title=f"{suite_obj.name}: {len(results)} runs"))
-    counts = summarize(results)
-    out.print("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())) + f"  → {where}/")
-    if interrupted:
-        held = len(stored_statuses(where))
-        err.print(
-            f"interrupted: {len(results)} runs finished in this session; {where}/ holds {held} results; "
-            "run the same command to resume"
-        )
-        raise typer.Exit(interrupted)
-    if suite is None:  # the quickstart ends with its report, so a new user sees the figures too
-        _quickstart_report(where, results_dir.parent / "reports" / suite_obj.name)
-    failed = config_errors(results)
-    for line, count in failed.items():
-        err.print(error_line(line + (f" ({count} runs)" if count > 1 else "")))
-    if failed:
-        err.print(
-            f"{sum(failed.values())} runs failed on their configuration or data; the other results are in {where}/"
-        )
-    code = exit_code(results, strict)
+    code = show_sweep(request)
     if code:
         raise typer.Exit(code)
-
-
-ROUGH_SECONDS_PER_RUN: Final = {"cpu": 20.0, "cuda": 60.0}  # the ETA before any run of this suite finished
-
-
-def _seconds_per_run(folder: Path, device: str) -> float:
-    """The mean duration of the runs already stored in `folder`, else a rough constant for the device."""
-    from petlbench.results import load_results
-
-    try:
-        stored = load_results([folder]) if folder.exists() else None
-    except PetlbenchError:
-        stored = None
-    if stored is not None and "duration_s" in stored and stored["duration_s"].notna().any():
-        return float(stored["duration_s"].dropna().mean())
-    return ROUGH_SECONDS_PER_RUN.get(device, 30.0)
-
-
-def _quickstart_report(results: Path, reports: Path) -> None:
-    from petlbench.report import build_report
-
-    try:
-        summary = build_report([results], ["all"], reports, None)
-    except PetlbenchError as exc:
-        err.print(f"note: no report ({exc})")
-        return
-    out.print(f"report: {summary.markdown} and {len(summary.figures)} figures in {summary.out}/")
 
 
 @app.command()
@@ -416,8 +290,8 @@ def explain(
 
     Example: petlbench explain results/quickstart --method fact --batch-size 8 --vs lora
     """
-    from petlbench.cli.why_tables import explanation_view
-    from petlbench.report.why import explain as explain_core
+    from petlbench.cli.explain_view import explanation_view
+    from petlbench.report.explain import explain as explain_core
 
     paths = results or [Path("results")]
     try:

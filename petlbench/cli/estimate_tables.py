@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 
 from rich.text import Text
 
+from petlbench.cli.console import err, out
 from petlbench.cli.tables import Col, FitTable, backbone_label, result_line
-from petlbench.estimate.autobatch import AutoBatchOutcome
 from petlbench.estimate.client import Estimate, fits
-from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct
+from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_seconds
 from petlbench.report.fit import largest_fitting, size_label
 from petlbench.results import RunResult
+from petlbench.run.batch_search import AutoBatchOutcome
+from petlbench.run.predict import Prediction
 from petlbench.spec.models import RunSpec
 
 
@@ -198,3 +200,34 @@ def fit_table(
     for key, peaks in configs.items():
         table.add_row(*key, *(largest_fitting(peaks, size).text() for size in sizes))
     return table
+
+
+def show_prediction(p: Prediction) -> None:
+    """What `petlbench estimate` prints: the per-run table (or the largest batch per configuration for
+    `batch_size: auto`), the fit table for several memory sizes, the caveats and a one-line summary."""
+    name, runs, estimates = p.suite.name, p.runs, p.estimates
+    if p.search is not None:
+        assert p.limit is not None
+        out.print(max_batch_table(runs, estimates, p.limit, title=f"{name}: largest batch predicted to fit"))
+    else:
+        title = f"{name}: predicted peak memory ({p.device}), {len(runs)} runs"
+        out.print(estimate_table(runs, estimates, p.limit, title=title))
+        if len(p.limits) > 1 or (p.limits and len({r.batch_size for r in runs}) > 1):
+            what_fits = f"{name}: largest batch predicted to fit ({p.device})"
+            out.print(fit_table(runs, estimates, p.limits, title=what_fits))
+    if p.device == "cuda":
+        out.print(
+            "CUDA estimate from fake CPU tensors with the CPU→CUDA deltas (512-B rounding, 1-B dropout masks); "
+            "not included: CUDA context, cuBLAS workspaces, fragmentation (reserved). Uncalibrated until "
+            "scripts/gpu-validate.sh runs on a GPU.",
+            style="dim",
+        )
+    for e in p.failed:
+        err.print(f"estimate failed for {e.run_id}: {first_line(e.error)}")
+    what = "configurations searched" if p.search is not None else "runs estimated"
+    summary = f"{len(runs)} {what.replace('s ', ' ', 1) if len(runs) == 1 else what} in {fmt_seconds(p.seconds)}"
+    if p.limit is not None and p.search is None:
+        summary += f": {len(runs) - len(p.over) - len(p.failed)} fit {fmt_bytes(p.limit)}, {len(p.over)} over"
+    if p.failed:
+        summary += f", {len(p.failed)} failed"
+    out.print(f"{summary} → {p.folder}/ (memory_source=estimate; measured rows stay in {p.measured}/)")

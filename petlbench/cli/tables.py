@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from rich import box
@@ -192,16 +192,19 @@ def result_line(result: RunResult) -> Text:
     return line
 
 
-def summary_table(results: Iterable[RunResult], title: str = "Summary") -> FitTable:
-    """End-of-sweep table: one row per run with the headline numbers."""
+def summary_table(results: Iterable[RunResult], title: str = "Summary", now: Collection[str] = ()) -> FitTable:
+    """End-of-sweep table: one row per run with the headline numbers; with `now` (the run_ids of this invocation,
+    when it ran only some of the rows) those rows are marked `*`."""
     results = list(results)
     datasets = [data_label(r.spec.data) for r in results]
     show_data = len(set(datasets)) > 1
+    mark = bool(now) and len(set(now)) < len(results)
     names = ["tuner", "knob", "batch", "precision", "status", "trainable", "peak", "weights", "grads", "optim"]
     names += ["activ.", "img/s", "acc"]
     # narrow terminal: the breakdown goes first (it is in the report), then precision and data
     drops = {"grads": 6, "optim": 5, "weights": 4, "activ.": 3, "precision": 2, "data": 1}
-    cols = [Col("data", drop=1)] if show_data else []
+    cols = [Col("")] if mark else []
+    cols += [Col("data", drop=1)] if show_data else []
     cols += [
         Col(c, "left" if c in ("tuner", "knob", "precision", "status") else "right", drops.get(c, 0)) for c in names
     ]
@@ -209,6 +212,7 @@ def summary_table(results: Iterable[RunResult], title: str = "Summary") -> FitTa
     for r, dataset in zip(results, datasets, strict=True):
         m = r.metrics
         table.add_row(
+            *(["*" if r.run_id in now else ""] if mark else []),
             *([dataset] if show_data else []),
             r.spec.method,
             fmt_knob(r.spec.knob_name, r.spec.knob),

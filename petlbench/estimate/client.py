@@ -36,7 +36,8 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -46,12 +47,12 @@ from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
-from petlbench.measure.attribution import WhyData
 from petlbench.measure.nvml import gpu_memory_bytes
 from petlbench.results import EnvValue, RunResult, now_iso
 from petlbench.spec.base import StrictModel
 from petlbench.spec.models import ESTIMATE_SUFFIX, Device, RunSpec
 from petlbench.tuners import make_tuner
+from petlbench.why import WhyData
 
 ESTIMATE_SOURCE: Final = "estimate"
 MEASURED_SOURCES: Final = frozenset({"cuda_allocator", "cpu_tracker"})
@@ -194,10 +195,10 @@ def estimate_caveats(spec: RunSpec) -> tuple[str | None, bool]:
 # Rows
 
 
-def estimate_result(spec: RunSpec, estimate: Estimate, limit: int | None) -> RunResult:
-    """The row `petlbench estimate` stores for a run: suite `<suite>.estimate`, same run_id, memory_source=estimate."""
+def estimate_result(spec: RunSpec, estimate: Estimate) -> RunResult:
+    """The row `petlbench estimate` stores for a run: suite `<suite>.estimate`, same run_id, memory_source=estimate.
+    It carries no memory limit: whether it fits is judged when reading, against any size."""
     metrics = estimate.metrics.model_copy() if estimate.metrics is not None else Metrics(memory_source=ESTIMATE_SOURCE)
-    metrics.memory_limit_bytes = limit
     return RunResult(
         spec=spec.model_copy(update={"suite": spec.suite + ESTIMATE_SUFFIX}),
         status="ok" if estimate.metrics is not None else "error",
@@ -250,6 +251,17 @@ def split_predicted_oom(
 # The estimator subprocess
 
 Progress = Callable[[int, int, str], None]  # (done, total, label of the run just estimated)
+
+
+@dataclass(frozen=True)
+class Estimating:
+    """Progress of a batch of estimates: `done` of `total`, `label` the run just estimated."""
+
+    done: int
+    total: int
+    label: str
+
+
 TEMP_PREFIX: Final = "petlbench-estimate-"  # + owner PID, see process.clean_stale_temp
 MESSAGE_PREFIX: Final = "@petlbench-estimate "  # marks the child's protocol lines on its stdout
 
@@ -275,11 +287,33 @@ def run_estimates(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
 ) -> dict[str, Estimate]:
-    """Estimate every spec in up to `jobs` `python -m petlbench.estimate.engine` processes; run_id → Estimate.
+    """Estimate every spec (`estimating`), calling `on_progress(done, total, label)` as they finish; run_id →
+    Estimate."""
+    events = estimating(specs, search, jobs, python, env)
+    while True:
+        try:
+            done, total, label = next(events)
+        except StopIteration as stop:
+            answer: dict[str, Estimate] = stop.value
+            return answer
+        if on_progress is not None:
+            on_progress(done, total, label)
+
+
+def estimating(
+    specs: Sequence[RunSpec],
+    search: SearchRequest | None = None,
+    jobs: int = 1,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
+) -> Generator[tuple[int, int, str], None, dict[str, Estimate]]:
+    """Estimate every spec in up to `jobs` `python -m petlbench.estimate.engine` processes, yielding (done, total,
+    label of the run just estimated) as they finish; returns run_id → Estimate.
 
     Each process serves requests on stdin, one model configuration at a time, and takes the next configuration when
     it is done (configurations differ tenfold in cost, so a static split leaves one process idle). A process that
-    dies turns its configuration into Estimates with an error (its log tail), never an exception.
+    dies turns its configuration into Estimates with an error (its log tail), never an exception. Closing the
+    generator (or an interrupt) kills the processes.
     """
     if not specs:
         return {}
@@ -322,8 +356,7 @@ def run_estimates(
                     last_error = died[0] if died else last_error
                 elif kind == "progress":
                     done += 1
-                    if on_progress:
-                        on_progress(done, total, str(payload))
+                    yield done, total, str(payload)
             while not work.empty():  # every process died before taking these
                 for spec in work.get():
                     results[spec.run_id] = Estimate(run_id=spec.run_id, error=last_error)

@@ -50,14 +50,14 @@ from petlbench.estimate.client import (
     model_key,
 )
 from petlbench.fmt import describe_exception
-from petlbench.measure.attribution import WhyData, summarize_step
 from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.timeline import at_batch
 from petlbench.measure.tracker import TensorTracker, Timeline, replay
 from petlbench.results import EnvValue
+from petlbench.run.model import build_model, model_img_size
 from petlbench.spec.models import RunSpec
-from petlbench.worker import build_model, model_img_size
+from petlbench.why import WhyData, summarize_step
 
 log = logging.getLogger("petlbench.estimate")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Literal, TypeAlias
 
 from petlbench.errors import ConfigError
-from petlbench.executors.base import Executor, RunEvent, RunFinished, RunStarted
+from petlbench.executors.events import Executor, RunEvent, RunFinished, RunStarted
+from petlbench.executors.forkclient import ForkServers
 from petlbench.spec.models import Device
 
 __all__ = ["Executor", "ExecutorKind", "RunEvent", "RunFinished", "RunStarted", "make_executor"]
@@ -32,6 +33,7 @@ def make_executor(
     jobs: int | None = None,
     address: str | None = None,
     gpus: Sequence[str] | None = None,
+    servers: ForkServers | None = None,
 ) -> Executor:
     """The executor the `run` command asked for; option errors are one-line ConfigErrors, raised before any run.
 
@@ -46,7 +48,8 @@ def make_executor(
         from petlbench.measure.nvml import visible_gpus
 
         gpus = visible_gpus() if gpus is None else list(gpus)
-        return LocalExecutor(results_dir, jobs=resolve_jobs(device, jobs, gpus), gpus=gpus if device == "cuda" else ())
+        jobs = resolve_jobs(device, jobs, gpus)
+        return LocalExecutor(results_dir, jobs=jobs, gpus=gpus if device == "cuda" else (), servers=servers)
     if kind == "ray":
         from petlbench.executors.ray import RayExecutor
 

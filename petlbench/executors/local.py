@@ -1,7 +1,7 @@
 """Local executor: one worker process per run, with a wall-clock timeout.
 
 Each worker is forked from a fork server that imported torch and timm once (`forkserver.py`; docs/scaling.md), or,
-with `PETLBENCH_FORK_SERVER=0` and on Ray nodes, a fresh `python -m petlbench.worker` interpreter. Either way a
+with `PETLBENCH_FORK_SERVER=0` and on Ray nodes, a fresh `python -m petlbench.run.worker` interpreter. Either way a
 run gets its own process, CUDA context and caching allocator, so one run's fragmentation or OOM never leaks into
 the next. The child's stdout/stderr go to `results/<suite>/logs/<run_id>.log`. Workers die with their parent
 (`process.die_with_parent`), and a SIGKILL from the kernel's OOM killer is recorded as `oom`.
@@ -31,9 +31,9 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from petlbench.errors import ConfigError
-from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
-from petlbench.executors.forkserver import ForkServers, fork_server_enabled
+from petlbench.executors.events import RunEvent, RunFinished, RunStarted
+from petlbench.executors.forkclient import WORKER, ForkServer, ForkServers, fork_server_enabled
 from petlbench.executors.process import (
     RUNS_IN_FLIGHT_ENV,
     TEMP_PREFIX,
@@ -45,9 +45,9 @@ from petlbench.executors.process import (
     start,
     temp_dir,
 )
-from petlbench.measure.attribution import SNAPSHOT_DIR
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
+from petlbench.why import SNAPSHOT_DIR
 
 TAIL_LINES = 20
 TAIL_CHARS = 2000
@@ -104,7 +104,7 @@ class Child(Protocol):
 
 
 class SpawnedChild:
-    """`python -m petlbench.worker` in a fresh interpreter (the fallback, and the only path on Ray nodes)."""
+    """`python -m petlbench.run.worker` in a fresh interpreter (the fallback, and the only path on Ray nodes)."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
@@ -157,16 +157,15 @@ class Children:
 
 
 def _start_child(
-    spec_file: Path, out_file: Path, log: Path, env: Mapping[str, str], python: str, servers: ForkServers | None
+    spec_file: Path, out_file: Path, log: Path, env: Mapping[str, str], python: str, server: ForkServer | None
 ) -> Child:
-    server = servers.get() if servers is not None else None
     if server is not None:
-        forked = server.spawn(spec_file, out_file, log, env)
+        forked = server.spawn(WORKER, [str(spec_file), str(out_file)], log, env)
         if forked is not None:
             return forked
     with log.open("wb") as log_file:
         proc = start(
-            [python, "-m", "petlbench.worker", str(spec_file), str(out_file)],
+            [python, "-m", "petlbench.run.worker", str(spec_file), str(out_file)],
             {**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -190,56 +189,71 @@ def run_in_subprocess(
     log = log_path(results_dir, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(TEMP_PREFIX)
+    lease = servers.lease() if servers is not None else contextlib.nullcontext(None)
     try:
-        spec_file, out_file = tmp / "spec.json", tmp / "result.json"
-        spec_file.write_text(spec.model_dump_json())
-        oom_before = oom_kills()
-        start_time = time.monotonic()
-        in_flight = 1 + (children.running() if children is not None else 0)
-        env = {**(env or {}), RUNS_IN_FLIGHT_ENV: str(in_flight)}
-        proc = _start_child(spec_file, out_file, log, env, python, servers)
-        if children is not None:
-            children.add(proc)
-        try:
-            code = proc.wait(timeout=spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)  # reap it (a fork server reports the exit of the worker it killed)
-            return failed_result(
-                spec,
-                "timeout",
-                f"run exceeded its timeout of {spec.timeout_s:g} s and was killed; raise timeout_s in the suite"
-                f"\n{log_tail(log)}",
-                duration_s=time.monotonic() - start_time,
-            )
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            if children is not None:
-                children.discard(proc)
-        kill_pgid(proc.pid)  # what the worker left running (DataLoader workers after its os._exit)
-        duration = time.monotonic() - start_time
-        if out_file.exists():
-            try:
-                result = RunResult.model_validate_json(out_file.read_text())
-            except (ValidationError, OSError) as exc:
-                return failed_result(spec, "error", f"worker wrote an unreadable result: {exc}", duration)
-            return keep_snapshot(result, results_dir)
-        if killed_by_oom_killer(code, oom_before, oom_kills()):
-            return failed_result(
-                spec,
-                "oom",
-                f"the kernel's OOM killer stopped the worker (out of host memory at batch size {spec.batch_size})"
-                f"\n{log_tail(log)}",
-                duration,
-            )
-        return failed_result(
-            spec, "error", f"worker {describe_exit(code)} without writing a result\n{log_tail(log)}", duration
-        )
+        with lease as server:  # the server is this run's until its worker ends
+            return _run_child(spec, results_dir, log, tmp, env, python, children, server)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_child(
+    spec: RunSpec,
+    results_dir: Path,
+    log: Path,
+    tmp: Path,
+    env: Mapping[str, str] | None,
+    python: str,
+    children: Children | None,
+    server: ForkServer | None,
+) -> RunResult:
+    spec_file, out_file = tmp / "spec.json", tmp / "result.json"
+    spec_file.write_text(spec.model_dump_json())
+    oom_before = oom_kills()
+    start_time = time.monotonic()
+    in_flight = 1 + (children.running() if children is not None else 0)
+    env = {**(env or {}), RUNS_IN_FLIGHT_ENV: str(in_flight)}
+    proc = _start_child(spec_file, out_file, log, env, python, server)
+    if children is not None:
+        children.add(proc)
+    try:
+        code = proc.wait(timeout=spec.timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)  # reap it (a fork server reports the exit of the worker it killed)
+        return failed_result(
+            spec,
+            "timeout",
+            f"run exceeded its timeout of {spec.timeout_s:g} s and was killed; raise timeout_s in the suite"
+            f"\n{log_tail(log)}",
+            duration_s=time.monotonic() - start_time,
+        )
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        if children is not None:
+            children.discard(proc)
+    kill_pgid(proc.pid)  # what the worker left running (DataLoader workers after its os._exit)
+    duration = time.monotonic() - start_time
+    if out_file.exists():
+        try:
+            result = RunResult.model_validate_json(out_file.read_text())
+        except (ValidationError, OSError) as exc:
+            return failed_result(spec, "error", f"worker wrote an unreadable result: {exc}", duration)
+        return keep_snapshot(result, results_dir)
+    if killed_by_oom_killer(code, oom_before, oom_kills()):
+        return failed_result(
+            spec,
+            "oom",
+            f"the kernel's OOM killer stopped the worker (out of host memory at batch size {spec.batch_size})"
+            f"\n{log_tail(log)}",
+            duration,
+        )
+    return failed_result(
+        spec, "error", f"worker {describe_exit(code)} without writing a result\n{log_tail(log)}", duration
+    )
 
 
 def run_on_node(spec_json: str, env: dict[str, str]) -> tuple[str, str]:
@@ -276,6 +290,7 @@ class LocalExecutor:
         env: Mapping[str, str] | None = None,
         jobs: int = 1,
         gpus: Sequence[str] = (),
+        servers: ForkServers | None = None,
     ) -> None:
         if jobs < 1:
             raise ConfigError(f"--jobs: must be ≥ 1, got {jobs}")
@@ -283,6 +298,7 @@ class LocalExecutor:
         self.env = dict(env or {})
         self.jobs = jobs
         self.gpus = list(gpus)
+        self.servers = servers  # the sweep's fork servers (it closes them); None: this executor starts its own
 
     def __str__(self) -> str:
         return "local" + (f", {self.jobs} runs at a time" if self.jobs > 1 else "")
@@ -303,7 +319,8 @@ class LocalExecutor:
         children = Children()
         gpus = DevicePool(self.gpus) if self.gpus else None
         env = {**os.environ, **self.env}
-        servers = ForkServers(env) if fork_server_enabled(env) else None
+        own = self.servers is None and fork_server_enabled(env)
+        servers = ForkServers(env) if own else self.servers
 
         def run(spec: RunSpec) -> None:
             if children.closed:  # interrupted before this run started
@@ -335,6 +352,6 @@ class LocalExecutor:
                 yield event
         finally:  # done, interrupted (KeyboardInterrupt), or the caller stopped listening (GeneratorExit)
             children.close()
-            if servers is not None:  # before waiting for the run threads: one may wait on a server's imports
+            if own and servers is not None:  # before waiting for the run threads: one may wait on a server's imports
                 servers.close()
             pool.shutdown(wait=True, cancel_futures=True)

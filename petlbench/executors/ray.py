@@ -26,8 +26,8 @@ from types import ModuleType
 from typing import Any, Final
 
 from petlbench.errors import ConfigError, DeviceError
-from petlbench.executors.base import RunEvent, RunFinished, RunStarted
 from petlbench.executors.devices import thread_env
+from petlbench.executors.events import RunEvent, RunFinished, RunStarted
 from petlbench.executors.local import log_path, run_on_node
 from petlbench.fmt import describe_exception, first_line
 from petlbench.results import RunResult, failed_result

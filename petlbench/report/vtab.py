@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
 from petlbench.data.vtab_tasks import GROUPS, TASKS_BY_NAME, VTAB_TASKS, Group, flat_mean, group_mean, group_means
-from petlbench.report.tables import Block, Bullets, Heading, Table, to_markdown
+from petlbench.report.document import Block, Bullets, Heading, Table, to_markdown
 
 
 @dataclass(frozen=True)

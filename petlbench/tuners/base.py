@@ -103,7 +103,7 @@ class Tuner(StrictModel):
         return ()
 
     def validate_on(self, model: nn.Module) -> None:
-        """Extra checks of these knobs against a built model, run by the pre-flight probe (petlbench/spec/probe.py)
+        """Extra checks of these knobs against a built model, run by the pre-flight probe (petlbench/run/probe.py)
         after `build_tuned_model`, on the meta device (shapes, no data or memory): raise TunerError naming the
         knob and the fix. Default: none (what `attach` itself checks is already covered)."""
 

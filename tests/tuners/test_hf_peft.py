@@ -23,7 +23,7 @@ from petlbench.tuners.base import TunedModel, build_tuned_model
 from petlbench.tuners.hf_peft import RANK_FIELDS, Peft
 from petlbench.tuners.hf_peft.layers import PeftFieldError, PeftNeedsWeights
 from petlbench.tuners.lora.layers import LoraQkv
-from petlbench.worker import execute
+from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE, TinyVitFactory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -143,7 +143,7 @@ def test_targets_follow_peft_matching_and_the_head_is_refused(tiny_vit: TinyVitF
             peft_tuned(tiny_vit(), target_modules=targets)
     with pytest.raises(PeftFieldError, match="'q_proj' matches no module of VisionTransformer") as caught:
         peft_tuned(tiny_vit(), target_modules=["qkv", "q_proj"])
-    assert caught.value.field == "target_modules"
+    assert caught.value.config_field == "target_modules"
     with pytest.raises(PeftFieldError, match=r"the pattern 'blocks\.9\.qkv' matches no module name"):
         peft_tuned(tiny_vit(), target_modules="blocks.9.qkv")
 

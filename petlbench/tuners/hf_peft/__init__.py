@@ -6,8 +6,9 @@ fields of that method's config class (LoraConfig, LoHaConfig, ...), recorded in 
 also be given beside `peft_type` (a suite's `grid: {r: [4, 8]}` lands there), and are moved into `config`.
 
 This module is torch-free, so it checks only the shape of the knobs. peft itself imports torch (and
-transformers), so peft's config classes and the backbone's module names are checked in a child process before any
-run starts (`petlbench.tuners.hf_peft.preflight`), and again in the worker by `attach`.
+transformers), so peft's config classes and the backbone's module names are checked when the pre-flight probe builds
+each configuration on the meta device before any run starts (petlbench/run/probe.py), and again in the worker by
+`attach`.
 
 Methods whose layers keep no shared state are injected in place with `peft.inject_adapter_in_model` (the ViT stays
 the root module); those that share state across layers (VeRA's random projections, VB-LoRA's vector bank) are

@@ -1,8 +1,8 @@
 """The torch side of the peft bridge: peft's config validated field by field, the targets checked against the model,
 the method injected with peft's own API, and merge/unmerge over peft's tuner layers.
 
-Every problem is a `PeftFieldError` naming the config field (or `peft_type`), so the pre-flight child
-(`petlbench.tuners.hf_peft.check`) can point at the suite line, and a worker fails with the same message.
+Every problem is a `PeftFieldError` naming the config field (or `peft_type`), so the pre-flight probe
+(petlbench/run/probe.py) can point at the suite line, and a worker fails with the same message.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from petlbench.errors import TunerError
+from petlbench.errors import KnobError, TunerError
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -50,22 +50,25 @@ NOT_APPLICABLE: Final = {
 }
 
 
-class PeftMissing(TunerError):
-    """peft cannot be imported."""
+class PeftMissing(KnobError):
+    """peft cannot be imported (the fault of the entry's `tuner: peft`, not of a knob)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, detail)
 
 
-class PeftNeedsWeights(TunerError):
-    """The method initialises its adapters from the backbone's weight values, which a meta model does not have."""
+class PeftNeedsWeights(TunerError, NotImplementedError):
+    """The method initialises its adapters from the backbone's weight values, which a meta model does not have
+    (not a configuration error: the pre-flight probe leaves it to the worker)."""
 
 
-class PeftFieldError(TunerError):
-    """A peft config problem: `field` is a config field, 'peft_type', or None (the config as a whole)."""
+class PeftFieldError(KnobError):
+    """A peft config problem: `config_field` is a config field, 'peft_type', or None (the config as a whole)."""
 
-    def __init__(self, field: str | None, detail: str) -> None:
-        where = "peft_type" if field == "peft_type" else f"config.{field}" if field else "config"
-        super().__init__(f"peft: {where}: {detail}")
-        self.field = field
-        self.detail = detail
+    def __init__(self, config_field: str | None, detail: str) -> None:
+        field = "peft_type" if config_field == "peft_type" else f"config.{config_field}" if config_field else "config"
+        super().__init__(field, detail, prefix="peft: ")
+        self.config_field = config_field
 
 
 def _peft() -> Any:

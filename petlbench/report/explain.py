@@ -1,7 +1,7 @@
 """The "why" view: memory over one training step and where the activations at the peak come from.
 
 Reads the summaries stored beside the rows (`results/<suite>/timelines/<run_id>.npz`,
-petlbench.measure.attribution). Two consumers:
+petlbench.why). Two consumers:
 
 - `why_section` (called by `build_report` when a group has timelines): a timeline figure comparing the methods
   at one batch size (a panel per method, same axes, stacked areas by category, the peak marked), the top
@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING, Final
 
 from petlbench.errors import ConfigError, ResultsError
 from petlbench.fmt import fmt_bytes
-from petlbench.measure.attribution import (
+from petlbench.report.document import Block, Heading, Image, Para, Table
+from petlbench.report.frame import Group, variant_order
+from petlbench.results import load_rows, row_label, run_label
+from petlbench.why import (
     CATEGORIES,
     SUBLAYER_GROUP,
     SUBLAYERS,
@@ -36,9 +39,6 @@ from petlbench.measure.attribution import (
     pattern,
     sublayer_pattern,
 )
-from petlbench.report.frame import Group, variant_order
-from petlbench.report.tables import Block, Heading, Image, Para, Table
-from petlbench.results import load_rows, row_label, run_label
 
 if TYPE_CHECKING:
     import pandas as pd

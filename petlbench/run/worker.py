@@ -1,6 +1,6 @@
 """Child-process entry: one RunSpec in, one RunResult out.
 
-    python -m petlbench.worker SPEC.json RESULT.json
+    python -m petlbench.run.worker SPEC.json RESULT.json
 
 Each run gets a fresh interpreter, CUDA context and caching allocator. The protocol (docs/measurement.md):
 
@@ -31,15 +31,14 @@ from typing import NoReturn
 
 import torch
 
-from petlbench.backbone import build_backbone, prepare_hub_access, weights_identity
+from petlbench.backbone import prepare_hub_access, weights_identity
 from petlbench.columns import Metrics
 from petlbench.data.loaders import FileSource, ImageSource, load_data, num_classes
 from petlbench.data.specs import ImageFolderData, VtabData, task_key
-from petlbench.errors import ConfigError, DeviceError, PetlbenchError
+from petlbench.errors import DeviceError, PetlbenchError
 from petlbench.executors.process import RUNS_IN_FLIGHT_ENV, die_with_parent
 from petlbench.fmt import describe_exception
 from petlbench.measure.accuracy import train_and_evaluate
-from petlbench.measure.attribution import WhyData, summarize_step
 from petlbench.measure.env import collect_env
 from petlbench.measure.memory import (
     CUDA_BLOCK,
@@ -54,11 +53,11 @@ from petlbench.measure.speed import time_more, time_steps
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.tracker import TensorTracker
 from petlbench.results import RunResult, Status, now_iso
+from petlbench.run.model import build_model, model_img_size
 from petlbench.spec.models import RunSpec
-from petlbench.tuners import make_tuner
-from petlbench.tuners.base import TunedModel, build_tuned_model
+from petlbench.why import WhyData, summarize_step
 
-log = logging.getLogger("petlbench.worker")
+log = logging.getLogger("petlbench.run.worker")
 
 # A worker ends ok, oom or error (timeouts and skips are decided by the parent, never here).
 EXIT_CODES: dict[Status, int] = {"ok": 0, "oom": 3, "error": 1}
@@ -70,33 +69,6 @@ def torch_device(spec: RunSpec) -> torch.device:
             raise DeviceError("device cuda: torch.cuda.is_available() is False in the worker; use --device cpu")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def build_model(spec: RunSpec, classes: int, device: torch.device | None = None) -> TunedModel:
-    """Backbone + tuner, seeded so the same spec builds the same weights; moved to `device` if given.
-
-    Called under `torch.device("meta")` it builds without allocating (the estimator does this).
-    """
-    torch.manual_seed(spec.seed)
-    backbone = build_backbone(spec.backbone, classes)
-    if spec.grad_checkpointing:
-        set_grad_checkpointing = getattr(backbone, "set_grad_checkpointing", None)
-        if not callable(set_grad_checkpointing):
-            raise ConfigError(f"grad_checkpointing: {spec.backbone.model} does not support it; set it to false")
-        set_grad_checkpointing(True)
-    tuned = build_tuned_model(backbone, make_tuner(spec.tuner, spec.tuner_params))
-    if device is not None:
-        tuned.module.to(device)
-    return tuned
-
-
-def model_img_size(model: torch.nn.Module, fallback: int | None) -> int:
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(size, tuple | list) and size:
-        return int(size[0])
-    if isinstance(size, int):
-        return size
-    return fallback or 224
 
 
 @dataclass
@@ -326,7 +298,7 @@ def execute(spec: RunSpec, snapshot_dir: Path | None = None) -> RunResult:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m petlbench.worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m petlbench.run.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
     return run_files(Path(args[0]), Path(args[1]))
 

@@ -1,6 +1,6 @@
 """A plain training loop, timed the way timm's `benchmark.py` times one, to check the harness adds nothing.
 
-    python -m petlbench.measure.reference RESULTS_DIR SUITE OUT_DIR [--steps N]
+    python scripts/reference_loop.py RESULTS_DIR SUITE OUT_DIR [--steps N]
 
 For one measured row of the suite (LoRA at its largest batch in fp32 when there is one, else the first ok row) it
 builds the run's model (backbone + tuner, exactly as the worker does), then runs warm-up steps and N timed steps
@@ -28,7 +28,8 @@ from petlbench.fmt import fmt_bytes, fmt_rate, fmt_seconds
 from petlbench.measure.step import autocast, make_optimizer
 from petlbench.results import load_results, suite_dir
 from petlbench.spec.models import RunSpec
-from petlbench.worker import build_model, model_img_size, torch_device
+from petlbench.run.model import build_model, model_img_size
+from petlbench.run.worker import torch_device
 
 
 def reference_step_times(spec: RunSpec, steps: int) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = int(args[at + 1])
         del args[at : at + 2]
     if len(args) != 3:
-        print("usage: python -m petlbench.measure.reference RESULTS_DIR SUITE OUT_DIR [--steps N]", file=sys.stderr)
+        print("usage: python scripts/reference_loop.py RESULTS_DIR SUITE OUT_DIR [--steps N]", file=sys.stderr)
         return 2
     results, suite, out = Path(args[0]), args[1], Path(args[2])
     row = pick_row(load_results([suite_dir(results, suite)]).to_dict("records"))

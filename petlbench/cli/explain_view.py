@@ -7,8 +7,8 @@ from rich.table import Table
 from rich.text import Text
 
 from petlbench.fmt import fmt_bytes
-from petlbench.measure.attribution import CATEGORIES, Grouped, module_label
-from petlbench.report.why import Explanation, RunWhy
+from petlbench.report.explain import Explanation, RunWhy
+from petlbench.why import CATEGORIES, Grouped, module_label
 
 
 def _signed(value: int) -> str:

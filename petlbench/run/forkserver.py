@@ -1,10 +1,11 @@
 """The fork server: import torch, timm and the worker once, then fork one fresh worker per run.
 
-    python -m petlbench.forkserver      (started by petlbench.executors.forkserver, one per run slot)
+    python -m petlbench.run.forkserver      (started by petlbench.executors.forkclient, one per run slot)
 
 Protocol (JSON lines): the server says `{"ready": true}` once imported; then for each request
-`{"spec", "out", "log", "env"}` on stdin it forks a child, says `{"pid": N}`, waits for it and says `{"exit": CODE}`
-(negative: killed by that signal). One run at a time.
+`{"target", "args", "log", "env"}` on stdin it forks a child, says `{"pid": N}`, waits for it and says
+`{"exit": CODE}` (negative: killed by that signal). One child at a time. Targets: `worker` (args: spec file, result
+file: one run) and `probe` (args: request file, answer file: the pre-flight's configuration probe).
 
 What keeps the isolation of a fresh interpreter (docs/scaling.md): the server never runs a torch op, never touches
 CUDA and starts no thread pool, so every child starts from the same pristine post-import state, initialises CUDA
@@ -48,20 +49,31 @@ def _child(request: dict[str, Any], server_pid: int, started: float) -> NoReturn
         os.environ.update(env)
         import torch
 
-        from petlbench import worker
-
         threads = env.get("OMP_NUM_THREADS")
         if threads and threads.isdigit():  # libgomp read OMP_NUM_THREADS when the server loaded it
             torch.set_num_threads(int(threads))
         print(f"forked from the fork server (imports done {time.time() - started:.2f} s ago)", file=sys.stderr)
-        code = worker.run_files(Path(request["spec"]), Path(request["out"]))
+        code = _run_target(request["target"], [Path(a) for a in request["args"]])
     except BaseException:
         traceback.print_exc()
     worker_flush_and_exit(code)
 
 
+def _run_target(target: str, args: list[Path]) -> int:
+    if target == "worker":
+        from petlbench.run import worker
+
+        return worker.run_files(args[0], args[1])
+    if target == "probe":
+        from petlbench.run import probe
+
+        args[1].write_text(probe.answer(args[0].read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    raise ValueError(f"unknown fork server target {target!r}")
+
+
 def worker_flush_and_exit(code: int) -> NoReturn:
-    from petlbench.worker import flush_and_exit
+    from petlbench.run.worker import flush_and_exit
 
     flush_and_exit(code)
 
@@ -85,7 +97,7 @@ def main() -> int:
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     import timm  # noqa: F401  (every backbone comes from timm: import it here, once)
 
-    from petlbench import worker  # noqa: F401  (torch and the measuring code)
+    from petlbench.run import probe, worker  # noqa: F401  (torch, the measuring code and the model builder)
 
     if blas is None:
         del os.environ["OPENBLAS_NUM_THREADS"]

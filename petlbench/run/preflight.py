@@ -2,10 +2,9 @@
 
 For every distinct file-based dataset of a suite: the folders, the list files, empty splits, labels against the
 task's class count, and that every listed image exists (no decoding). For local checkpoints: that the file exists.
-For hub tags without network: that the Hugging Face cache holds the weights. For `tuner: peft` entries: their
-peft configs, checked by peft itself in a child process (petlbench/tuners/hf_peft/preflight.py). Then every
-distinct backbone + tuner is built once on the meta device in one child process (`petlbench/spec/probe.py`):
-unknown or non-ViT models, unknown timm kwargs, impossible shapes and knobs, and checkpoint files that do not parse.
+For hub tags without network: that the Hugging Face cache holds the weights. Then every distinct model is built
+once on the meta device in one child process (petlbench/run/probe.py): unknown or non-ViT models, unknown timm
+kwargs, impossible shapes and knobs, peft configs peft refuses, and checkpoint files that do not parse.
 A problem is one `DataError`/`ConfigError` line naming the suite field and the file (and line), so `petlbench
 validate` and `petlbench run` exit with code 2 before spending any time. An image that exists but does not decode
 can only be found by a worker; `petlbench run` then exits 2 too, after the other runs have finished and been saved.
@@ -21,9 +20,9 @@ from petlbench.data.files import FileIndex, index_data
 from petlbench.data.hub import HUB_HINT, hub_address, hub_cache_dir, hub_offline, timm_weights_cached
 from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData, data_label
 from petlbench.errors import ConfigError, DataError
+from petlbench.executors.forkclient import ForkServers
+from petlbench.run.probe import probe_suite
 from petlbench.spec.models import RunSpec, Suite
-from petlbench.spec.probe import probe_suite
-from petlbench.tuners.hf_peft.preflight import check_peft
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,11 @@ def check_data_root(data_root: Path | None, from_option: bool) -> None:
         raise ConfigError(f"{name} {data_root}: no such folder")
 
 
-def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> list[DataCheck]:
-    """Check every file-based dataset, local checkpoint and offline hub tag the runs use, and every peft config;
-    raise on the first problem."""
+def preflight(
+    suite: Suite, runs: Sequence[RunSpec], data_root: Path | None, servers: ForkServers | None = None
+) -> list[DataCheck]:
+    """Check every file-based dataset, local checkpoint and offline hub tag the runs use, then build every model on
+    the meta device (the probe, forked from `servers` when given); raise on the first problem."""
     checks: list[DataCheck] = []
     for position, data in enumerate(suite.datasets()):
         if not isinstance(data, VtabData | ImageFolderData):
@@ -77,9 +78,9 @@ def preflight(suite: Suite, runs: Sequence[RunSpec], data_root: Path | None) -> 
             )
     hub_models = sorted({run.backbone.model for run in runs if run.backbone.weights == "hub"})
     _check_hub(suite, hub_models)
-    check_peft(suite, str(data_root) if data_root is not None else None)  # `tuner: peft` entries only
-    # Last, as the slowest check: every distinct backbone + tuner built once on the meta device, in one child.
-    probe_suite(suite, runs)
+    # Last, as the slowest check: every distinct model built once on the meta device (peft configs included), in
+    # one child.
+    probe_suite(suite, runs, servers)
     return checks
 
 

@@ -1,36 +1,41 @@
-"""The configuration probe: build every distinct backbone + tuner of a suite once, on the meta device, in one child.
+"""The configuration probe: build every distinct model of a suite once, on the meta device, in one child.
 
 Some configuration errors only show when a model is built: a timm model that does not exist or is no ViT, a
 `backbone.kwargs` key the model does not take, `depth: -1`, an image size the patch size does not divide, a tuner
-knob the backbone cannot carry (LoRA rank above the width), a checkpoint file that is no checkpoint. Found by a
-worker they cost a whole sweep of failed rows; found here they are one line each before any run starts.
+knob the backbone cannot carry (LoRA rank above the width), a peft config peft refuses, a checkpoint file that is
+no checkpoint. Found by a worker they cost a whole sweep of failed rows; found here they are one line each before
+any run starts.
 
 How it works (the parent stays torch-free):
-- `probe_suite(suite, runs)` (parent) collects the distinct backbones (weights set aside), the distinct
-  (backbone, tuner, knobs) combinations and the local checkpoint files, sends them as JSON to one child,
-  `python -m petlbench.spec.probe`, and raises one ConfigError with a line per problem, naming the suite file
-  and the field (`suites/x.yaml: backbone.kwargs.depth: ...`, `suites/x.yaml: tuners[1]: ...`).
-- The child (`main`) builds each backbone under `torch.device("meta")` (shapes only, no memory, seconds for
-  ViT-B), checks that it has blocks and that the patch size divides the image size, then for each tuner builds
-  `build_tuned_model` on a copy, calls the tuner's `validate_on(model)` hook, and runs one forward pass on meta.
-  Checkpoints are parsed (a state dict, or an original ViT .npz) but not matched against the model.
+- `probe_suite(suite, runs)` (parent) collects the distinct backbones (weights set aside), the distinct models
+  (one RunSpec per model configuration: backbone, tuner, knobs, checkpointing) and the local checkpoint files, and
+  has one child build them: a child forked from the sweep's fork server when there is one (no second torch
+  import), else `python -m petlbench.run.probe`. It raises one ConfigError with a line per problem, naming the
+  suite file and the field (`suites/x.yaml: backbone.kwargs.depth: ...`, `suites/x.yaml: tuners[1].grid.r: ...`).
+- The child (`probe`) builds each backbone under `torch.device("meta")` (shapes only, no memory, seconds for
+  ViT-B), checks that it has blocks and that the patch size divides the image size, then builds each model with
+  `build_model` (the builder every run uses), calls the tuner's `validate_on(model)` hook, and runs one forward
+  pass on meta. A `KnobError` names the knob, which the child places where the user wrote it (grid, task_params,
+  params). Checkpoints are parsed (a state dict, or an original ViT .npz) but not matched against the model.
 - Extra validation for a tuner plugs in through `Tuner.validate_on(model)` (default: nothing): raise a
-  TunerError/ConfigError there and the probe reports it against the tuner's entry.
+  TunerError/KnobError there and the probe reports it against the tuner's entry.
 - An operation the meta device cannot run (NotImplementedError, "meta" in the message) is not a configuration
   error: that combination is left to the worker.
-It runs as part of the pre-flight (`petlbench/data/preflight.py`), so `--no-preflight` skips it.
+It runs as part of the pre-flight (petlbench/run/preflight.py), so `--no-preflight` skips it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from petlbench.errors import ConfigError, PetlbenchError
+from petlbench.data.specs import task_key
+from petlbench.errors import ConfigError, KnobError, PetlbenchError
+from petlbench.executors.forkclient import PROBE, ForkServers, call_child
 from petlbench.fmt import first_line
 from petlbench.spec.models import BackboneSpec, RunSpec, Suite, as_list
 
@@ -47,65 +52,73 @@ class ProbeFailed(PetlbenchError):
 
 
 def probe_request(suite: Suite, runs: Sequence[RunSpec]) -> dict[str, Any]:
-    """What the child builds: distinct backbones, (backbone, tuner entry, knobs) combinations, checkpoint files."""
+    """What the child builds: distinct backbones, one RunSpec per distinct model, checkpoint files."""
     declared = as_list(suite.backbone)
     many = isinstance(suite.backbone, list)
     backbones: list[dict[str, Any]] = []
     index: dict[str, int] = {}
-    tuners: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
     seen: set[str] = set()
     weights: dict[str, str] = {}
     for run in runs:
         position = next((i for i, b in enumerate(declared) if b == run.backbone), 0)
         where = f"backbone[{position}]" if many else "backbone"
-        spec = run.backbone.model_copy(update={"weights": "random"}).model_dump(mode="json")
-        key = json.dumps(spec, sort_keys=True)
+        spec = run.backbone.model_copy(update={"weights": "random"})
+        key = spec.model_dump_json()
         if key not in index:
             index[key] = len(backbones)
-            backbones.append({"where": where, "spec": spec})
+            backbones.append({"where": where, "spec": spec.model_dump(mode="json")})
         entry = next((i for i, e in enumerate(suite.tuners) if e.tuner == run.tuner), 0)
-        combo = {"backbone": index[key], "where": f"tuners[{entry}]", "tuner": run.tuner, "params": run.tuner_params}
-        combo_key = json.dumps(combo, sort_keys=True)
-        if combo_key not in seen:
-            seen.add(combo_key)
-            tuners.append(combo)
+        # one build per model: batch, precision, seed and the rest do not change whether it builds
+        model = run.model_copy(update={"backbone": spec, "batch_size": 2, "precision": "fp32", "seed": 0})
+        model_key = json.dumps([index[key], entry, model.tuner, model.tuner_params, model.grad_checkpointing])
+        if model_key not in seen:
+            seen.add(model_key)
+            tuner_entry = suite.tuners[entry]
+            models.append(
+                {
+                    "backbone": index[key],
+                    "where": f"tuners[{entry}]",
+                    "task": task_key(run.data),
+                    "grid": sorted(tuner_entry.grid),
+                    "task_params": sorted(tuner_entry.task_params.get(task_key(run.data), {})),
+                    "params": sorted(tuner_entry.params),
+                    "spec": model.model_dump(mode="json"),
+                }
+            )
         if run.backbone.weights not in ("random", "hub"):
             weights.setdefault(run.backbone.weights, f"{where}.weights")
     return {
         "backbones": backbones,
-        "tuners": tuners,
+        "models": models,
         "weights": [{"where": w, "path": p} for p, w in weights.items()],
     }
 
 
-def probe_suite(suite: Suite, runs: Sequence[RunSpec], timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Build the suite's configurations on the meta device in one child; raise ConfigError naming each problem."""
+def probe_suite(
+    suite: Suite, runs: Sequence[RunSpec], servers: ForkServers | None = None, timeout_s: float = PROBE_TIMEOUT_S
+) -> None:
+    """Build the suite's models on the meta device in one child; raise ConfigError naming each problem."""
     if not runs:
         return
-    problems = run_probe(probe_request(suite, runs), timeout_s)
+    problems = run_probe(probe_request(suite, runs), servers, timeout_s)
     if problems:
         raise ConfigError("\n".join(f"{suite.source}: {line}" for line in problems))
 
 
-def run_probe(request: dict[str, Any], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
-    """Send `request` to a probe child; its problem lines ('backbone.kwargs.depth: ...')."""
-    command = [sys.executable, "-m", "petlbench.spec.probe"]
+def run_probe(
+    request: dict[str, Any], servers: ForkServers | None = None, timeout_s: float = PROBE_TIMEOUT_S
+) -> list[str]:
+    """Send `request` to a probe child (forked from `servers` when given); its problem lines
+    ('backbone.kwargs.depth: ...')."""
     hint = "skip it with --no-preflight (the workers then report these errors)"
     try:
-        done = subprocess.run(
-            command,
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            check=False,
-        )
+        output = call_child(PROBE, json.dumps(request), servers, timeout_s)
     except subprocess.TimeoutExpired:
         raise ProbeFailed(f"pre-flight: the configuration probe took over {timeout_s:.0f} s; {hint}") from None
-    lines = [line.removeprefix(_MARK) for line in done.stdout.splitlines() if line.startswith(_MARK)]
-    if done.returncode != 0 or not lines or lines[-1] != "done":
-        why = first_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    lines = [line.removeprefix(_MARK) for line in output.stdout.splitlines() if line.startswith(_MARK)]
+    if output.code != 0 or not lines or lines[-1] != "done":
+        why = first_line(output.log.strip().splitlines()[-1] if output.log.strip() else f"exit {output.code}")
         raise ProbeFailed(f"pre-flight: the configuration probe failed ({why}); {hint}")
     return lines[:-1]
 
@@ -186,13 +199,9 @@ def _forward(module: nn.Module, model: nn.Module) -> None:
 
 def probe(request: dict[str, Any]) -> list[str]:
     """Build everything in `request` on the meta device; one line per problem (the child's work)."""
-    import copy
-
     import torch
 
     from petlbench.backbone import build_backbone
-    from petlbench.tuners import make_tuner
-    from petlbench.tuners.base import build_tuned_model
 
     problems: list[str] = []
     models: dict[int, nn.Module] = {}
@@ -217,25 +226,12 @@ def probe(request: dict[str, Any]) -> list[str]:
             problems.append(problem)
         else:
             models[i] = model
-    for item in request["tuners"]:
-        base = models.get(item["backbone"])
-        if base is None:
+    for item in request["models"]:
+        if item["backbone"] not in models:
             continue
-        where, name = item["where"], item["tuner"]
-        try:
-            tuner = make_tuner(name, item["params"])
-            with torch.device("meta"):
-                tuned = build_tuned_model(copy.deepcopy(base), tuner)
-                tuner.validate_on(tuned.module)
-                _forward(tuned.module, tuned.backbone)
-        except ConfigError as exc:
-            problems.append(f"{where}: {exc}")
-        except Exception as exc:
-            if not _not_probeable(exc):
-                problems.append(
-                    f"{where}: {name} cannot be applied to {request['backbones'][item['backbone']]['spec']['model']}"
-                    f" with these knobs: {type(exc).__name__}: {first_line(exc, 160)}"
-                )
+        problem = _probe_model(item, request["backbones"][item["backbone"]]["spec"]["model"])
+        if problem:
+            problems.append(problem)
     for item in request["weights"]:
         problem = _check_weights(item["path"], item["where"])
         if problem:
@@ -243,13 +239,63 @@ def probe(request: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def _probe_model(item: dict[str, Any], model_name: str) -> str | None:
+    """Build one model on meta as a run would; its problem line, or None."""
+    import torch
+
+    from petlbench.run.model import build_model
+
+    spec = RunSpec.model_validate(item["spec"])
+    where = item["where"]
+    try:
+        with torch.device("meta"):
+            tuned = build_model(spec, _PROBE_CLASSES)
+            tuned.tuner.validate_on(tuned.module)
+            _forward(tuned.module, tuned.backbone)
+    except KnobError as exc:
+        return f"{_knob_location(item, exc.field)}: {exc.detail}"
+    except ConfigError as exc:
+        return f"{where}: {exc}"
+    except Exception as exc:
+        if not _not_probeable(exc):
+            return (
+                f"{where}: {spec.tuner} cannot be applied to {model_name} with these knobs: "
+                f"{type(exc).__name__}: {first_line(exc, 160)}"
+            )
+    return None
+
+
+def _knob_location(item: dict[str, Any], field: str | None) -> str:
+    """Where the user wrote the knob `field` (a path below params): the entry's grid, its task_params, or params;
+    None is the entry's `tuner` itself."""
+    where = item["where"]
+    if field is None:
+        return f"{where}.tuner"
+    name = field.rpartition(".")[2]
+    if name in item["grid"]:
+        return f"{where}.grid.{name}"
+    if name in item["task_params"]:
+        return f"{where}.task_params.{item['task']}.{name}"
+    if name in item["params"] and field != name:  # a nested field given at the top (peft: `r` beside peft_type)
+        return f"{where}.params.{name}"
+    return f"{where}.params.{field}"
+
+
+def answer(request_text: str) -> str:
+    """The child's whole output for a request: one marked line per problem, then a marked 'done'."""
+    with contextlib.redirect_stdout(sys.stderr):  # libraries that print keep the answer clean
+        problems = probe(json.loads(request_text))
+    return "".join(_MARK + line.replace("\n", " ") + "\n" for line in problems) + _MARK + "done\n"
+
+
 def main() -> int:
-    request = json.loads(sys.stdin.read())
-    for line in probe(request):
-        print(_MARK + line.replace("\n", " "), flush=True)
-    print(_MARK + "done", flush=True)
+    sys.stdout.write(answer(sys.stdin.read()))
+    sys.stdout.flush()
     return 0
 
 
 if __name__ == "__main__":
+    from petlbench.executors.process import die_with_parent
+
+    die_with_parent()
     sys.exit(main())

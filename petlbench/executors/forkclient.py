@@ -1,9 +1,10 @@
-"""Parent side of the fork server (torch-free): start `python -m petlbench.forkserver`, ask it for one forked worker
-per run, wait for that worker with a timeout, kill it.
+"""Parent side of the fork server (torch-free): start `python -m petlbench.run.forkserver`, ask it for one forked
+child per task (a run's worker, or the pre-flight's configuration probe), wait for it with a timeout, kill it.
 
-Why and what it guarantees: docs/scaling.md ("Per-run cost and the fork server"). One server per run slot (a thread
-of the local executor), so a server only ever has one worker at a time. `PETLBENCH_FORK_SERVER=0` turns it off;
-a server that fails to start or dies turns into the spawn path (a fresh interpreter per run) for that slot.
+Why and what it guarantees: docs/scaling.md ("Per-run cost and the fork server"). A sweep owns one pool of servers
+(`ForkServers`): the pre-flight probe and then every run lease a server, one child at a time per server, so a sweep
+with one run slot imports torch once. `PETLBENCH_FORK_SERVER=0` turns it off; a server that fails to start or dies
+turns into the spawn path (a fresh interpreter per child) from then on.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from petlbench.executors.process import TEMP_PREFIX, kill_group, kill_pgid, start, temp_dir
 
 FORK_SERVER_ENV = "PETLBENCH_FORK_SERVER"
+# What a server can fork, and the module a fresh interpreter runs for it instead (the spawn path).
+WORKER: Final = "worker"
+PROBE: Final = "probe"
+TARGET_MODULES: Final = {WORKER: "petlbench.run.worker", PROBE: "petlbench.run.probe"}
 READY_TIMEOUT_S = 300.0  # the server's imports (torch, timm): seconds, more on a loaded machine
 
 
@@ -51,7 +57,7 @@ class _Lines:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.fd], [], [], left)
             if not ready:
-                raise subprocess.TimeoutExpired("petlbench.forkserver", timeout or 0.0)
+                raise subprocess.TimeoutExpired("petlbench.run.forkserver", timeout or 0.0)
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 raise ServerGone()
@@ -61,12 +67,13 @@ class _Lines:
 
 
 class ForkServer:
-    """One `python -m petlbench.forkserver` process, serving one run at a time."""
+    """One `python -m petlbench.run.forkserver` process, serving one run at a time."""
 
     def __init__(self, env: Mapping[str, str], python: str, log: Path) -> None:
+        self.python = python
         with log.open("wb") as log_file:
             self.proc: subprocess.Popen[bytes] = start(
-                [python, "-m", "petlbench.forkserver"],
+                [python, "-m", "petlbench.run.forkserver"],
                 {**env, "PYTHONUNBUFFERED": "1"},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -88,11 +95,14 @@ class ForkServer:
         assert isinstance(message, dict)
         return message
 
-    def spawn(self, spec_file: Path, out_file: Path, log: Path, env: Mapping[str, str]) -> ForkedChild | None:
-        """Fork a worker for one run; None when the server is gone (the caller spawns instead)."""
+    def spawn(
+        self, target: str, args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> ForkedChild | None:
+        """Fork a child running `target` (WORKER: args spec file, result file; PROBE: request file, answer file);
+        None when the server is gone (the caller spawns instead)."""
         if not self.alive:
             return None
-        request = {"spec": str(spec_file), "out": str(out_file), "log": str(log), "env": dict(env)}
+        request = {"target": target, "args": list(args), "log": str(log), "env": dict(env or {})}
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -141,26 +151,36 @@ class ForkedChild:
 
 
 class ForkServers:
-    """A fork server per thread that asks for one (the executor's run slots), started on first use."""
+    """A pool of fork servers, started on first use and leased one child at a time (`lease`).
+
+    The sweep's pre-flight probe and its runs share it, so with one run slot a sweep starts one server. Close it
+    (or use it as a context manager) to stop every server and the children they forked.
+    """
 
     def __init__(self, env: Mapping[str, str], python: str = sys.executable) -> None:
         self.env = dict(env)
         self.python = python
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._idle: list[ForkServer] = []
         self._servers: list[ForkServer] = []
         self._closed = False
+        self._failed = False
         self._dir: Path | None = None
 
-    def get(self) -> ForkServer | None:
-        server: ForkServer | None = getattr(self._local, "server", None)
-        if server is not None and server.alive:
-            return server
-        if getattr(self._local, "failed", False):
-            return None  # this slot's server died once: the spawn path from now on
+    def __enter__(self) -> ForkServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> ForkServer | None:
         with self._lock:
-            if self._closed:
+            if self._closed or self._failed:
                 return None
+            while self._idle:
+                server = self._idle.pop()
+                if server.alive:
+                    return server
             if self._dir is None:
                 self._dir = temp_dir(TEMP_PREFIX)
             log = self._dir / f"forkserver-{len(self._servers)}.log"
@@ -169,11 +189,22 @@ class ForkServers:
             self._servers.append(server)
             if self._closed:
                 server.close()
-        self._local.server = server
-        if not server.alive:
-            self._local.failed = True
-            return None
+            if not server.alive:
+                self._failed = True  # the spawn path from now on
+                return None
         return server
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[ForkServer | None]:
+        """A server for one child (None: use the spawn path); back in the pool afterwards if still alive."""
+        server = self._start()
+        try:
+            yield server
+        finally:
+            if server is not None:
+                with self._lock:
+                    if server.alive and not self._closed:
+                        self._idle.append(server)
 
     def close(self) -> None:
         with self._lock:
@@ -183,3 +214,61 @@ class ForkServers:
             server.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ChildOutput:
+    """What a task child left: its exit code, its answer and its log."""
+
+    code: int
+    stdout: str
+    log: str
+
+
+def call_child(
+    target: str, request: str, servers: ForkServers | None, timeout_s: float, python: str = sys.executable
+) -> ChildOutput:
+    """Run a task child (PROBE) on `request` (text): forked from a leased server when there is one, else a fresh
+    `python -m <module>` reading the request on stdin. Killed (with everything it started) when it takes longer
+    than `timeout_s` (raises subprocess.TimeoutExpired) or when this process is interrupted."""
+    if servers is not None:
+        with servers.lease() as server:
+            if server is not None:
+                return _forked_call(server, target, request, timeout_s)
+    proc = start(
+        [python, "-m", TARGET_MODULES[target]],
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(request, timeout=timeout_s)
+    finally:
+        kill_group(proc)  # a timeout, an interrupt, or what it left running
+    return ChildOutput(proc.returncode, stdout, stderr)
+
+
+def _forked_call(server: ForkServer, target: str, request: str, timeout_s: float) -> ChildOutput:
+    folder = temp_dir(TEMP_PREFIX)
+    try:
+        request_file, answer_file, log = folder / "request", folder / "answer", folder / "log"
+        request_file.write_text(request, encoding="utf-8")
+        child = server.spawn(target, [str(request_file), str(answer_file)], log)
+        if child is None:  # the server died: a fresh interpreter instead
+            return call_child(target, request, None, timeout_s, server.python)
+        try:
+            code = child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(30)
+            raise
+        except BaseException:
+            child.kill()
+            raise
+        answer = answer_file.read_text(encoding="utf-8") if answer_file.exists() else ""
+        text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+        return ChildOutput(code, answer, text)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Estimate vs measurement, one row per run: the table scripts/gpu-validate.sh publishes.
 
-    python -m petlbench.estimate.calibration RESULTS_DIR SUITE OUT_DIR [--exact]
+    python scripts/calibration.py RESULTS_DIR SUITE OUT_DIR [--exact]
 
 Joins the measured rows of `RESULTS_DIR/SUITE/` with the estimate rows of `RESULTS_DIR/SUITE.estimate/` on
 run_id and writes `OUT_DIR/estimate-vs-measured.csv` (bytes) and `.md` (human units, plus a summary of the
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = "--exact" in args
     args = [a for a in args if a != "--exact"]
     if len(args) != 3:
-        print("usage: python -m petlbench.estimate.calibration RESULTS_DIR SUITE OUT_DIR [--exact]", file=sys.stderr)
+        print("usage: python scripts/calibration.py RESULTS_DIR SUITE OUT_DIR [--exact]", file=sys.stderr)
         return 2
     results_dir, suite, out = Path(args[0]), args[1], Path(args[2])
     try:
