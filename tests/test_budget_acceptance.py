@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.results import RunResult, write_result
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec
-from petlbench.run.worker import execute
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,10 +25,10 @@ from petlbench.data.loaders import FileSource, load_data
 from petlbench.data.specs import DATA_ROOT_ENV, ImageFolderData, VtabData
 from petlbench.errors import DataError
 from petlbench.results import load_results, write_result
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.tuners import TUNERS
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 from tests.datagen import make_data_root, make_imagefolder, make_vtab_task, write_png
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from petlbench.estimate.engine import estimate_memory
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.tuners import TUNERS
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 FIELDS = (

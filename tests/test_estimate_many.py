@@ -12,11 +12,11 @@ from petlbench.estimate.client import SearchRequest, estimate_caveats, run_estim
 from petlbench.estimate.engine import Estimator, estimate_many, estimate_memory
 from petlbench.measure.timeline import at_batch
 from petlbench.measure.tracker import ALLOC, FREE, Timeline, replay
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
 from petlbench.tuners import TUNERS
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 

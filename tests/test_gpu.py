@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from petlbench.results import RunResult
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
-from petlbench.run.worker import execute
 
 pytestmark = pytest.mark.gpu
 

@@ -14,11 +14,11 @@ from pydantic import Field
 
 from petlbench.backbone import build_backbone
 from petlbench.errors import ConfigError, TunerError
+from petlbench.run.worker import execute
 from petlbench.spec import controls
 from petlbench.spec.models import GROUP_COLUMNS, PAIR_COLUMNS, BackboneSpec, RunSpec
 from petlbench.tuners import TUNERS, Tuner
 from petlbench.tuners.base import build_tuned_model
-from petlbench.run.worker import execute
 from tests.conftest import TinyVitFactory
 from tests.test_worker import spec
 
@@ -70,6 +70,76 @@ def test_no_import_cycles_and_a_small_top_level() -> None:
             visit(module, [])
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 10, top
+
+
+# The layers, lowest first: a module imports only from its own layer or below (imports inside functions counted).
+# Packages sit in one layer each, except `run`: its model builder sits below the estimator (which builds models with
+# it) and the rest of it above (the sweep plans with estimates and runs the executors).
+LAYERS = (
+    ("petlbench", "petlbench.errors", "petlbench.fmt"),
+    ("petlbench.spec.base", "petlbench.data.specs", "petlbench.data.vtab_tasks"),
+    ("petlbench.tuners",),
+    ("petlbench.spec",),
+    ("petlbench.columns", "petlbench.why", "petlbench.data", "petlbench.backbone"),
+    ("petlbench.results",),
+    ("petlbench.measure", "petlbench.run.model", "petlbench.report", "petlbench.budget"),
+    ("petlbench.executors",),
+    ("petlbench.estimate",),
+    ("petlbench.run",),
+    ("petlbench.cli", "petlbench.__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of a module: its longest matching prefix in LAYERS ('petlbench' alone matches only itself)."""
+    best: tuple[int, int] | None = None
+    for index, group in enumerate(LAYERS):
+        for prefix in group:
+            matches = module == prefix or (prefix != "petlbench" and module.startswith(prefix + "."))
+            if matches and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    assert best is not None, f"{module}: in no layer; add it to LAYERS in tests/test_layout.py"
+    return best[0]
+
+
+def test_no_module_imports_from_a_higher_layer() -> None:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, path in modules.items()
+        for name in _imports(path, module)
+        if (target := resolve(name)) and target != module and _layer(target) > _layer(module)
+    )
+    assert not upward, upward
+
+
+def test_every_package_has_an_init_and_module_names_are_unique() -> None:
+    packages = {p.parent for p in PACKAGE.rglob("*.py")}
+    assert not [p for p in packages if not (p / "__init__.py").exists()]
+    outside_tuners = [
+        p.stem for p in PACKAGE.rglob("*.py") if p.stem != "__init__" and "tuners" not in p.relative_to(PACKAGE).parts
+    ]
+    assert sorted(n for n in set(outside_tuners) if outside_tuners.count(n) > 1) == []
+
+
+def test_commands_are_short() -> None:
+    """cli/ parses, calls one core function and renders: no function there runs over 60 lines."""
+    long = []
+    for path in (PACKAGE / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1 if isinstance(node, ast.FunctionDef) else 0
+            if length > 60:
+                long.append(f"{path.name}:{getattr(node, 'name', '?')} ({length} lines)")
+    assert not long, long
 
 
 def test_plugin_validation_imports_no_torch(tmp_path: Path) -> None:

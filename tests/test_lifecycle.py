@@ -28,10 +28,10 @@ from petlbench.executors.forkclient import ForkServers
 from petlbench.executors.local import run_in_subprocess
 from petlbench.executors.process import TEMP_PREFIX, clean_stale_temp, killed_by_oom_killer, oom_kills
 from petlbench.results import failed_result, load_results, results_lock
+from petlbench.run.execute import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
-from petlbench.run.sweep import execute
 from tests.test_parallel import workers_with, write_suite
 
 ROOT = Path(__file__).resolve().parents[1]

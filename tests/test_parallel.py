@@ -61,7 +61,9 @@ def workers_with(marker: str) -> list[int]:
             continue
         if stat.rpartition(")")[2].split()[0] in {"Z", "X"}:
             continue
-        worker = b"petlbench.run.worker" in cmdline or (b"petlbench.run.forkserver" in cmdline and comm == "petlbench-run")
+        worker = b"petlbench.run.worker" in cmdline or (
+            b"petlbench.run.forkserver" in cmdline and comm == "petlbench-run"
+        )
         if worker and f"PETLBENCH_TEST_MARKER={marker}".encode() in environ:
             pids.append(int(proc.name))
     return pids

@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from petlbench.cli.app import app
+from petlbench.run.probe import probe_request, run_probe
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
-from petlbench.run.probe import probe_request, run_probe
 from petlbench.tuners import available_tuners
 from tests.conftest import TinyVitFactory
 

@@ -21,10 +21,10 @@ from petlbench.executors import RunStarted
 from petlbench.executors.local import log_path
 from petlbench.executors.ray import RayExecutor, forwarded_env
 from petlbench.results import load_results
+from petlbench.run.sweep import plan
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import RunSpec
-from petlbench.run.sweep import plan
 from tests.test_parallel import SAME, SMOKE, plugin_env, workers_with, write_suite
 
 RAY_CPUS = 2

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
-from petlbench.run.worker import execute
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from petlbench.backbone import build_backbone, file_sha256, prepare_hub_access, weights_identity
 from petlbench.cli.app import app
 from petlbench.errors import ConfigError
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import BackboneSpec
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,6 +13,17 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.estimate.engine import Estimator
+from petlbench.measure.memory import tracked_train_step
+from petlbench.measure.step import TrainStep, make_optimizer
+from petlbench.measure.tracker import ALLOC, FREE, PHASE, RESET, RETAG
+from petlbench.report import build_report
+from petlbench.results import RunResult, write_result
+from petlbench.run.model import build_model
+from petlbench.run.worker import execute
+from petlbench.spec.expand import expand
+from petlbench.spec.loading import parse_suite
+from petlbench.spec.models import RunSpec
+from petlbench.tuners import TUNERS
 from petlbench.why import (
     CATEGORIES,
     WhyData,
@@ -26,17 +37,6 @@ from petlbench.why import (
     summarize_step,
     why_path,
 )
-from petlbench.measure.memory import tracked_train_step
-from petlbench.measure.step import TrainStep, make_optimizer
-from petlbench.measure.tracker import ALLOC, FREE, PHASE, RESET, RETAG
-from petlbench.report import build_report
-from petlbench.results import RunResult, write_result
-from petlbench.spec.expand import expand
-from petlbench.spec.loading import parse_suite
-from petlbench.spec.models import RunSpec
-from petlbench.tuners import TUNERS
-from petlbench.run.model import build_model
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 BATCH = 4

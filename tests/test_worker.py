@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from petlbench.backbone import build_backbone
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
 from petlbench.spec.models import RunSpec
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE
 
 TINY = {

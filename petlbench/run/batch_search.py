@@ -13,7 +13,7 @@ from petlbench.estimate.client import Estimate
 from petlbench.executors import Executor, RunFinished
 from petlbench.fmt import first_line
 from petlbench.results import DONE_STATUSES, RunResult, stored_results
-from petlbench.run.sweep import execute
+from petlbench.run.execute import execute
 from petlbench.spec.models import RunSpec
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeAlias
@@ -28,20 +28,11 @@ from petlbench.estimate.client import (
 from petlbench.estimate.guard import PlanCost, check_cpu_plan
 from petlbench.executors import Executor, ExecutorKind, RunFinished, RunStarted, make_executor
 from petlbench.executors.devices import available_cores, resolve_device
-from petlbench.executors.events import RunEvent
 from petlbench.executors.forkclient import ForkServers, fork_server_enabled
 from petlbench.fmt import first_line
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import (
-    DONE_STATUSES,
-    RunResult,
-    results_lock,
-    stored_results,
-    stored_statuses,
-    suite_dir,
-    summarize,
-    write_result,
-)
+from petlbench.results import DONE_STATUSES, RunResult, stored_results, stored_statuses, suite_dir, summarize
+from petlbench.run.execute import execute, hold, record
 from petlbench.run.preflight import DataCheck, check_data_root, preflight
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
@@ -116,40 +107,6 @@ def plan(runs: Sequence[RunSpec], results_dir: Path, force: bool = False) -> Pla
     done = [r for r in runs if statuses.get(r.run_id) in DONE_STATUSES]
     retry = [r for r in todo if r.run_id in statuses]
     return Plan(todo=todo, done=done, retry=retry)
-
-
-def execute(
-    specs: Sequence[RunSpec], executor: Executor, results_dir: Path, memory_limit: int | None = None
-) -> Iterator[RunEvent]:
-    """Run `specs`; each result is stored before its event is yielded, so an interruption loses nothing finished.
-
-    `memory_limit` (auto-batch probes) is recorded on every row as the limit it was judged against. A result that
-    cannot be stored (disk full, read-only) raises WriteError after the executor has stopped every running worker:
-    the rows stored before stay, nothing more runs.
-    """
-    events = executor.execute(specs)
-    try:
-        for event in events:
-            if isinstance(event, RunFinished):
-                if memory_limit is not None:
-                    event.result.metrics.memory_limit_bytes = memory_limit
-                write_result(results_dir, event.result)
-            yield event
-    finally:  # a write error, an interrupt, or the caller stopped: the executor kills what still runs
-        close = getattr(events, "close", None)
-        if callable(close):
-            close()
-
-
-def hold(results_dir: Path, suite: str) -> AbstractContextManager[None]:
-    """For the whole sweep: the suite's results folder is writable (checked now) and locked against a second run."""
-    return results_lock(suite_dir(results_dir, suite))
-
-
-def record(results_dir: Path, results: Iterable[RunResult]) -> None:
-    """Store rows no executor produced (runs `--skip-predicted-oom` did not start)."""
-    for result in results:
-        write_result(results_dir, result)
 
 
 def config_errors(results: Iterable[RunResult]) -> dict[str, int]:

@@ -15,6 +15,7 @@ from torch import nn
 from petlbench.backbone import build_backbone
 from petlbench.errors import ConfigError
 from petlbench.estimate.engine import estimate_memory
+from petlbench.run.worker import execute
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import BackboneSpec
@@ -23,7 +24,6 @@ from petlbench.tuners.base import TunedModel, build_tuned_model
 from petlbench.tuners.hf_peft import RANK_FIELDS, Peft
 from petlbench.tuners.hf_peft.layers import PeftFieldError, PeftNeedsWeights
 from petlbench.tuners.lora.layers import LoraQkv
-from petlbench.run.worker import execute
 from tests.conftest import TINY_BACKBONE, TinyVitFactory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
