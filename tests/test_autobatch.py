@@ -10,10 +10,11 @@ import pytest
 
 from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
-from petlbench.estimate.autobatch import linear_seed, run_auto_batch, search_max_batch, stored_probes
+from petlbench.estimate.autobatch import linear_seed, search_max_batch
 from petlbench.estimate.client import Estimate
 from petlbench.executors import RunEvent, RunFinished, RunStarted
 from petlbench.results import RunResult, load_results, now_iso, suite_dir
+from petlbench.run.batch_search import AutoBatchOutcome, run_auto_batch, stored_probes
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import RunSpec
@@ -143,7 +144,8 @@ def drive(tmp_path: Path, executor: StubExecutor, seeds: dict[str, int | None], 
     specs = templates()
     estimates = {s.run_id: Estimate(run_id=s.run_id, max_batch=seeds.get(s.tuner)) for s in specs}
     stored = stored_probes(suite_dir(tmp_path, "auto"))
-    return list(run_auto_batch(specs, estimates, limit, executor, tmp_path, stored, 1, 4096, 1))
+    events = run_auto_batch(specs, estimates, limit, executor, tmp_path, stored, 1, 4096, 1)
+    return [event for event in events if isinstance(event, AutoBatchOutcome)]
 
 
 def test_driver_confirms_the_estimate_keeps_every_probe_and_resumes(tmp_path: Path) -> None:

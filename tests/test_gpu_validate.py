@@ -4,15 +4,16 @@ the comparison table it writes, on synthetic rows."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from petlbench.columns import Metrics
-from petlbench.estimate import calibration
 from petlbench.estimate.client import Estimate, estimate_result
 from petlbench.results import RunResult, now_iso, write_result
 from petlbench.spec.expand import expand
@@ -21,6 +22,18 @@ from petlbench.spec.loading import parse_suite
 from tests.conftest import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str) -> ModuleType:
+    """A validation tool under scripts/, imported as a module (they are run as `python scripts/NAME.py`)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+calibration = _script("calibration")
 KIT_SUITE = """\
 name: kit
 device: cpu
@@ -89,7 +102,7 @@ def _rows(tmp_path: Path, measured_peak: int, estimated_peak: int, reserved: int
     )
     write_result(tmp_path, RunResult(spec=spec, status="ok", metrics=measured, created_at=now_iso()))
     predicted = Metrics(memory_source="estimate", peak_allocated_bytes=estimated_peak, peak_infer_bytes=100)
-    write_result(tmp_path, estimate_result(spec, Estimate(run_id=spec.run_id, metrics=predicted), None))
+    write_result(tmp_path, estimate_result(spec, Estimate(run_id=spec.run_id, metrics=predicted)))
 
 
 def test_the_table_reports_absolute_and_relative_errors_per_view(tmp_path: Path) -> None:

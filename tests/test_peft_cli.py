@@ -5,7 +5,6 @@ through the real command line."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import yaml
 from typer.testing import CliRunner
 
 import petlbench.executors.local as local_executor
-import petlbench.tuners.hf_peft.preflight as peft_preflight
 from petlbench.cli.app import app
 from petlbench.estimate.engine import estimate_memory
 from petlbench.results import load_results, suite_dir
@@ -138,17 +136,22 @@ def test_without_peft_the_suite_stops_with_how_to_install(tmp_path: Path, monkey
     assert line.endswith('pip install "petlbench[peft]"')
 
 
-def test_a_suite_without_peft_starts_no_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    class NoChild:  # replaces the subprocess module in the peft check only (the pre-flight probe still runs)
-        TimeoutExpired = subprocess.TimeoutExpired
+def test_peft_configs_are_checked_by_the_one_probe_child(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The pre-flight starts one child for the whole suite, peft entries included (no child of its own for peft)."""
+    import petlbench.run.probe as probe
 
-        @staticmethod
-        def run(*args: object, **kwargs: object) -> None:
-            raise AssertionError("the peft check started a child")
+    calls: list[str] = []
+    original = probe.call_child
 
-    monkeypatch.setattr(peft_preflight, "subprocess", NoChild)
-    result = runner.invoke(app, ["validate", str(ROOT / "suites" / "smoke.yaml")])
-    assert result.exit_code == 0, result.output
+    def counted(target: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(target)
+        return original(target, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "call_child", counted)
+    suite = write_suite(tmp_path, [{"tuner": "linear"}, peft_entry({"rr": 8})])
+    result = runner.invoke(app, ["validate", str(suite)])
+    assert result.exit_code == 2 and "tuners[1].params.config.rr" in result.output, result.output
+    assert calls == ["probe"]
 
 
 def test_shipped_peft_suite_validates() -> None:

@@ -98,7 +98,7 @@ def test_estimate_rows_live_beside_measured_rows_and_reading_a_folder_skips_them
     spec = runs()[0]
     measured = Metrics(memory_source="cpu_tracker", peak_allocated_bytes=999)
     write_result(tmp_path, RunResult(spec=spec, status="ok", metrics=measured, created_at=now_iso()))
-    row = estimate_result(spec, _estimate(spec, 1000), limit=None)
+    row = estimate_result(spec, _estimate(spec, 1000))
     path = write_result(tmp_path, row)
     assert path.parent.name == "p.estimate" and path.name == f"{spec.run_id}.parquet"
     everything = load_results([tmp_path])
