@@ -190,6 +190,10 @@ class Metrics(BaseModel):
     step_flops: Annotated[
         int | None, _c("flops", "estimate", role="prediction", label="FLOPs/step", when="estimate")
     ] = None
+    step_ops: Annotated[
+        int | None,
+        _c("count", "estimate", role="prediction", label="ops/step", when="estimate", description="aten ops per step"),
+    ] = None
     # speed
     step_time_median_s: Annotated[float | None, _c("seconds", "speed", label="step", better="lower")] = None
     step_time_p90_s: Annotated[float | None, _c("seconds", "speed", label="step p90", better="lower")] = None
@@ -311,7 +315,12 @@ ENV: Final = (
     Column(
         "env.matmul_flops_per_s",
         "float",
-        Col("rate", "env", role="context", when="estimate", description="the estimator's CPU matmul rate"),
+        Col("rate", "env", role="context", when="estimate", description="one core's fp32 matmul rate (CPU time)"),
+    ),
+    Column(
+        "env.op_seconds",
+        "float",
+        Col("seconds", "env", role="context", when="estimate", description="one core's CPU time per small aten op"),
     ),
 )
 # Columns named by a prefix: a tuner's knobs (`tuner.rank`), one per knob of whichever tuners a suite uses.

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from petlbench.budget import check_files
-from petlbench.cli.app import builtin_quickstart
 from petlbench.columns import Metrics
 from petlbench.results import RunResult
+from petlbench.run.sweep import builtin_quickstart
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.tuners import TUNERS
@@ -40,8 +40,8 @@ def test_quickstart_has_every_tuner_at_batch_32_and_64() -> None:
     built_in = {name for name, cls in TUNERS.items() if cls.extra is None}  # the quickstart needs no extra install
     for tuner in sorted(built_in - {r.tuner for r in runs}):
         raise AssertionError(
-            f"the quickstart lacks tuner {tuner!r}: add `- tuner: {tuner}` with the `optimizer: {{lr: ...}}` that clears "
-            "its 40% floor to petlbench/suites/quickstart.yaml (docs/development.md, 'Adding a tuner')"
+            f"the quickstart lacks tuner {tuner!r}: add `- tuner: {tuner}` with the `optimizer: {{lr: ...}}` that "
+            "clears its 40% floor to petlbench/suites/quickstart.yaml (docs/development.md, 'Adding a tuner')"
         )
     assert {r.tuner for r in runs} <= built_in
     for tuner in built_in:
@@ -82,8 +82,8 @@ def test_check_passes_quickstart_results_above_the_floors_and_fails_one_below(tm
 
 
 def test_the_quickstart_runs_one_run_per_core() -> None:
-    from petlbench.run.sweep import quickstart_jobs
     from petlbench.executors.devices import available_cores
+    from petlbench.run.sweep import quickstart_jobs
 
     runs = expand(load_suite(builtin_quickstart()), "cpu")
     assert all(r.measure.cpu_threads == 1 for r in runs)  # one thread each, so two runs never share a core

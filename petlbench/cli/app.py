@@ -7,7 +7,6 @@ terminated (SIGTERM). The parent process never imports torch; workers do.
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +28,7 @@ from petlbench.executors import ExecutorKind
 from petlbench.executors.process import sigterm_as_interrupt
 from petlbench.report import Plot
 from petlbench.results import check_writable, stored_statuses, suite_dir
-from petlbench.run.sweep import SweepRequest, prepare
+from petlbench.run.sweep import SweepRequest, builtin_quickstart, prepare
 from petlbench.tuners import available_tuners, unknown_tuner_message
 
 app = typer.Typer(
@@ -65,11 +64,6 @@ PreflightOpt = Annotated[
         "tuner once on the meta device (docs/errors.md)",
     ),
 ]
-
-
-def builtin_quickstart() -> Path:
-    """The quickstart suite shipped inside the package (so `petlbench run` works from any folder)."""
-    return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
 
 
 JobsOpt = Annotated[

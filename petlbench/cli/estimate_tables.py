@@ -9,6 +9,7 @@ from rich.text import Text
 from petlbench.cli.console import err, out
 from petlbench.cli.tables import Col, FitTable, backbone_label, result_line
 from petlbench.estimate.client import Estimate, fits
+from petlbench.estimate.guard import describe
 from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_seconds
 from petlbench.report.fit import largest_fitting, size_label
 from petlbench.results import RunResult
@@ -222,6 +223,8 @@ def show_prediction(p: Prediction) -> None:
             "scripts/gpu-validate.sh runs on a GPU.",
             style="dim",
         )
+    if p.plan is not None:
+        out.print(f"time to run this plan: {describe(p.plan, len(runs))} (docs/measurement.md)")
     for e in p.failed:
         err.print(f"estimate failed for {e.run_id}: {first_line(e.error)}")
     what = "configurations searched" if p.search is not None else "runs estimated"

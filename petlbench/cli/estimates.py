@@ -16,6 +16,7 @@ from petlbench.cli.console import err, fail, progress_bar
 from petlbench.cli.estimate_tables import show_prediction
 from petlbench.errors import PetlbenchError
 from petlbench.run.predict import Prediction, PredictRequest, predict
+from petlbench.run.sweep import builtin_quickstart
 
 SKIP_OPTION: Any = typer.Option(
     "--skip-predicted-oom",
@@ -32,7 +33,10 @@ DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
 def estimate(
-    suite: Annotated[Path, typer.Argument(help="suite YAML to estimate", show_default=False)],
+    suite: Annotated[
+        Path | None,
+        typer.Argument(help="suite YAML to estimate; omit it for the built-in quickstart", show_default=False),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -71,7 +75,8 @@ def estimate(
 
     Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 24GiB,48GiB,80GiB
     """
-    request = PredictRequest(suite, device, device_memory, results_dir, jobs)
+    quickstart = suite is None
+    request = PredictRequest(suite or builtin_quickstart(), device, device_memory, results_dir, jobs, quickstart)
     try:
         with progress_bar("estimating") as progress:
             task = progress.add_task("starting (importing torch)", total=None)

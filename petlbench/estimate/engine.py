@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -266,6 +266,7 @@ class _FakeModel:
         metrics.peak_allocated_bytes = tracked.peak_bytes
         record_breakdown(metrics, tracked)
         metrics.step_flops = self.step_flops(spec)
+        metrics.step_ops = train.calls
         return metrics
 
     def why(self, spec: RunSpec) -> WhyData:
@@ -373,18 +374,44 @@ def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateRespo
     return EstimateResponse(estimates=[e for e in results if e is not None])
 
 
-def matmul_rate(size: int = 512, trials: int = 5, repeats: int = 4) -> float:
-    """This process's fp32 matmul rate in FLOP/s, the best of a few short trials (about 50 ms in all, so a moment
-    of contention does not halve it): what a CPU plan's time is predicted from (petlbench/estimate/guard.py)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: threads started, kernels chosen
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, time.perf_counter() - start)
+def matmul_rate(size: int = 256, trials: int = 5, repeats: int = 4) -> float:
+    """One core's fp32 matmul rate in FLOP/s, the best of a few short trials timed in CPU time (about 50 ms in all,
+    so neither a moment of contention nor other processes halve it): what a CPU plan's time is predicted from
+    (petlbench/estimate/guard.py)."""
+    with _one_thread():
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: kernels chosen
+        best = float("inf")
+        for _ in range(trials):
+            start = time.process_time()
+            for _ in range(repeats):
+                a @ b
+            best = min(best, time.process_time() - start)
     return 2.0 * size**3 * repeats / max(best, 1e-9)
+
+
+def op_seconds(trials: int = 5, repeats: int = 400) -> float:
+    """One core's CPU time per small aten op (the dispatch and bookkeeping every op pays, which dominates the steps
+    of a tiny model), the best of a few trials."""
+    with _one_thread():
+        x = torch.randn(16, 16)
+        best = float("inf")
+        for _ in range(trials):
+            start = time.process_time()
+            for _ in range(repeats):
+                torch.add(x, x)
+            best = min(best, time.process_time() - start)
+    return best / repeats
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = collect_env(torch.device("cpu"))
     env["matmul_flops_per_s"] = matmul_rate()
+    env["op_seconds"] = op_seconds()
     for line in sys.stdin:
         if line.strip():
             response = _answer(EstimateRequest.model_validate_json(line), env)

@@ -50,4 +50,4 @@ def at_batch(a: Timeline, batch_a: int, b: Timeline, batch_b: int, batch: int) -
         tuple(da + (db - da) // span * (batch - batch_a) for da, db in zip(sa, sb, strict=True))
         for sa, sb in zip(a.shapes, b.shapes, strict=True)
     )
-    return Timeline(tuple(events), shapes, a.ops, a.owners, a.modules)
+    return Timeline(tuple(events), shapes, a.ops, a.owners, a.modules, a.calls)

@@ -73,6 +73,7 @@ class Timeline:
     # allocated; "" = none (registered tensors, the loss, the optimizer). Empty when no owner was recorded.
     owners: tuple[int, ...] = ()
     modules: tuple[str, ...] = ()
+    calls: int = 0  # aten ops dispatched in the region (the CPU time model charges each a fixed cost)
 
 
 class TensorTracker(TorchDispatchMode):
@@ -98,6 +99,7 @@ class TensorTracker(TorchDispatchMode):
         self._by_id: dict[int, tuple[int, Category, int, weakref.ref[torch.UntypedStorage]]] = {}
         self._names: dict[Any, str] = {}
         self._ops: set[str] = set()
+        self._calls = 0
         self._open = True
         # attribution: `owner()` names the module running now (set by petlbench.measure.memory); None: not recorded
         self.owner: Callable[[], str] | None = None
@@ -180,7 +182,8 @@ class TensorTracker(TorchDispatchMode):
         self._open = False
         owners = tuple(self._owners) if len(self._owners) == len(self._shapes) else ()
         modules = tuple(self._module_index) if owners else ()
-        return Timeline(_canonical(self._events), tuple(self._shapes), frozenset(self._ops), owners, modules)
+        events = _canonical(self._events)
+        return Timeline(events, tuple(self._shapes), frozenset(self._ops), owners, modules, self._calls)
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -192,6 +195,7 @@ class TensorTracker(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
+        self._calls += 1
         name = self._names.get(func)
         if name is None:
             name = self._names[func] = func.__name__ if hasattr(func, "__name__") else str(func)

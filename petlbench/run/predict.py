@@ -22,10 +22,13 @@ from petlbench.estimate.client import (
     estimating,
     fits,
     memory_limit,
+    model_key,
 )
+from petlbench.estimate.guard import Machine, PlanCost, StepCost, plan_seconds
 from petlbench.measure.nvml import visible_gpus
 from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
 from petlbench.run.probe import probe_suite
+from petlbench.run.sweep import quickstart_jobs
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
 from petlbench.spec.models import Device, RunSpec, Suite
@@ -38,6 +41,7 @@ class PredictRequest:
     device_memory: str | None = None  # '80GiB' or '24GiB,48GiB,80GiB'
     results_dir: Path = Path("results")
     jobs: int = 1
+    quickstart: bool = False  # the built-in quickstart: its plan runs one run per core
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Prediction:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     search: SearchRequest | None = None
     seconds: float = 0.0
+    plan: PlanCost | None = None  # CPU plans: how long running them would take here (the guard's model)
 
     @property
     def limit(self) -> int | None:
@@ -96,6 +101,8 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
     start = time.monotonic()
     prediction.estimates = yield from _estimates(runs, prediction.search, request.jobs)
     prediction.seconds = time.monotonic() - start
+    if device == "cpu" and prediction.search is None:
+        prediction.plan = cpu_plan(runs, prediction.estimates, quickstart_jobs(runs) if request.quickstart else 1)
     for result in rows(runs, prediction.estimates):
         write_result(request.results_dir, result)
     return prediction
@@ -112,6 +119,20 @@ def _estimates(
             answer: dict[str, Estimate] = stop.value
             return answer
         yield Estimating(done, total, label)
+
+
+def cpu_plan(runs: Sequence[RunSpec], estimates: dict[str, Estimate], parallel: int) -> PlanCost | None:
+    """The plan's wall time on this CPU from every run's own estimate (petlbench/estimate/guard.py's model)."""
+    machine = next((m for e in estimates.values() if (m := Machine.measured(e.env)) is not None), None)
+    if machine is None:
+        return None
+    costs: dict[str, StepCost] = {}
+    for run in runs:
+        cost = StepCost.of(estimates.get(run.run_id), run.batch_size)
+        if cost is not None:
+            costs.setdefault(model_key(run), cost)
+    seconds = plan_seconds(runs, costs, machine, parallel)
+    return PlanCost(seconds, None, None, [], parallel, machine.load)
 
 
 def rows(runs: Sequence[RunSpec], estimates: dict[str, Estimate]) -> list[RunResult]:

@@ -8,6 +8,7 @@ generator after the executor has stopped every worker; the rows stored before it
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack
@@ -125,6 +126,11 @@ def exit_code(results: Iterable[RunResult], strict: bool) -> int:
     if config_errors(results):
         return 2
     return 1 if strict and any(r.status != "ok" for r in results) else 0
+
+
+def builtin_quickstart() -> Path:
+    """The quickstart suite shipped inside the package (so `petlbench run` works from any folder)."""
+    return Path(str(importlib.resources.files("petlbench").joinpath("suites/quickstart.yaml")))
 
 
 def quickstart_jobs(runs: Sequence[RunSpec]) -> int:
