@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -285,3 +286,30 @@ def test_cuda_snapshot_is_saved_beside_the_row(tmp_path: Path) -> None:
     assert Path(result.snapshot_file).parent == tmp_path / cuda.suite / "snapshots"
     assert result.why is not None and result.why.round_to == 512
     assert np.isclose(result.why.peak_bytes, result.metrics.mem_tracked_peak_bytes or 0)
+
+
+def test_explain_names_the_runs_an_ambiguous_method_matches_and_its_help_example_fits_the_quickstart() -> None:
+    import re
+    import shlex
+
+    from petlbench.errors import ConfigError
+    from petlbench.report.explain import select_run
+    from petlbench.results import normalise
+    from petlbench.run.sweep import builtin_quickstart
+    from petlbench.spec.loading import load_suite
+
+    runs = expand(load_suite(builtin_quickstart()), "cpu")
+    rows = normalise(
+        pd.DataFrame([RunResult(spec=r, status="ok", created_at="2026-01-01T00:00:00+00:00").to_row() for r in runs])
+    )
+    with pytest.raises(ConfigError, match=r"2 runs match at batch size 64: 'lora rank=4' and 'lora rank=8'; name one"):
+        select_run(rows, None, "lora", 64)
+    with pytest.raises(ConfigError, match=r"runs at batch sizes 32, 64; add --batch-size"):
+        select_run(rows, None, "fact", None)
+    # the example of `petlbench explain --help` names one quickstart run and one to compare it with
+    help_text = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "200"}).output
+    example = shlex.split(re.search(r"Example: (petlbench explain .*)", help_text).group(1))  # type: ignore[union-attr]
+    option = dict(zip(example[3::2], example[4::2], strict=False))
+    first = select_run(rows, None, option["--method"], int(option["--batch-size"]))
+    second = select_run(rows, None, option["--vs"], int(first["batch_size"]))
+    assert first["tuner"] == "fact" and second["variant"] == "lora rank=8"

@@ -282,7 +282,7 @@ def explain(
     """Why a run peaks where it does: the peak, when it happens in the step, its breakdown and the modules whose
     activations are live at it (from the timeline stored beside each row); --vs compares two runs.
 
-    Example: petlbench explain results/quickstart --method fact --batch-size 8 --vs lora
+    Example: petlbench explain results/quickstart --method fact --batch-size 32 --vs 'lora rank=8'
     """
     from petlbench.cli.explain_view import explanation_view
     from petlbench.report.explain import explain as explain_core

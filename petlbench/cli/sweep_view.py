@@ -216,9 +216,9 @@ def summary(finished: Finished, quickstart: bool) -> None:
     if finished.report is not None:
         out.print(f"report: {finished.report.html}  ({len(finished.report.figures)} figures, also report.md)")
     if quickstart and not finished.config_errors:
+        explain = f"petlbench explain {finished.where} --method fact --batch-size 32 --vs 'lora rank=8'"
         out.print(
-            f"next: open the report; `petlbench explain {finished.where} --method fact --batch-size 32 --vs lora` "
-            "says why one method needs more memory than another; `petlbench run suites/smoke.yaml` is the CI suite",
+            f"next: open the report; `{explain}` says why one method needs more memory than another",
             style="dim",
         )
 

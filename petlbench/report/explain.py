@@ -255,7 +255,8 @@ class Explanation:
 
 
 def select_run(rows: pd.DataFrame, run: str | None, method: str | None, batch_size: int | None) -> pd.Series:
-    """The one row named by `run` (a run_id or a unique prefix of one) or by method (variant or method) + batch."""
+    """The one row named by `run` (a run_id or a unique prefix of one) or by method (a variant 'lora rank=8', a
+    method 'vpt-deep' or a tuner 'fact') + batch."""
     if run is not None:
         hit = rows[rows["run_id"].astype(str).str.startswith(run)]
         if hit.empty:
@@ -266,7 +267,7 @@ def select_run(rows: pd.DataFrame, run: str | None, method: str | None, batch_si
         return found
     if method is None:
         raise ConfigError("give --run RUN_ID, or --method METHOD (with --batch-size when it ran at several)")
-    hit = rows[(rows["variant"] == method) | (rows["method"] == method)]
+    hit = rows[(rows["variant"] == method) | (rows["method"] == method) | (rows["tuner"] == method)]
     if batch_size is not None:
         hit = hit[hit["batch_size"] == batch_size]
     hit = hit[hit["status"] == "ok"]
@@ -276,10 +277,26 @@ def select_run(rows: pd.DataFrame, run: str | None, method: str | None, batch_si
             f"--method {method}: no ok run{f' at batch size {batch_size}' if batch_size else ''}; methods: {known}"
         )
     if hit["run_id"].nunique() > 1:
-        choices = "; ".join(f"{r['run_id']} ({row_label(r)})" for _, r in hit.iterrows())
-        raise ConfigError(f"--method {method}: {len(hit)} runs match ({choices}); add --batch-size or use --run")
+        raise ConfigError(_ambiguous(method, batch_size, hit))
     chosen: pd.Series = hit.iloc[0]
     return chosen
+
+
+def _ambiguous(method: str, batch_size: int | None, hit: pd.DataFrame) -> str:
+    """Several runs match `--method`: name what tells them apart (the variant, the batch size, else the run_id)."""
+    variants = sorted({str(v) for v in hit["variant"]})
+    batches = sorted({int(b) for b in hit["batch_size"].dropna()})
+    at = f" at batch size {batch_size}" if batch_size is not None else ""
+    if len(variants) > 1:
+        quoted = (
+            " and ".join(f"'{v}'" for v in variants) if len(variants) == 2 else ", ".join(f"'{v}'" for v in variants)
+        )
+        return f"--method {method}: {len(hit)} runs match{at}: {quoted}; name one, e.g. --method '{variants[-1]}'"
+    if len(batches) > 1:
+        sizes = ", ".join(str(b) for b in batches)
+        return f"--method {method}: runs at batch sizes {sizes}; add --batch-size (e.g. --batch-size {batches[-1]})"
+    choices = "; ".join(f"{r['run_id']} ({row_label(r)})" for _, r in hit.iterrows())
+    return f"--method {method}: {len(hit)} runs match ({choices}); choose one with --run RUN_ID"
 
 
 def _run_why(row: pd.Series, files: dict[str, Path]) -> RunWhy:
