@@ -35,7 +35,7 @@ from petlbench.columns import Column, Kind, column, gated, limit_name
 from petlbench.columns import format_value as format_column_value
 from petlbench.errors import ConfigError
 from petlbench.fmt import did_you_mean, first_line, fmt_bytes, missing, parse_bytes
-from petlbench.results import row_label, run_label, setting_label
+from petlbench.report.rows import row_label, run_label, setting_label
 from petlbench.spec.base import StrictModel
 from petlbench.spec.loading import read_yaml
 from petlbench.spec.messages import format_validation_error
@@ -243,7 +243,7 @@ def select(frame: pd.DataFrame, selector: Selector) -> pd.DataFrame:
 
 
 def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> list[CheckResult]:
-    """Every (row, limit) pair the budgets select, passed or not. Rows must be normalised (`rows.normalise`).
+    """Every (row, limit) pair the budgets select, passed or not. Rows must be normalised (`report.rows.normalise`).
 
     Raises ConfigError when a budget selects no row, or a ratio's `versus` is ambiguous (several pairs).
     """
@@ -409,7 +409,7 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
     """One budget per measured configuration: max peak bytes × headroom, trainable params exact.
 
     Args:
-        results: normalised rows (`rows.normalise`); only `ok` rows are budgeted.
+        results: normalised rows (`report.rows.normalise`); only `ok` rows are budgeted.
         headroom: factor on bytes (e.g. 1.05); CPU bytes are deterministic, so a few percent is enough.
         command: the command that regenerates the file, written in its header.
         keep: an existing budgets file whose `ratios` (written by hand) are carried over.
@@ -550,7 +550,7 @@ def format_value(value: float | None, kind: Kind) -> str:
 
 def check_files(paths: Sequence[Path], budgets_path: Path) -> CheckReport:
     """Load results and a budgets file, and check every budget (ConfigError if one selects nothing)."""
-    from petlbench.results import load_rows
+    from petlbench.report.rows import load_rows
 
     budgets = load_budgets(budgets_path)
     rows = load_rows(paths)
@@ -576,7 +576,7 @@ def write_baseline_file(paths: Sequence[Path], out: Path, headroom: float) -> tu
     The ratios of an existing file at `out` are carried over (they are written by hand).
     Returns the baseline and the command that regenerates it.
     """
-    from petlbench.results import load_rows
+    from petlbench.report.rows import load_rows
 
     keep = None
     if out.exists():

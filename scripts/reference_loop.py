@@ -27,9 +27,9 @@ from petlbench.data.loaders import num_classes
 from petlbench.fmt import fmt_bytes, fmt_rate, fmt_seconds
 from petlbench.measure.step import autocast, make_optimizer
 from petlbench.results import load_results, suite_dir
-from petlbench.spec.models import RunSpec
 from petlbench.run.model import build_model, model_img_size
 from petlbench.run.worker import torch_device
+from petlbench.spec.models import RunSpec
 
 
 def reference_step_times(spec: RunSpec, steps: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from petlbench.budget import (
 from petlbench.cli.app import app
 from petlbench.errors import ConfigError
 from petlbench.fmt import parse_bytes
-from petlbench.results import normalise
+from petlbench.report.rows import normalise
 from tests.report_rows import MiB, frame, row, write
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from petlbench.cli.app import app
 from petlbench.report.compare import compare_rows
-from petlbench.results import load_rows
+from petlbench.report.rows import load_rows
 from tests.report_rows import GiB, row, write
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ from petlbench.errors import ConfigError, ResultsError
 from petlbench.report import build_report
 from petlbench.report.frame import points, split_groups
 from petlbench.report.plots import choose_batch, max_feasible
-from petlbench.results import normalise
+from petlbench.report.rows import normalise
 from tests.report_rows import GiB, frame, row, sweep, write
 
 FIGURES = ("pareto-acc-vs-memory", "pareto-acc-vs-params", "pareto-throughput-vs-memory", "memory-batch", "breakdown")

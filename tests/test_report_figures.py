@@ -17,9 +17,9 @@ from matplotlib.markers import MarkerStyle
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-import petlbench.report as report_module
 from petlbench.report import build_report
 from petlbench.report.fit import Fit, largest_fitting
+from petlbench.report.views import ReportContext
 from tests.report_rows import GiB, row, sweep, write
 
 _MARKERS = ("o", "s", "^", "v", "<", ">", "D", "d", "p", "h", "P", "*", "X")
@@ -39,13 +39,13 @@ def _marker_of(collection: PathCollection) -> str:
 def capture(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
     """Every figure build_report saves, by file stem."""
     figures: dict[str, Figure] = {}
-    original = report_module._save
+    original = ReportContext.save
 
-    def keep(fig: Figure, out: Path, stem: str, saved: list[Path]) -> str:
+    def keep(self: ReportContext, fig: Figure, stem: str) -> Path:
         figures[stem] = fig
-        return original(fig, out, stem, saved)
+        return original(self, fig, stem)
 
-    monkeypatch.setattr(report_module, "_save", keep)
+    monkeypatch.setattr(ReportContext, "save", keep)
     return figures
 
 

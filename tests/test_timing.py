@@ -10,7 +10,7 @@ import torch
 from petlbench.measure.speed import Timing, time_more
 from petlbench.report.frame import points
 from petlbench.report.pareto import THROUGHPUT, WITHOUT_ACCURACY, frontier_flags
-from petlbench.results import normalise
+from petlbench.report.rows import normalise
 from petlbench.run.worker import execute
 from petlbench.spec.models import MeasureSpec, TimingProtocol
 from tests.report_rows import frame, row

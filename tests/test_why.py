@@ -294,7 +294,7 @@ def test_explain_names_the_runs_an_ambiguous_method_matches_and_its_help_example
 
     from petlbench.errors import ConfigError
     from petlbench.report.explain import select_run
-    from petlbench.results import normalise
+    from petlbench.report.rows import normalise
     from petlbench.run.sweep import builtin_quickstart
     from petlbench.spec.loading import load_suite
 

@@ -14,6 +14,7 @@ import typer
 
 from petlbench.cli import estimates as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out
+from petlbench.cli.report_view import PlotChoice, show_report
 from petlbench.cli.sweep_view import show_sweep
 from petlbench.cli.tables import (
     check_table,
@@ -23,11 +24,10 @@ from petlbench.cli.tables import (
     tuners_table,
 )
 from petlbench.data.specs import DATA_ROOT_ENV
-from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
 from petlbench.executors import ExecutorKind
 from petlbench.executors.process import sigterm_as_interrupt
-from petlbench.report import Plot
-from petlbench.results import check_writable, stored_statuses, suite_dir
+from petlbench.results import stored_statuses, suite_dir
 from petlbench.run.sweep import SweepRequest, builtin_quickstart, prepare
 from petlbench.tuners import available_tuners, unknown_tuner_message
 
@@ -204,7 +204,7 @@ ResultsArg = Annotated[
 def report(
     results: ResultsArg = None,
     plot: Annotated[
-        list[Plot] | None,
+        list[PlotChoice] | None,
         typer.Option("--plot", help="which figures; repeat for several [default: all]", show_default=False),
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="folder for the figures, report.md and report.html")] = Path(
@@ -231,27 +231,8 @@ def report(
 
     Example: petlbench report results/memory --plot pareto --format pdf --out reports/
     """
-    from petlbench.report import build_report
-
-    paths = results or [Path("results")]
-    try:
-        check_writable(out_dir, "the report")
-        summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size, fmt, width)
-    except OSError as exc:  # the folder was writable a moment ago: full, or removed
-        fail(WriteError(f"{out_dir}: cannot write the report ({exc.strerror or exc}); choose another --out"))
-    except PetlbenchError as exc:
-        fail(exc)
-    counts = ", ".join(f"{n} {status}" for status, n in summary.statuses.items())
-    out.print(f"{summary.rows} rows ({counts}) in {len(summary.groups)} group(s)")
-    if summary.split_by:
-        out.print(f"split by {', '.join(summary.split_by)}: no figure mixes groups")
-    for note in summary.notes:
-        err.print(f"note: {note}")
-    kinds = ".pdf + .svg + .png" if fmt == "pdf" else ".png + .svg"
-    out.print(f"{len(summary.figures)} figures ({kinds}) → {summary.out}/")
-    if summary.vtab_methods:
-        out.print(f"VTAB-1k tables: {summary.vtab_methods} methods × 19 tasks, group and flat means (in the report)")
-    out.print(f"report → {summary.markdown}  {summary.html}")
+    plots = [str(p.value) for p in plot or []] or ["all"]
+    show_report(results or [Path("results")], plots, out_dir, batch_size, fmt, width)
 
 
 @app.command()
@@ -364,7 +345,7 @@ def compare(
     Example: petlbench compare results-main/smoke results/smoke --max-increase 1 --out compare.png
     """
     from petlbench.report.compare import compare_rows, comparison_figure, describe
-    from petlbench.results import load_rows
+    from petlbench.report.rows import load_rows
 
     try:
         comparison = compare_rows(load_rows([baseline]), load_rows([change]))

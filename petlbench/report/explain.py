@@ -3,9 +3,9 @@
 Reads the summaries stored beside the rows (`results/<suite>/timelines/<run_id>.npz`,
 petlbench.why). Two consumers:
 
-- `why_section` (called by `build_report` when a group has timelines): a timeline figure comparing the methods
-  at one batch size (a panel per method, same axes, stacked areas by category, the peak marked), the top
-  modules by activation bytes per method, and a per-block heat strip (blocks × sublayer).
+- the report's timeline view (petlbench/report/views/timelines.py): `timeline_figure` compares the methods at one
+  batch size (a panel per method, same axes, stacked areas by category, the peak marked), `heat_figure` draws a
+  per-block heat strip (blocks × sublayer).
 - `explain` (the core of `petlbench explain`): one run's peak, when it happens, its breakdown and top modules,
   and, with another run, the difference module pattern by module pattern.
 
@@ -14,16 +14,15 @@ Torch-free: numpy, pandas and (for figures) matplotlib only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from petlbench.errors import ConfigError, ResultsError
 from petlbench.fmt import fmt_bytes
-from petlbench.report.document import Block, Heading, Image, Para, Table
-from petlbench.report.frame import Group, variant_order
-from petlbench.results import load_rows, row_label, run_label
+from petlbench.report.frame import Group
+from petlbench.report.rows import load_rows, row_label, run_label
 from petlbench.why import (
     CATEGORIES,
     SUBLAYER_GROUP,
@@ -34,7 +33,6 @@ from petlbench.why import (
     group_entries,
     heat_strip,
     load_why,
-    module_label,
     parents,
     pattern,
     sublayer_pattern,
@@ -44,14 +42,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-FIGURE_PREFIXES: Final = ("timeline-", "activations-")
 CATEGORY_COLORS: Final = {
     "weights": "#4c72b0",
     "gradients": "#dd8452",
     "optimizer": "#55a868",
     "activations": "#8172b3",
 }
-TOP_MODULES: Final = 5
 
 
 def _unit(largest: float) -> tuple[float, str]:
@@ -62,11 +58,8 @@ def _unit(largest: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
-Save = Callable[["Figure", str], str]  # (figure, file stem) → stem written
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Report section
+# The report's timeline figures (views/timelines.py draws the section)
 
 
 def timelines_for(paths: Sequence[Path], rows: pd.DataFrame) -> dict[str, Path]:
@@ -85,69 +78,7 @@ def choose_why_batch(pts: pd.DataFrame, have: set[str]) -> int | None:
     return int(best[0])
 
 
-def why_section(group: Group, pts: pd.DataFrame, files: dict[str, Path], save: Save) -> list[Block]:
-    """Timeline figure, top-modules table and heat strip of one group (nothing when no row has a timeline)."""
-    rows = group.rows  # `pts` averages seeds away; timelines belong to runs
-    batch = choose_why_batch(rows, set(files))
-    if batch is None:
-        return []
-    at = rows[(rows["status"] == "ok") & (rows["batch_size"] == batch) & rows["run_id"].isin(set(files))]
-    runs: list[tuple[str, WhyData]] = []
-    for variant in variant_order(at):
-        row = at[at["variant"] == variant].iloc[0]  # several seeds: the first (the step does not depend on it)
-        runs.append((variant, load_why(files[str(row["run_id"])])))
-    blocks: list[Block] = [
-        Heading("Why: memory over one training step", 3),
-        Para(
-            f"Batch size {batch}. Live bytes by category over the tracked training step (x: the step's allocation "
-            "events in program order, so phases take the width of their allocations, not of their time); dashed "
-            "lines mark where backward and the optimizer step start, the dot is the peak."
-        ),
-    ]
-    stem = save(timeline_figure(group, runs, batch), f"timeline-{group.slug}")
-    blocks.append(Image(stem, f"Memory over one training step, batch {batch}, {group.title}"))
-    blocks.append(
-        Table(
-            ["method", "peak", "when", *CATEGORIES],
-            [
-                [
-                    variant,
-                    fmt_bytes(why.peak_bytes),
-                    f"{why.peak_phase} ({why.peak_fraction:.0%} of the step)",
-                    *(fmt_bytes(_at_peak(why, c)) for c in CATEGORIES),
-                ]
-                for variant, why in runs
-            ],
-            frozenset({1, 3, 4, 5, 6}),
-        )
-    )
-    blocks.append(Heading("Where the activations are", 3))
-    blocks.append(
-        Para(
-            "Activation bytes live at the peak by the module that allocated them (in backward: the module whose "
-            "backward was running), summed over blocks (`blocks.*`), a tuner's wrappers folded into the sublayer "
-            "they wrap (`mlp.fc1.base` counts as `mlp.fc1`). A frozen layer's saved input shows under "
-            "the module that produced it: the input of `mlp.fc2` is the output of `mlp.act`, the input of "
-            "`mlp.fc1` that of `norm2`."
-        )
-    )
-    table = []
-    for variant, why in runs:
-        total = _at_peak(why, "activations")
-        for rank, g in enumerate(group_entries(why.entries, sublayer_pattern, ["activations"])[:TOP_MODULES], 1):
-            share = g.bytes / total if total else 0.0
-            table.append(
-                [variant if rank == 1 else "", str(rank), module_label(g.name), fmt_bytes(g.bytes), f"{share:.0%}"]
-            )
-    blocks.append(Table(["method", "#", "module", "activation bytes at peak", "share"], table, frozenset({1, 3, 4})))
-    strips = [(v, w) for v, w in runs if heat_strip(w.entries).size]
-    if strips:
-        stem = save(heat_figure(group, strips, batch), f"activations-{group.slug}")
-        blocks.append(Image(stem, f"Activation bytes at the peak per block and sublayer, batch {batch}, {group.title}"))
-    return blocks
-
-
-def _at_peak(why: WhyData, category: str) -> int:
+def at_peak(why: WhyData, category: str) -> int:
     return sum(e.bytes for e in why.entries if e.category == category)
 
 
@@ -229,7 +160,7 @@ class RunWhy:
     why: WhyData
 
     def category(self, name: str) -> int:
-        return _at_peak(self.why, name)
+        return at_peak(self.why, name)
 
 
 @dataclass(frozen=True)

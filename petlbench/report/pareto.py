@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 
 from petlbench.fmt import fmt_bytes
 from petlbench.report.frame import Group
+from petlbench.report.rows import knob_text
 from petlbench.report.style import (
     OOM_COLOR,
     Label,
@@ -39,7 +40,6 @@ from petlbench.report.style import (
     spread_offsets,
     style_axis,
 )
-from petlbench.results import knob_text
 
 if TYPE_CHECKING:
     import pandas as pd
