@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -145,3 +146,12 @@ def test_a_group_lacking_a_view_s_columns_skips_it_with_a_note(tmp_path: Path) -
     assert not [n for n in names if "bf16" in n and (n.startswith("breakdown") or "throughput" in n)]
     md = summary.markdown.read_text()
     assert md.count("No breakdown: no ok run has a breakdown.") == 1
+
+
+def test_the_html_report_shows_no_markdown_markup(tmp_path: Path) -> None:
+    """Emphasis in report text is **bold** (both renderings turn it into markup), never a literal *star*."""
+    rows = [row("lora", 8, knob=8, peak=1e6), row("full", 8, peak=2e6)]
+    summary = build_report([write(rows, tmp_path / "r" / "mem")], ["breakdown"], tmp_path / "out")
+    html = summary.html.read_text()
+    assert "*at the peak*" not in html and "<strong>at the peak</strong>" in html
+    assert not re.search(r"(?<![*\w])\*[a-z][^*<>]*\*(?![*\w])", html.split("<body>")[1]), "a literal *...* in the HTML"

@@ -55,7 +55,7 @@ class Breakdown(GroupView):
             [
                 Heading(heading, 3),
                 Para(
-                    f"Batch size {batch}: {why}. Bars are the composition *at the peak* of one tracked training step "
+                    f"Batch size {batch}: {why}. Bars are the composition **at the peak** of one tracked training step "
                     "(weights, gradients, optimizer state, activations, always in this order), largest first; they "
                     "sum to the tracked peak. Gradients are often ≈0 there (legend: ≈0 at the peak): from a small "
                     "batch on, the peak is reached at the start of the backward pass, before gradients exist."

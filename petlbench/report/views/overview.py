@@ -58,7 +58,7 @@ def _how_to_read(ctx: ReportContext) -> list[str]:
         notes.append(
             "Peak memory is `peak_allocated_bytes`: the CUDA caching allocator's peak on GPU, the live-tensor "
             "tracker's exact peak on CPU (`memory_source`). The driver-level peak (CUDA context included) is never "
-            "mixed in." + (" Groups of estimate rows say *predicted* in every title." if estimate.any() else "")
+            "mixed in." + (" Groups of estimate rows say **predicted** in every title." if estimate.any() else "")
         )
     notes.append(
         "OOM runs are drawn as red-edged crosses (at the device capacity line, or in a shaded OOM zone / at the "
