@@ -137,3 +137,21 @@ def test_shipped_suites_are_valid() -> None:
         if path.name.startswith("budgets"):  # budgets files, not suites
             continue
         assert expand(load_suite(path), "cpu"), path
+
+
+def test_train_batch_sizes_trains_some_batch_sizes_and_measures_the_others(tmp_path: Path) -> None:
+    head = BASE + "batch_size: [8, 16]\ntuners: [{tuner: lora}]\n"
+    every = expand(load_suite(write(tmp_path, head + "train: {epochs: 2}\n", "a.yaml")), "cpu")
+    some = expand(load_suite(write(tmp_path, head + "train: {epochs: 2, batch_sizes: [8]}\n", "b.yaml")), "cpu")
+    assert [(r.batch_size, r.train is not None) for r in some] == [(8, True), (16, False)]
+    # the trained run is the run it always was (the list stays with the suite)
+    assert some[0].run_id == every[0].run_id and some[1].run_id != every[1].run_id
+    for text, message in (
+        ("train: {epochs: 2, batch_sizes: [32]}\n", r"train.batch_sizes: \[32\] not among the suite's batch sizes"),
+        ("train: {epochs: 2, batch_sizes: []}\n", "train.batch_sizes: List should have at least 1 item"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_suite(write(tmp_path, head + text, "bad.yaml"))
+    auto = BASE + "batch_size: auto\ntuners: [{tuner: lora}]\ntrain: {epochs: 2, batch_sizes: [8]}\n"
+    with pytest.raises(ConfigError, match="not with batch_size: auto"):
+        load_suite(write(tmp_path, auto, "auto.yaml"))

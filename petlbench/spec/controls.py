@@ -56,7 +56,14 @@ _FIELD_ROLES: Final[dict[str, Role]] = {
 MEASURED_CONDITIONS: Final = ("env.gpu_name", "attn_kernel")
 # Fields added after results existed: left out of the run_id while unset, so earlier run_ids stay valid.
 UNSET_NOT_HASHED: Final = frozenset(
-    {"measure.cpu_threads", "measure.min_time_s", "measure.max_steps", "measure.max_dispersion", "measure.snapshot"}
+    {
+        "measure.cpu_threads",
+        "measure.min_time_s",
+        "measure.max_steps",
+        "measure.max_dispersion",
+        "measure.snapshot",
+        "train.batch_sizes",
+    }
 )
 
 
@@ -142,7 +149,8 @@ def run_id_exclusions(spec: BaseModel) -> dict[str, bool | set[str]]:
         exclude["tuner_params"] = legacy
     for field in UNSET_NOT_HASHED:
         section, _, sub = field.partition(".")
-        if getattr(getattr(spec, section), sub) is None:
+        holder = getattr(spec, section)
+        if holder is not None and getattr(holder, sub) is None:
             nested = exclude.setdefault(section, set())
             if isinstance(nested, set):
                 nested.add(sub)

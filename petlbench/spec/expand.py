@@ -67,7 +67,7 @@ def expand(suite: Suite, device: Device, data_root: str | None = None) -> list[R
                             seed=seed,
                             optimizer=optimizer,
                             measure=suite.measure,
-                            train=train,
+                            train=_trained(train, batch_size),
                             timeout_s=suite.timeout_s,
                             data_root=data_root,
                         )
@@ -130,6 +130,14 @@ def _check_entry(
                     f"{suite.source}: {where}.task_params.{task}.{key}: also swept in grid; keep one of the two"
                 )
     return config_cls, _merge_optimizer(suite, entry, where), _merge_train(suite, entry, where)
+
+
+def _trained(train: TrainSpec | None, batch_size: int) -> TrainSpec | None:
+    """The run's training section: none at a batch size `train.batch_sizes` leaves out; the list itself stays
+    with the suite (so the run_ids of trained runs do not depend on it)."""
+    if train is None or train.batch_sizes is None:
+        return train
+    return train.model_copy(update={"batch_sizes": None}) if batch_size in train.batch_sizes else None
 
 
 def _grid_points(grid: Mapping[str, Sequence[Any]]) -> Iterator[dict[str, Any]]:

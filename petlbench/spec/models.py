@@ -133,6 +133,12 @@ class TrainSpec(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     drop_last: bool = Field(False, description="drop the last incomplete training batch (FacT: true, SQT: false)")
     eval_batch_size: int | None = Field(None, gt=0, description="test-split batch size; None: the run's batch size")
+    batch_sizes: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="train only the runs at these batch sizes (the others are measured, not trained); None: all. "
+        "A suite-level choice: runs do not carry it",
+    )
 
 
 class AutoBatchSpec(StrictModel):
@@ -236,6 +242,21 @@ class Suite(StrictModel):
         if value.endswith(ESTIMATE_SUFFIX):
             raise ValueError(f"names ending in {ESTIMATE_SUFFIX!r} are reserved for estimate results")
         return value
+
+    @model_validator(mode="after")
+    def _trained_batch_sizes(self) -> Suite:
+        chosen = self.train.batch_sizes if self.train is not None else None
+        if chosen is None:
+            return self
+        if self.batch_size == AUTO:
+            raise ValueError("train.batch_sizes: not with batch_size: auto (the batch size is searched); remove it")
+        swept = as_list(self.batch_size)
+        unknown = [b for b in chosen if b not in swept]
+        if unknown:
+            raise ValueError(
+                f"train.batch_sizes: {unknown} not among the suite's batch sizes {swept}; train at one of those"
+            )
+        return self
 
     @property
     def auto_batch_size(self) -> bool:
