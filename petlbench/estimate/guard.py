@@ -34,12 +34,15 @@ from petlbench.fmt import fmt_bytes, fmt_seconds
 from petlbench.spec.models import RunSpec
 
 LIMIT_S: Final = 3600.0  # a CPU plan predicted longer than this is refused (use --device cpu to insist)
-# Calibrated on this project's 2-core development machine (docs/measurement.md): measured CPU time of quickstart
-# and smoke runs against the model's terms.
-OP_FACTOR: Final = 4.0  # CPU time of an aten op inside a training step ÷ that of a bare small op
-EFFICIENCY: Final = 0.5  # FLOP rate a ViT step reaches ÷ one core's matmul rate
-RUN_S: Final = 1.0  # per run: fork, model build, data, environment, timeline, result
-IMAGE_S: Final = 5e-5  # per training or test image: loading and transforms
+# Calibrated on this project's 2-core development machine (docs/measurement.md): a least-squares fit of 60 measured
+# quickstart and smoke runs' CPU time (`python scripts/cpu_time_fit.py`); every run's prediction fell within 0.54-1.22
+# of its measurement.
+OP_FACTOR: Final = 0.39  # CPU time of an aten op inside a training step ÷ that of a bare small op
+EFFICIENCY: Final = 0.66  # FLOP rate a ViT step reaches ÷ one core's matmul rate
+RUN_S: Final = 0.23  # per run (and per model built to train): fork, model build, environment, result
+IMAGE_S: Final = 9.2e-4  # per training or test image: loading, resizing, the per-sample work of a step
+SWEEP_S: Final = 6.0  # per plan: the fork server's imports and the pre-flight probe
+REPORT_S_PER_RUN: Final = 0.65  # the report the quickstart writes at the end, per run in it
 FORWARD_SHARE: Final = 1 / 3  # a forward is about a third of a training step (FLOPs and ops)
 TRACKED_FACTOR: Final = 1.5  # the tracked step runs under the tensor tracker and the module tracker
 
@@ -160,10 +163,11 @@ def run_seconds(spec: RunSpec, cost: StepCost, machine: Machine) -> float:
 
 
 def plan_seconds(
-    runs: Sequence[RunSpec], costs: Mapping[str, StepCost], machine: Machine, parallel: int
+    runs: Sequence[RunSpec], costs: Mapping[str, StepCost], machine: Machine, parallel: int, report: bool = False
 ) -> float | None:
-    """Wall seconds of the plan: runs `parallel` at a time, slowed by the machine's other load. None when no run
-    has a cost (`costs`: model_key → StepCost)."""
+    """Wall seconds of the plan: runs `parallel` at a time, slowed by the machine's other load, plus the sweep's
+    start (and the report, for the quickstart). None when no run has a cost (`costs`: model_key → StepCost). A
+    run's threads are not counted as a speed-up: the small models a CPU plan runs gain little from them."""
     total = 0.0
     known = False
     for run in runs:
@@ -175,7 +179,8 @@ def plan_seconds(
         return None
     at_once = max(1, min(parallel, machine.cores))
     slowdown = max(1.0, (machine.load + at_once) / machine.cores)
-    return total / at_once * slowdown
+    serial = SWEEP_S + (REPORT_S_PER_RUN * len(runs) if report else 0.0)
+    return (total / at_once + serial) * slowdown
 
 
 def _pick_heaviest(runs: Sequence[RunSpec]) -> dict[str, RunSpec]:

@@ -102,7 +102,8 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
     prediction.estimates = yield from _estimates(runs, prediction.search, request.jobs)
     prediction.seconds = time.monotonic() - start
     if device == "cpu" and prediction.search is None:
-        prediction.plan = cpu_plan(runs, prediction.estimates, quickstart_jobs(runs) if request.quickstart else 1)
+        parallel = quickstart_jobs(runs) if request.quickstart else 1
+        prediction.plan = cpu_plan(runs, prediction.estimates, parallel, report=request.quickstart)
     for result in rows(runs, prediction.estimates):
         write_result(request.results_dir, result)
     return prediction
@@ -121,7 +122,9 @@ def _estimates(
         yield Estimating(done, total, label)
 
 
-def cpu_plan(runs: Sequence[RunSpec], estimates: dict[str, Estimate], parallel: int) -> PlanCost | None:
+def cpu_plan(
+    runs: Sequence[RunSpec], estimates: dict[str, Estimate], parallel: int, report: bool = False
+) -> PlanCost | None:
     """The plan's wall time on this CPU from every run's own estimate (petlbench/estimate/guard.py's model)."""
     machine = next((m for e in estimates.values() if (m := Machine.measured(e.env)) is not None), None)
     if machine is None:
@@ -131,7 +134,7 @@ def cpu_plan(runs: Sequence[RunSpec], estimates: dict[str, Estimate], parallel: 
         cost = StepCost.of(estimates.get(run.run_id), run.batch_size)
         if cost is not None:
             costs.setdefault(model_key(run), cost)
-    seconds = plan_seconds(runs, costs, machine, parallel)
+    seconds = plan_seconds(runs, costs, machine, parallel, report)
     return PlanCost(seconds, None, None, [], parallel, machine.load)
 
 
