@@ -92,9 +92,8 @@ def main(argv: list[str]) -> int:
         for spec, measured, cost, machine in data:
             predicted = guard.run_seconds(spec, cost, machine)
             ratios.append(predicted / measured)
-            print(
-                f"{spec.suite + ' ' + spec.label():<42} {measured:>8.2f}s {predicted:>8.2f}s {predicted / measured:>6.2f}"
-            )
+            label = f"{spec.suite} {spec.label()}"
+            print(f"{label:<42} {measured:>8.2f}s {predicted:>8.2f}s {predicted / measured:>6.2f}")
     print(f"\n{len(data)} runs; predicted/measured CPU time: min {min(ratios):.2f}, max {max(ratios):.2f}")
     print("constants: " + ", ".join(f"{k} = {v:.3g}" for k, v in constants.items()))
     return 0
