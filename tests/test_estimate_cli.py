@@ -50,7 +50,8 @@ def test_estimate_prints_fits_and_oom_and_stores_rows_apart_from_measured(tmp_pa
     small, big = peaks(suite)[4], peaks(suite)[64]
     limit = (small + big) // 2
     results = tmp_path / "results"
-    args = ["estimate", str(suite), "--device", "cpu", "--device-memory", str(limit), "--results-dir", str(results)]
+    sized = f"{limit}B"
+    args = ["estimate", str(suite), "--device", "cpu", "--device-memory", sized, "--results-dir", str(results)]
     outcome = runner.invoke(app, [*args, "--jobs", "1"])
     assert outcome.exit_code == 0, outcome.output
     assert "FITS" in outcome.output and "OOM" in outcome.output
@@ -58,8 +59,13 @@ def test_estimate_prints_fits_and_oom_and_stores_rows_apart_from_measured(tmp_pa
     rows = load_results([estimate_dir(results, "est")]).set_index("batch_size")
     assert set(rows["memory_source"]) == {"estimate"} and set(rows["suite"]) == {"est.estimate"}
     assert rows.loc[4, "peak_allocated_bytes"] == small and rows.loc[64, "peak_allocated_bytes"] == big
-    assert set(rows["memory_limit_bytes"]) == {limit}
+    assert rows["memory_limit_bytes"].isna().all()  # a prediction does not depend on the limit it is judged against
     assert not suite_dir(results, "est").exists()  # measured rows are elsewhere, untouched
+    # judged against another size, the rows are the same predictions: both answers stay readable
+    other = runner.invoke(app, [*args[:-4], "--device-memory", "80GiB", "--results-dir", str(results), "--jobs", "1"])
+    assert other.exit_code == 0 and "2 fit 80.0 GiB" in other.output, other.output
+    again_rows = load_results([estimate_dir(results, "est")]).set_index("batch_size")
+    assert (again_rows["peak_allocated_bytes"] == rows["peak_allocated_bytes"]).all()
     # --strict: a predicted OOM is a finding
     strict = runner.invoke(app, [*args, "--strict"])
     assert strict.exit_code == 1, strict.output
@@ -79,12 +85,14 @@ def test_estimate_prints_fits_and_oom_and_stores_rows_apart_from_measured(tmp_pa
 
 def test_bad_memory_sizes_are_one_line_usage_errors(tmp_path: Path) -> None:
     suite = write_suite(tmp_path, "bad", "batch_size: 4\ntuners: [{tuner: linear}]\n")
-    outcome = runner.invoke(app, ["estimate", str(suite), "--device-memory", "lots"])
-    assert outcome.exit_code == 2
-    assert errors(outcome.output) == [
-        "error: --device-memory: not a memory size: 'lots'; write e.g. 80GiB, 16GB, 512MiB, 512M (K/M/G/T alone "
-        "are binary) or a byte count"
-    ]
+    for text, why in (("lots", "not a memory size: 'lots'"), ("80", "memory size '80' has no unit")):
+        outcome = runner.invoke(app, ["estimate", str(suite), "--device-memory", text, "--results-dir", str(tmp_path)])
+        assert outcome.exit_code == 2
+        assert errors(outcome.output) == [
+            f"error: --device-memory: {why}; write it with a unit: 80GiB, 24GB, 512MiB or 512M (K/M/G/T alone are "
+            "binary), 1000B"
+        ]
+        assert not (tmp_path / "bad.estimate").exists()  # refused before estimating anything
     no_limit = runner.invoke(app, ["run", str(suite), "--skip-predicted-oom", "--results-dir", str(tmp_path)])
     assert no_limit.exit_code == 2 and len(errors(no_limit.output)) == 1
     assert "--memory-limit: required for CPU runs" in no_limit.output
@@ -97,7 +105,7 @@ def test_skip_predicted_oom_records_skipped_rows_and_runs_the_rest(tmp_path: Pat
     small, big = peaks(suite)[4], peaks(suite)[256]
     limit = (small + big) // 2
     results = tmp_path / "results"
-    args = ["run", str(suite), "--results-dir", str(results), "--skip-predicted-oom", "--memory-limit", str(limit)]
+    args = ["run", str(suite), "--results-dir", str(results), "--skip-predicted-oom", "--memory-limit", f"{limit}B"]
     outcome = runner.invoke(app, args)
     assert outcome.exit_code == 0, outcome.output
     assert "1 of 2 runs predicted over" in outcome.output and "skipped: 1" in outcome.output
@@ -108,7 +116,7 @@ def test_skip_predicted_oom_records_skipped_rows_and_runs_the_rest(tmp_path: Pat
     assert skipped["peak_allocated_bytes"] == big and skipped["memory_limit_bytes"] == limit
     assert "predicted peak" in skipped["error"] and "> memory limit" in skipped["error"]
     # skipped runs are retried: with room for both, the skipped one runs now
-    wider = runner.invoke(app, [*args[:-1], str(2 * big)])
+    wider = runner.invoke(app, [*args[:-1], f"{2 * big}B"])
     assert wider.exit_code == 0, wider.output
     assert "1 done, 1 to run, 1 retried" in wider.output
     rows = load_results([results]).set_index("batch_size")
@@ -121,7 +129,7 @@ def test_auto_batch_finds_the_largest_fitting_batch_with_real_runs_and_resumes(t
     run = expand(load_suite(suite), "cpu")[0]
     limit = estimate_memory(run.model_copy(update={"batch_size": 20})).peak_allocated_bytes or 0
     results = tmp_path / "results"
-    args = ["run", str(suite), "--results-dir", str(results), "--memory-limit", str(limit)]
+    args = ["run", str(suite), "--results-dir", str(results), "--memory-limit", f"{limit}B"]
     outcome = runner.invoke(app, args)
     assert outcome.exit_code == 0, outcome.output
     assert "max feasible batch 20 (predicted 20)" in outcome.output
@@ -133,7 +141,7 @@ def test_auto_batch_finds_the_largest_fitting_batch_with_real_runs_and_resumes(t
     assert again.exit_code == 0 and again.output.count("(stored result)") == 2, again.output
     # the estimate of an auto suite: the largest batch predicted to fit
     estimated = runner.invoke(
-        app, ["estimate", str(suite), "--device-memory", str(limit), "--results-dir", str(results), "--jobs", "1"]
+        app, ["estimate", str(suite), "--device-memory", f"{limit}B", "--results-dir", str(results), "--jobs", "1"]
     )
     assert estimated.exit_code == 0, estimated.output
     assert "largest batch predicted to fit" in estimated.output

@@ -203,7 +203,7 @@ def test_auto_batch_searches_a_peft_method(tmp_path: Path) -> None:
     run = expand(load_suite(suite), "cpu")[0]
     limit = estimate_memory(run.model_copy(update={"batch_size": 12})).peak_allocated_bytes or 0
     results = tmp_path / "results"
-    outcome = runner.invoke(app, ["run", str(suite), "--results-dir", str(results), "--memory-limit", str(limit)])
+    outcome = runner.invoke(app, ["run", str(suite), "--results-dir", str(results), "--memory-limit", f"{limit}B"])
     assert outcome.exit_code == 0, outcome.output
     assert "max feasible batch 12 (predicted 12)" in outcome.output
     rows = load_results([suite_dir(results, "auto")]).set_index("batch_size")
