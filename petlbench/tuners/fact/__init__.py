@@ -50,6 +50,7 @@ class Fact(Tuner):
     )
     mergeable = True
     identity_at_init = True
+    replaces = ("blocks.attn.qkv", "blocks.attn.proj", "blocks.mlp.fc1", "blocks.mlp.fc2")
 
     variant: Literal["tt", "tk"] = Field(
         "tt", description="'tt' (tensor-train: a free core per weight slice) or 'tk' (Tucker: shared C and P)"
