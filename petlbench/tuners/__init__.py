@@ -23,6 +23,7 @@ from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner
 from petlbench.tuners.bitfit import Bitfit
+from petlbench.tuners.compose import Compose
 from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
@@ -54,7 +55,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
 
 
 TUNERS: Final = _build_registry(
-    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Peft]
+    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Peft, Compose]
 )
 
 

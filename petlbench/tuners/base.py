@@ -29,6 +29,7 @@ classifier starts). Each tuner sets the defaults its official code implies (`bac
 
 from __future__ import annotations
 
+import difflib
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +52,15 @@ HeadInit: TypeAlias = Literal["timm", "torch", "vpt", "adaptformer"]
 # `RunSpec.run_id` leaves them out of the hash (`petlbench.spec.controls.LEGACY_TUNER_PARAMS`).
 LEGACY_BACKBONE_MODE: BackboneMode = "train"
 LEGACY_HEAD_INIT: HeadInit = "timm"
+
+
+def unknown_knob_message(cls: type[Tuner], key: str, exclude: Iterable[str] = ()) -> str:
+    """'unknown knob for tuner 'lora'; did you mean 'rank'? valid: rank, alpha, ...' (one line)."""
+    skip = set(exclude)
+    valid = [name for name in cls.model_fields if name not in skip]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown knob for tuner {cls.name!r}{hint} valid: {', '.join(valid) or '(none)'}"
 
 
 def backbone_mode_field(default: BackboneMode, why: str) -> Any:
