@@ -10,7 +10,6 @@ suite that uses them still imports no torch. The parent and every worker import 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import re
@@ -21,9 +20,9 @@ from typing import Any, Final
 from petlbench.errors import ConfigError
 from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import Tuner, unknown_tuner_message
 from petlbench.tuners.bitfit import Bitfit
-from petlbench.tuners.compose import Compose
+from petlbench.tuners.compose import Compose, use_registry
 from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
@@ -31,6 +30,7 @@ from petlbench.tuners.hf_peft import Peft
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.lst import Lst
+from petlbench.tuners.noah import Noah
 from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.ssf import Ssf
 from petlbench.tuners.vpt import Vpt
@@ -55,7 +55,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
 
 
 TUNERS: Final = _build_registry(
-    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Peft, Compose]
+    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Noah, Peft, Compose]
 )
 
 
@@ -82,14 +82,6 @@ def available_tuners() -> Mapping[str, type[Tuner]]:
     return _build_registry([*TUNERS.values(), *(t for m in plugins for t in m.TUNERS)])
 
 
-def unknown_tuner_message(name: str, known: Iterable[str]) -> str:
-    """'unknown tuner 'lroa'; did you mean 'lora'? valid: full, linear, lora'."""
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown tuner {name!r}{hint} valid: {', '.join(known)}"
-
-
 def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
     """A tuner from its registry name and knobs (validated here again: the worker gets them as JSON)."""
     tuners = available_tuners()
@@ -97,6 +89,9 @@ def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
     if cls is None:
         raise ConfigError(f"tuner: {unknown_tuner_message(name, tuners)}")
     return cls.model_validate(dict(params))
+
+
+use_registry(available_tuners)  # compose validates its parts against the registry; it cannot import it back
 
 
 def describe_tuner(cls: type[Tuner]) -> list[dict[str, Any]]:

@@ -35,7 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
-from pydantic import Field
+from pydantic import Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from petlbench.errors import TunerError
 from petlbench.spec.base import StrictModel
@@ -52,6 +53,21 @@ HeadInit: TypeAlias = Literal["timm", "torch", "vpt", "adaptformer"]
 # `RunSpec.run_id` leaves them out of the hash (`petlbench.spec.controls.LEGACY_TUNER_PARAMS`).
 LEGACY_BACKBONE_MODE: BackboneMode = "train"
 LEGACY_HEAD_INIT: HeadInit = "timm"
+
+
+def unknown_tuner_message(name: str, known: Iterable[str]) -> str:
+    """'unknown tuner 'lroa'; did you mean 'lora'? valid: full, linear, lora'."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown tuner {name!r}{hint} valid: {', '.join(known)}"
+
+
+def knob_error(title: str, loc: tuple[str | int, ...], message: str, given: Any) -> ValidationError:
+    """A one-line validation error at a knob (`loc`), for a tuner's model validator to raise: the suite error then
+    names `tuners[i].params.<knob>`. `given` is shown after the message unless it is a dict."""
+    error = PydanticCustomError("knob", message.replace("{", "{{").replace("}", "}}"))
+    return ValidationError.from_exception_data(title, [InitErrorDetails(type=error, loc=loc, input=given)])
 
 
 def unknown_knob_message(cls: type[Tuner], key: str, exclude: Iterable[str] = ()) -> str:

@@ -33,14 +33,14 @@ part's that has one, named `<tuner>.<knob>` (`lora.rank`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from petlbench.spec.base import StrictModel
-from petlbench.tuners.base import Tuner, unknown_knob_message
+from petlbench.tuners.base import Tuner, knob_error, unknown_knob_message, unknown_tuner_message
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,15 +54,22 @@ DEFAULT_PARTS: Final[tuple[dict[str, Any], ...]] = (
 
 
 def _error(loc: tuple[str | int, ...], message: str, given: Any, title: str) -> ValidationError:
-    """A one-line validation error at `loc`; `given` is a dict so the message gets no ', got ...' tail."""
-    error = PydanticCustomError("compose", message.replace("{", "{{").replace("}", "}}"))
-    return ValidationError.from_exception_data(title, [InitErrorDetails(type=error, loc=loc, input=given)])
+    return knob_error(title, loc, message, given)
+
+
+_LOOKUP: list[Callable[[], Mapping[str, type[Tuner]]]] = []
+
+
+def use_registry(lookup: Callable[[], Mapping[str, type[Tuner]]]) -> None:
+    """Set where parts are looked up: the registry (`petlbench.tuners`) calls this with `available_tuners` once it
+    is built; it imports this module, so this module cannot import it."""
+    _LOOKUP[:] = [lookup]
 
 
 def _registry() -> Mapping[str, type[Tuner]]:
-    from petlbench.tuners import available_tuners  # the registry imports this module
-
-    return available_tuners()
+    if not _LOOKUP:
+        raise RuntimeError("petlbench.tuners.compose: import petlbench.tuners first (it provides the registry)")
+    return _LOOKUP[0]()
 
 
 def part_class(name: str) -> type[Tuner] | None:
@@ -90,8 +97,6 @@ class Part(StrictModel):
         registry = _registry()
         tuner_cls = registry.get(name)
         if tuner_cls is None:
-            from petlbench.tuners import unknown_tuner_message
-
             raise _error(("tuner",), unknown_tuner_message(name, registry), data, cls.__name__)
         common = [k for k in params if k in COMMON_KNOBS]
         if common:
@@ -205,6 +210,16 @@ def conflicts(classes: Sequence[type[Tuner]]) -> str | None:
                     verb = "replace" if kind == "replaces" else "wrap"
                     return f"{who(owner[role])} and {who(i)} both {verb} {_shown(role)}; keep one of them"
                 owner[role] = i
+    order = attach_order(classes)
+    for at, first in enumerate(order):  # a part that attaches first must not hide a module a later part needs
+        for later in order[at + 1 :]:
+            for outer in (*(classes[first].replaces or ()), *classes[first].wraps):
+                for inner in (*(classes[later].replaces or ()), *classes[later].wraps):
+                    if inner.startswith(outer + "."):
+                        return (
+                            f"{who(later)} cannot reach {_shown(inner)} inside the {_shown(outer)} that {who(first)} "
+                            "changes, which attaches first (it also changes a deeper module); keep one of them"
+                        )
     if not any(c.adds_parameters for c in classes):
         return f"no part adds parameters ({', '.join(names)}); a composition needs one that does"
     return None

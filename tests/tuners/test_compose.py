@@ -108,6 +108,10 @@ def test_the_row_records_every_part_a_label_and_the_headline_knob() -> None:
             "s.yaml: tuners[0].params.parts: parts[0] (vqt) and parts[1] (sqt) are both side networks that feed the "
             "classifier features of their own (two heads)",
         ),
+        (
+            [{"tuner": "adapter"}, {"tuner": "noah"}],
+            "parts[0] (adapter) cannot reach blocks.*.mlp inside the blocks.* that parts[1] (noah) changes",
+        ),
         ([{"tuner": "lora"}, {"tuner": "lora"}], "parts[1] (lora): already parts[0]"),
         ([{"tuner": "lora"}, {"tuner": "peft"}], "parts[1] (peft): peft cannot be a compose part: peft picks"),
         ([{"tuner": "lora"}, {"tuner": "compose"}], "parts[1] (compose): a composition cannot be a part"),
