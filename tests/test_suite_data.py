@@ -175,6 +175,7 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
         "dtl": {("train", "timm")},
         "dtl+": {("train", "timm")},
         "lst": {("train", "timm")},
+        "noah": {("train", "timm")},
     }
     assert all(s.train is not None and s.train.eval_every == 10 for s in specs)
     assert len({s.run_id for s in specs}) == len(specs)

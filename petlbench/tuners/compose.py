@@ -40,7 +40,16 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from petlbench.spec.base import StrictModel
-from petlbench.tuners.base import Tuner, knob_error, unknown_knob_message, unknown_tuner_message
+from petlbench.tuners.base import (
+    BackboneMode,
+    HeadInit,
+    Tuner,
+    backbone_mode_field,
+    head_init_field,
+    knob_error,
+    unknown_knob_message,
+    unknown_tuner_message,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -244,6 +253,9 @@ class Compose(Tuner):
         description="the tuners to combine, each {tuner: name, params: {knobs}}; backbone_mode and head_init "
         "belong to the composition and default to the first part's",
     )
+
+    backbone_mode: BackboneMode = backbone_mode_field("train", "the first part's default (set here, not in a part)")
+    head_init: HeadInit = head_init_field("timm", "the first part's default (set here, not in a part)")
 
     _backbone_ids: frozenset[int] = PrivateAttr(default_factory=frozenset)
     _built: tuple[Tuner, ...] = PrivateAttr(default=())
