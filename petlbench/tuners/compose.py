@@ -62,10 +62,6 @@ DEFAULT_PARTS: Final[tuple[dict[str, Any], ...]] = (
 )
 
 
-def _error(loc: tuple[str | int, ...], message: str, given: Any, title: str) -> ValidationError:
-    return knob_error(title, loc, message, given)
-
-
 _LOOKUP: list[Callable[[], Mapping[str, type[Tuner]]]] = []
 
 
@@ -99,18 +95,18 @@ class Part(StrictModel):
             return data
         for key in data:
             if key not in cls.model_fields:
-                raise _error((str(key),), "unknown key; valid keys: params, tuner", data, cls.__name__)
+                raise knob_error(cls.__name__, (str(key),), "unknown key; valid keys: params, tuner", data)
         name, params = data.get("tuner"), data.get("params", {})
         if not isinstance(name, str) or not isinstance(params, dict):
             return data  # the fields' own validation names the problem
         registry = _registry()
         tuner_cls = registry.get(name)
         if tuner_cls is None:
-            raise _error(("tuner",), unknown_tuner_message(name, registry), data, cls.__name__)
+            raise knob_error(cls.__name__, ("tuner",), unknown_tuner_message(name, registry), data)
         common = [k for k in params if k in COMMON_KNOBS]
         if common:
             message = f"set {common[0]} on compose itself (params.{common[0]}): it applies to the whole model"
-            raise _error(("params", common[0]), message, params, cls.__name__)
+            raise knob_error(cls.__name__, ("params", common[0]), message, params)
         try:
             part = tuner_cls.model_validate(params)
         except ValidationError as exc:
@@ -277,7 +273,7 @@ class Compose(Tuner):
     def _parts_fit_together(self) -> Compose:
         problem = conflicts([p.tuner_class() for p in self.parts])
         if problem is not None:
-            raise _error(("parts",), problem, {"parts": [p.tuner for p in self.parts]}, type(self).__name__)
+            raise knob_error(type(self).__name__, ("parts",), problem, {"parts": [p.tuner for p in self.parts]})
         return self
 
     def part_tuners(self) -> list[Tuner]:
