@@ -34,8 +34,7 @@ def suite(**overrides: Any) -> dict[str, Any]:
 
 
 NO_DROPOUT = [
-    {"tuner": n, "params": {"dropout": 0.0}} if "dropout" in TUNERS[n].model_fields else {"tuner": n}
-    for n in sorted(TUNERS)
+    {"tuner": n, "params": {k: 0.0 for k in TUNERS[n].model_fields if k.endswith("dropout")}} for n in sorted(TUNERS)
 ]
 
 

@@ -167,14 +167,15 @@ def test_accuracy_vtab_suite_expands_to_every_task_and_tuner() -> None:
         "fact tt": {("train", "torch")},
         "fact tk": {("train", "torch")},
         "sqt": {("train", "torch")},
-        "bitfit": {("train", "timm")},
+        "bitfit": {("train", "torch")},
         "adapter": {("train", "timm")},
-        "adaptformer": {("train", "timm")},
+        "adaptformer": {("train", "adaptformer")},
         "ssf": {("train", "timm")},
         "vqt": {("eval", "vpt")},
         "dtl": {("train", "timm")},
         "dtl+": {("train", "timm")},
         "lst": {("train", "timm")},
+        "noah": {("train", "timm")},
     }
     assert all(s.train is not None and s.train.eval_every == 10 for s in specs)
     assert len({s.run_id for s in specs}) == len(specs)

@@ -247,6 +247,10 @@ def test_default_head_init_is_applied(tiny_vit: TinyVitFactory, name: str) -> No
         bound = 1 / math.sqrt(head.in_features)
         assert weight.abs().max() <= bound and bias.abs().max() <= bound
         assert weight.abs().max() > 0.9 * bound and bias.abs().max() > 0
+    elif mode == "adaptformer":  # nn.Linear's default bias, the weight re-drawn with std 0.01
+        bound = 1 / math.sqrt(head.in_features)
+        assert bias.abs().max() <= bound and bias.abs().max() > 0
+        assert abs(weight.std().item() / 0.01 - 1) < 0.2
     else:  # vpt: Kaiming-normal over fan_out = classes, bias -log((1 - 0.01) / 0.01)
         assert mode == "vpt"
         torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99.0)))

@@ -241,7 +241,8 @@ def _show_default(value: Any) -> str:
 
 COMMON_KNOBS_NOTE = (
     "Every tuner also takes backbone_mode (train: the frozen backbone's dropout and drop path act while training; "
-    "eval: they do not) and head_init (timm: truncated normal 0.02; torch: nn.Linear's default; vpt: VPT's), "
+    "eval: they do not) and head_init (timm: truncated normal 0.02; torch: nn.Linear's default; vpt, adaptformer: "
+    "their codes'), "
     "with defaults from its official code (the last column)."
 )
 

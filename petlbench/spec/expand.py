@@ -11,10 +11,10 @@ from pydantic import BaseModel, ValidationError
 
 from petlbench.data.specs import task_key
 from petlbench.errors import ConfigError
-from petlbench.fmt import did_you_mean
 from petlbench.spec.messages import format_validation_error, shown
 from petlbench.spec.models import Device, OptimizerSpec, Precision, RunSpec, Suite, TrainSpec, TunerEntry, as_list
 from petlbench.tuners import Tuner, available_tuners, unknown_tuner_message
+from petlbench.tuners.base import unknown_knob_message
 
 # The most runs one suite may expand to (docs/errors.md). Counted before any RunSpec is built, so a generated
 # product of a million runs fails at once instead of after minutes and gigabytes.
@@ -162,14 +162,10 @@ def _tuner_config(
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
             section = "grid" if field in entry.grid else f"task_params.{task}" if field in per_task else "params"
-            path = ".".join(str(p) for p in err["loc"])
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
             loc = f"{where}.{section}.{path}" if path else where  # a model-level error names the entry
             if err["type"] == "extra_forbidden":
-                hint = did_you_mean(str(err["loc"][-1]), config_cls.model_fields) or ";"
-                lines.append(
-                    f"{source}: {loc}: unknown knob for tuner {entry.tuner!r}{hint} "
-                    f"valid: {', '.join(config_cls.model_fields) or '(none)'}"
-                )
+                lines.append(f"{source}: {loc}: {unknown_knob_message(config_cls, field)}")
                 continue
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

@@ -20,11 +20,11 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Final, Literal
 
 from petlbench.errors import ConfigError
-from petlbench.fmt import did_you_mean
 from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import Tuner, unknown_tuner_message
 from petlbench.tuners.bitfit import Bitfit
+from petlbench.tuners.compose import Compose, use_registry
 from petlbench.tuners.dtl import Dtl
 from petlbench.tuners.fact import Fact
 from petlbench.tuners.full import Full
@@ -32,6 +32,7 @@ from petlbench.tuners.hf_peft import Peft
 from petlbench.tuners.linear import Linear
 from petlbench.tuners.lora import Lora
 from petlbench.tuners.lst import Lst
+from petlbench.tuners.noah import Noah
 from petlbench.tuners.sqt import Sqt
 from petlbench.tuners.ssf import Ssf
 from petlbench.tuners.vpt import Vpt
@@ -56,7 +57,7 @@ def _build_registry(tuners: Iterable[type[Tuner]]) -> Mapping[str, type[Tuner]]:
 
 
 TUNERS: Final = _build_registry(
-    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Peft]
+    [Full, Linear, Lora, Vpt, Fact, Sqt, Bitfit, Adapter, Adaptformer, Ssf, Vqt, Dtl, Lst, Noah, Peft, Compose]
 )
 
 
@@ -83,12 +84,6 @@ def available_tuners() -> Mapping[str, type[Tuner]]:
     return _build_registry([*TUNERS.values(), *(t for m in plugins for t in m.TUNERS)])
 
 
-def unknown_tuner_message(name: str, known: Iterable[str]) -> str:
-    """'unknown tuner 'lroa'; did you mean 'lora'? valid: full, linear, lora'."""
-    known = sorted(known)
-    return f"unknown tuner {name!r}{did_you_mean(name, known) or ';'} valid: {', '.join(known)}"
-
-
 def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
     """A tuner from its registry name and knobs (validated here again: the worker gets them as JSON)."""
     tuners = available_tuners()
@@ -96,6 +91,9 @@ def make_tuner(name: str, params: Mapping[str, Any]) -> Tuner:
     if cls is None:
         raise ConfigError(f"tuner: {unknown_tuner_message(name, tuners)}")
     return cls.model_validate(dict(params))
+
+
+use_registry(available_tuners)  # compose validates its parts against the registry; it cannot import it back
 
 
 def describe_tuner(cls: type[Tuner]) -> list[dict[str, Any]]:

@@ -13,6 +13,13 @@ Rules for implementers:
 - Custom attention honours `attn.fused_attn` so every tuner runs under the same kernel.
 - Declare what the estimator and the tests need to know as class attributes: `adds_parameters`, `mergeable`,
   `identity_at_init`, and the dropout rates the tuner's own layers apply (`dropout_rates`).
+- Declare what a composition (`tuner: compose`, petlbench/tuners/compose.py) needs to know: the module roles the
+  tuner `replaces` (wraps to change what the module computes, relying on its original type: LoRA on
+  `blocks.attn.qkv`) and `wraps` (calls unchanged, as a black box: VPT around `blocks`), whether it
+  `trains_backbone` parameters beyond the head, and whether it is a `side_network` that reads the frozen
+  backbone's activations. Roles are paths in a timm ViT, `blocks.*` standing for every block: `patch_embed.proj`,
+  `norm_pre`, `blocks`, `blocks.norm1`, `blocks.attn.qkv`, `blocks.attn.proj`, `blocks.norm2`, `blocks.mlp`,
+  `blocks.mlp.fc1`, `blocks.mlp.fc2`, `norm`. A tuner that leaves `replaces` None cannot be a part.
 
 Two knobs every tuner has, because the official codes disagree on them and they change what is computed:
 `backbone_mode` (does the frozen backbone's dropout / drop path act while training?) and `head_init` (how the new
@@ -27,9 +34,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
-from pydantic import Field
+from pydantic import Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from petlbench.errors import TunerError
+from petlbench.fmt import did_you_mean
 from petlbench.spec.base import StrictModel
 
 if TYPE_CHECKING:
@@ -38,12 +47,33 @@ if TYPE_CHECKING:
 
 
 BackboneMode: TypeAlias = Literal["train", "eval"]
-HeadInit: TypeAlias = Literal["timm", "torch", "vpt"]
+HeadInit: TypeAlias = Literal["timm", "torch", "vpt", "adaptformer"]
 
 # What petlbench did before the two knobs existed: a run with these values computes what it always did, so
 # `RunSpec.run_id` leaves them out of the hash (`petlbench.spec.controls.LEGACY_TUNER_PARAMS`).
 LEGACY_BACKBONE_MODE: BackboneMode = "train"
 LEGACY_HEAD_INIT: HeadInit = "timm"
+
+
+def unknown_tuner_message(name: str, known: Iterable[str]) -> str:
+    """'unknown tuner 'lroa'; did you mean 'lora'? valid: full, linear, lora'."""
+    known = sorted(known)
+    return f"unknown tuner {name!r}{did_you_mean(name, known) or ';'} valid: {', '.join(known)}"
+
+
+def knob_error(title: str, loc: tuple[str | int, ...], message: str, given: Any) -> ValidationError:
+    """A one-line validation error at a knob (`loc`), for a tuner's model validator to raise: the suite error then
+    names `tuners[i].params.<knob>`. `given` is shown after the message unless it is a dict."""
+    error = PydanticCustomError("knob", message.replace("{", "{{").replace("}", "}}"))
+    return ValidationError.from_exception_data(title, [InitErrorDetails(type=error, loc=loc, input=given)])
+
+
+def unknown_knob_message(cls: type[Tuner], key: str, exclude: Iterable[str] = ()) -> str:
+    """'unknown knob for tuner 'lora'; did you mean 'rank'? valid: rank, alpha, ...' (one line)."""
+    skip = set(exclude)
+    valid = [name for name in cls.model_fields if name not in skip]
+    hint = did_you_mean(key, valid) or ";"
+    return f"unknown knob for tuner {cls.name!r}{hint} valid: {', '.join(valid) or '(none)'}"
 
 
 def backbone_mode_field(default: BackboneMode, why: str) -> Any:
@@ -62,8 +92,9 @@ def head_init_field(default: HeadInit, why: str) -> Any:
         default,
         description="the new classifier's init: 'timm' as timm builds it (truncated normal std 0.02, zero bias; "
         "a checkpoint head of the same shape is kept), "
-        "'torch' PyTorch's nn.Linear default (what timm 0.4.12's reset_classifier gives), 'vpt' VPT's "
-        f"(Kaiming-normal fan-out, bias -log(99)). Default: {why}",
+        "'torch' PyTorch's nn.Linear default (what the reset_classifier of timm 0.4.12 and 0.9.12 gives), 'vpt' "
+        "VPT's (Kaiming-normal fan-out, bias -log(99)), 'adaptformer' AdaptFormer's (nn.Linear's default, then "
+        f"the weight re-drawn truncated normal std 0.01). Default: {why}",
     )
 
 
@@ -78,6 +109,11 @@ class Tuner(StrictModel):
     mergeable: ClassVar[bool] = False  # can fold its increments into the backbone weights
     identity_at_init: ClassVar[bool] = False  # output equals the untouched backbone's at step 0
     extra: ClassVar[str | None] = None  # the optional install it needs (`pip install "petlbench[<extra>]"`)
+    # composition (see the module docstring); None: undeclared, so the tuner cannot be a compose part
+    replaces: ClassVar[tuple[str, ...] | None] = None
+    wraps: ClassVar[tuple[str, ...]] = ()
+    trains_backbone: ClassVar[bool] = False  # existing parameters beyond the head train (BitFit, full)
+    side_network: ClassVar[bool] = False  # a network of its own reads the frozen backbone and feeds the head
 
     # common knobs; a subclass re-declares them to change the default (see `Lora`, `Vpt`)
     backbone_mode: BackboneMode = backbone_mode_field(LEGACY_BACKBONE_MODE, "train")

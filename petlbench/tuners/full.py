@@ -18,6 +18,8 @@ class Full(Tuner):
     brief = "all weights and the head train"
     summary = "Full fine-tuning: every backbone parameter and the new head train."
     adds_parameters = False
+    replaces = ()
+    trains_backbone = True
 
     # The "Full" rows every VTAB table quotes come from the VPT paper, so VPT's code is the reference here.
     backbone_mode: BackboneMode = backbone_mode_field(

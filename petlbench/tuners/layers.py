@@ -49,6 +49,9 @@ def classifier_heads(model: nn.Module, tuner: str) -> list[nn.Module]:
 # VPT's classifier (KMnP/vpt src/models/mlp.py, `special_bias`): a bias that makes every class start at
 # probability 0.01 under a sigmoid, -log((1 - 0.01) / 0.01) = -log(99)
 VPT_HEAD_BIAS = -math.log(99.0)
+# AdaptFormer's classifier (ShoufaChen/AdaptFormer main_image.py, "following MoCo v3"); timm's trunc_normal_ cuts at
+# the absolute values ±2, i.e. 200 std away, so the draw is a plain normal in effect
+ADAPTFORMER_HEAD_STD = 0.01
 
 
 @torch.no_grad()
@@ -64,12 +67,15 @@ def init_heads(heads: Sequence[nn.Module], mode: str, tuner: str) -> None:
             continue  # num_classes=0: an Identity, nothing to initialise
         if mode == "torch":  # what nn.Linear(in, C) starts with, so what timm 0.4.12's reset_classifier gave
             head.reset_parameters()
+        elif mode == "adaptformer":  # main_image.py: the model's nn.Linear head, then trunc_normal_(weight, 0.01)
+            head.reset_parameters()
+            nn.init.trunc_normal_(head.weight, std=ADAPTFORMER_HEAD_STD, a=-2.0, b=2.0)
         elif mode == "vpt":
             nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
             if head.bias is not None:
                 nn.init.constant_(head.bias, VPT_HEAD_BIAS)
         else:
-            raise TunerError(f"{tuner}: unknown head_init {mode!r}; valid: timm, torch, vpt")
+            raise TunerError(f"{tuner}: unknown head_init {mode!r}; valid: timm, torch, vpt, adaptformer")
 
 
 class EvalWhileTraining:
@@ -102,6 +108,29 @@ def block_linear(block: nn.Module, path: str, index: int, tuner: str) -> nn.Line
     found: object = block
     for part in path.split("."):
         found = getattr(found, part, None)
+    if not isinstance(found, nn.Linear):
+        raise TunerError(
+            f"{tuner}: blocks[{index}].{path} is {type(found).__name__}, expected an nn.Linear (timm ViT block layout)"
+        )
+    return found
+
+
+def unwrapped(module: object) -> object:
+    """The module a chain of tuner wrappers holds (each keeps the module it wraps as `base`), or `module` itself."""
+    seen = 0
+    while isinstance(module, nn.Module) and isinstance(getattr(module, "base", None), nn.Module) and seen < 16:
+        module, seen = module.base, seen + 1
+    return module
+
+
+def read_block_linear(block: nn.Module, path: str, index: int, tuner: str) -> nn.Linear:
+    """The nn.Linear at `blocks[index].<path>`, looking through wrappers another tuner of a composition put there
+    (`mlp` → AdapterMlp.base.fc2, `fc2` → FactLinear.base): for reading a width, never for wrapping."""
+    found: object = block
+    for part in path.split("."):
+        direct = getattr(found, part, None)
+        found = direct if direct is not None else getattr(unwrapped(found), part, None)
+    found = unwrapped(found)
     if not isinstance(found, nn.Linear):
         raise TunerError(
             f"{tuner}: blocks[{index}].{path} is {type(found).__name__}, expected an nn.Linear (timm ViT block layout)"

@@ -21,6 +21,7 @@ class Linear(Tuner):
     brief = "only a new linear head trains"
     summary = "Linear probe: frozen backbone, only the new classifier head trains."
     adds_parameters = False
+    replaces = ()
 
     # The "Linear" rows every VTAB table quotes come from the VPT paper, so VPT's code is the reference here.
     backbone_mode: BackboneMode = backbone_mode_field(

@@ -48,7 +48,7 @@ def test_forward_and_gradients_match_noah(tiny_vit: TinyVitFactory, tiny_batch: 
     tuned, parts = attach(tiny_vit, bottleneck=5)
     tuned.module.to(dtype).eval()
     adapters = [adapter_params(tuned, i) for i in range(len(parts.blocks))]
-    ref.randomize_([p for a in adapters for p in a.values()], seed=2)  # biases start at ~1e-6: make them count
+    ref.randomize_([p for a in adapters for p in a.values()], seed=2)  # biases start at zero: make them count
 
     def branch(i: int, x_mid: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return noah_adapter(adapters[i], h)
@@ -62,8 +62,57 @@ def test_forward_and_gradients_match_noah(tiny_vit: TinyVitFactory, tiny_batch: 
     ref.assert_forward_and_grads_match(tuned.module(x), ref.forward(parts, x, mlp_branch=branch), trainable, dtype)
 
 
-def test_xavier_init_is_not_the_identity(tiny_vit: TinyVitFactory, tiny_batch: Batch) -> None:
+def noah_adapter_init(dim: int, reduction: int) -> list[torch.Tensor]:
+    """NOAH's construction order, re-implemented: AdapterSuper builds ln1 (D→r) and ln2 (r→D), draws Xavier weights
+    and N(0, 1e-6) biases (`AdapterSuper.init_weights`); then `VisionTransformer.__init__` calls `init_weights`,
+    whose `self.apply(_init_vit_weights)` re-draws every nn.Linear of the model (no name is passed, so none counts
+    as the head) with timm's trunc_normal_(std=.02), cut at ±2, and a zero bias. Returns down/up weights and biases."""
+    ln1, ln2 = nn.Linear(dim, reduction), nn.Linear(reduction, dim)
+    with torch.no_grad():
+        for m in (ln1, ln2):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.normal_(m.bias, std=1e-6)
+        for m in (ln1, ln2):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(m.bias)
+    return [ln1.weight, ln1.bias, ln2.weight, ln2.bias]
+
+
+def test_default_init_is_what_noahs_model_wide_init_leaves(tiny_vit: TinyVitFactory, tiny_batch: Batch) -> None:
+    """Same distributions as NOAH's construction order: both weights N(0, 0.02²) in effect, both biases zero.
+    (The Xavier draw petlbench used before has std √(2/(D + r)) = 0.158 here, far outside the bounds below.)"""
     tuned, _ = attach(tiny_vit, bottleneck=16)
+    torch.manual_seed(3)
+    official = noah_adapter_init(64, 16)
+    for i in range(len(tiny_vit().blocks)):
+        p = adapter_params(tuned, i)
+        ours = [p["down.weight"], p["down.bias"], p["up.weight"], p["up.bias"]]
+        for got, want in zip(ours, official, strict=True):
+            assert got.shape == want.shape
+            if want.abs().max() == 0:  # the biases
+                assert got.abs().max() == 0
+                continue
+            # 1,024 draws each: the sample std is within 5 % of the true one with overwhelming probability
+            assert abs(got.std().item() / want.std().item() - 1) < 0.12
+            assert abs(got.mean().item()) < 0.003 and got.abs().max() < 6 * 0.02
+    x = tiny_batch[0]
+    tuned.module.eval()
+    with torch.no_grad():  # tiny_vit() with the same seed is the untouched backbone: NOAH's init is no identity
+        assert not torch.allclose(tuned.module(x), tiny_vit().eval()(x), atol=1e-4)
+
+
+def test_default_dropout_is_noahs(tiny_vit: TinyVitFactory) -> None:
+    """NOAH's supernet_train_prompt.py: `--drop_rate_adapter` defaults to 0.1, and the VTAB Adapter script
+    (configs/Adapter/VTAB/slurm_train_adapter_vtab.sh) does not set it."""
+    tuner = make_tuner("adapter", {})
+    assert (tuner.dropout, tuner.init, tuner.bottleneck) == (0.1, "noah", 8)
+    tuned = build_tuned_model(tiny_vit(), tuner)
+    drops = [m for n, m in tuned.module.named_modules() if n.endswith("adapter.dropout")]
+    assert len(drops) == len(tiny_vit().blocks) and all(isinstance(d, nn.Dropout) and d.p == 0.1 for d in drops)
+
+
+def test_xavier_init_is_not_the_identity(tiny_vit: TinyVitFactory, tiny_batch: Batch) -> None:
+    tuned, _ = attach(tiny_vit, bottleneck=16, init="xavier")
     p = adapter_params(tuned, 0)
     bound = math.sqrt(6 / (64 + 16))  # Xavier-uniform, fan_in + fan_out = D + r
     for key in ("down.weight", "up.weight"):

@@ -96,9 +96,11 @@ def test_identity_at_init_for_every_option(
 ) -> None:
     tuned, _ = attach(tiny_vit, **case)
     tuned.module.train()  # dropout on: the zero up-projection still gives exactly the backbone
+    reference = tiny_vit().train()
+    reference.head.load_state_dict(tuned.backbone.head.state_dict())  # the new head is not the adapters' delta
     x = tiny_batch[0]
     with torch.no_grad():
-        torch.testing.assert_close(tuned.module(x), tiny_vit().train()(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tuned.module(x), reference(x), rtol=0, atol=1e-6)
 
 
 def test_dropout_acts_on_the_bottleneck_in_train_mode(tiny_vit: TinyVitFactory, tiny_batch: Batch) -> None:
@@ -162,8 +164,30 @@ def test_knob_value_and_defaults() -> None:
         "layernorm": "none",
         "mode": "parallel",
         "backbone_mode": "train",
-        "head_init": "timm",
+        "head_init": "adaptformer",
     }
+
+
+def test_default_head_is_main_images(tiny_vit: TinyVitFactory) -> None:
+    """main_image.py, re-implemented: the model's head is a plain nn.Linear (vit_image.py leaves `init_weights`
+    commented out), and after the checkpoint loads `trunc_normal_(model.head.weight, std=0.01)` re-draws its weight;
+    the bias keeps nn.Linear's draw. Exact against that order from the same random state, and the default's
+    distribution (timm's head, the previous default, has std 0.02 and a zero bias)."""
+    from petlbench.tuners.layers import init_heads
+
+    torch.manual_seed(4)
+    official = nn.Linear(64, 10)
+    with torch.no_grad():
+        nn.init.trunc_normal_(official.weight, std=0.01, a=-2.0, b=2.0)  # timm's trunc_normal_ cuts at ±2
+    head = nn.Linear(64, 10)
+    torch.manual_seed(4)
+    init_heads([head], "adaptformer", "adaptformer")
+    assert torch.equal(head.weight, official.weight) and torch.equal(head.bias, official.bias)
+
+    _, parts = attach(tiny_vit)
+    weight, bias = parts.head.weight.detach(), parts.head.bias.detach()
+    assert abs(weight.std().item() / 0.01 - 1) < 0.2  # 640 draws
+    assert 0 < bias.abs().max() <= 1 / math.sqrt(64)  # nn.Linear's U(±1/√D)
 
 
 def test_bottleneck_wider_than_the_model(tiny_vit: TinyVitFactory) -> None:

@@ -52,6 +52,22 @@ def test_forward_and_gradients_match_the_plain_vit(
     ref.assert_forward_and_grads_match(tuned.module(x), ref.forward(parts, x), expected, dtype)
 
 
+def test_default_head_is_petl_visions_reset_classifier(tiny_vit: TinyVitFactory) -> None:
+    """PETL_Vision (experiment/build_model.py) calls `model.reset_classifier(class_num)` after loading the weights;
+    its timm (0.9.12, env_setup.sh) builds `nn.Linear(embed_dim, num_classes)` there and draws nothing else. With
+    the same random state, BitFit's head is exactly that fresh nn.Linear (timm's own trunc-normal head is not)."""
+    backbone = tiny_vit()
+    built = backbone.head.weight.detach().clone()
+    torch.manual_seed(7)
+    tuned = build_tuned_model(backbone, make_tuner("bitfit", {}))
+    torch.manual_seed(7)
+    official = torch.nn.Linear(backbone.embed_dim, backbone.num_classes)  # what reset_classifier creates
+    head = tuned.backbone.head
+    assert tuned.tuner.head_init == "torch"
+    assert torch.equal(head.weight, official.weight) and torch.equal(head.bias, official.bias)
+    assert not torch.equal(head.weight, built)
+
+
 def test_parameter_count_on_vit_b16() -> None:
     """Every bias of ViT-B/16 plus the 100-class head: D (patch) + L·(D + 3D + D + D + 4D + D) + D (final norm)."""
     d, layers, hidden, classes = 768, 12, 3072, 100

@@ -61,6 +61,10 @@ def test_head_init_refuses_a_head_it_cannot_initialise() -> None:
         ("vpt", "eval", "vpt"),
         ("fact", "train", "torch"),  # timm 0.4.12 reset_classifier, model.train()
         ("sqt", "train", "torch"),
+        ("bitfit", "train", "torch"),  # PETL_Vision: timm 0.9.12's reset_classifier, a plain nn.Linear
+        ("adapter", "train", "timm"),  # NOAH: model.train(), its reset_classifier's trunc-normal head
+        ("adaptformer", "train", "adaptformer"),  # main_image.py: nn.Linear, weight re-drawn std 0.01
+        ("noah", "train", "timm"),  # NOAH's retrain: model.train(), its reset_classifier
     ],
 )
 def test_defaults_follow_each_official_code(name: str, mode: str, init: str) -> None:

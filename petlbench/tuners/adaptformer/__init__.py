@@ -10,7 +10,8 @@ W_down (r×D) is Kaiming-uniform(a=√5) and W_up (D×r) and both biases start a
 model equals the backbone at step 0; s is a fixed 0.1 or a learnable scalar (init 1). `layernorm: in` puts a new
 LayerNorm on the adapter input, `out` on its scaled output (the official `adapter_layernorm_option`; the image
 script uses `none`). `mode: sequential` feeds the MLP output h instead and returns h + adapter(h). Only the
-adapters and the new head train.
+adapters and the new head train. The new head starts as `main_image.py` leaves it (`head_init: adaptformer`): the
+model's `nn.Linear` with its weight re-drawn truncated normal, std 0.01, and nn.Linear's default bias.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from petlbench.tuners.base import Tuner
+from petlbench.tuners.base import HeadInit, Tuner, head_init_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,12 +31,13 @@ class Adaptformer(Tuner):
 
     name = "adaptformer"
     knob = "bottleneck"
-    brief = "scaled bottleneck beside each MLP"
+    brief = "scaled bottleneck beside MLP"
     summary = (
         "AdaptFormer: s·up(ReLU(down(x))) beside every block's MLP, fed the block's mid stream; bottleneck 64, "
         "s = 0.1, up starts at zero."
     )
     identity_at_init = True
+    replaces = ("blocks",)  # AdaptFormerBlock re-runs a timm Block from its submodules, adding the branch
 
     bottleneck: int = Field(64, gt=0, description="bottleneck width r of down (D→r) and up (r→D)")
     scale: float | Literal["learnable"] = Field(
@@ -47,6 +49,9 @@ class Adaptformer(Tuner):
     )
     mode: Literal["parallel", "sequential"] = Field(
         "parallel", description="'parallel': beside the MLP, fed its input stream; 'sequential': on the MLP output"
+    )
+    head_init: HeadInit = head_init_field(
+        "adaptformer", "'adaptformer', main_image.py's head (weight truncated normal std 0.01, nn.Linear's bias)"
     )
 
     @field_validator("scale")

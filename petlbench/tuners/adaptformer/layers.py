@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import block_linear, vit_blocks
+from petlbench.tuners.layers import read_block_linear, vit_blocks
 
 
 class AdaptMlp(nn.Module):
@@ -99,7 +99,7 @@ def attach_adaptformer(
                 f"adaptformer: blocks[{i}] is a {type(block).__name__}, whose forward is not timm's Block.forward; "
                 "AdaptFormer supports pre-norm timm ViT blocks"
             )
-        fc2 = block_linear(block, "mlp.fc2", i, "adaptformer")  # the MLP's output width is the adapter's
+        fc2 = read_block_linear(block, "mlp.fc2", i, "adaptformer")  # the MLP's output width is the adapter's
         if bottleneck > fc2.out_features:
             raise TunerError(
                 f"adaptformer: tuner.bottleneck {bottleneck} exceeds the embedding width {fc2.out_features}; "

@@ -29,11 +29,13 @@ class Dtl(Tuner):
 
     name = "dtl"
     knob = "rank"
-    brief = "low-rank side path, added back"
+    brief = "low-rank side path"
     summary = (
         "DTL: a compact side network of rank-r maps over each block's input, summed and added back (swish) "
         "to the outputs of blocks M..L-1; DTL+ adds a depthwise conv over the patch grid."
     )
+    replaces = ()
+    side_network = True
 
     rank: int = Field(2, gt=0, description="rank r of each block's side map A (r×D), B (D×r); official VTAB: 2")
     start: int | None = Field(

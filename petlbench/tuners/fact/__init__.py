@@ -44,13 +44,14 @@ class Fact(Tuner):
 
     name = "fact"
     knob = "rank"
-    brief = "tensorised, shared low-rank deltas"
+    brief = "tensorised low-rank deltas"
     summary = (
         "FacT: each block's qkv/proj/fc1/fc2 increment is s·V·core·U with U, V shared by all blocks; TT gives every "
         "D×D slice its own r×r core, TK builds the cores from one r×r×r tensor and slice factors P; V starts at 0."
     )
     mergeable = True
     identity_at_init = True
+    replaces = ("blocks.attn.qkv", "blocks.attn.proj", "blocks.mlp.fc1", "blocks.mlp.fc2")
 
     variant: Literal["tt", "tk"] = Field(
         "tt", description="'tt' (tensor-train: a free core per weight slice) or 'tk' (Tucker: shared C and P)"

@@ -17,7 +17,7 @@ wrapped with `peft.get_peft_model`, whose PeftModel holds that state and the ViT
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from pydantic import Field, JsonValue, field_validator, model_validator
 
@@ -59,6 +59,8 @@ class Peft(Tuner):
     name = "peft"
     extra = "peft"
     brief = "any Hugging Face peft method"
+    # why it cannot be a compose part (it leaves Tuner.replaces undeclared)
+    compose_note: ClassVar[str] = "peft picks the modules it changes from its config only when it attaches"
     summary = (
         "Hugging Face peft: a peft method (LORA, LOHA, LOKR, IA3, VERA, BOFT, ...) with that method's own config, "
         "injected into the ViT by peft; default: LoRA r=8 on the fused qkv."

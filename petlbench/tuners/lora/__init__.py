@@ -26,6 +26,7 @@ class Lora(Tuner):
     summary = "LoRA: low-rank deltas (alpha/r)·B·A on the q and v rows of each block's fused qkv; B starts at zero."
     mergeable = True
     identity_at_init = True
+    replaces = ("blocks.attn.qkv",)
 
     rank: int = Field(8, gt=0, description="rank r of each A (r×in) / B (out×r) pair")
     alpha: float | None = Field(

@@ -28,11 +28,13 @@ class Lst(Tuner):
 
     name = "lst"
     knob = "reduction"
-    brief = "ladder side net, no backbone grad"
+    brief = "ladder side network"
     summary = (
         "LST: a side transformer r times narrower than the ViT, initialised by pruning it, fed through gated "
         "linear ladders from the block outputs; the frozen backbone runs without autograd."
     )
+    replaces = ()
+    side_network = True
 
     reduction: int = Field(8, ge=2, le=64, description="reduction factor r: side width D/r (official default 8)")
     side_layers: tuple[int, ...] | None = Field(

@@ -33,6 +33,8 @@ class Sqt(Tuner):
         "SQT/SynQT: learned per-layer queries read the frozen backbone's keys/values; only the query path "
         "and an instance-aware head train."
     )
+    replaces = ()
+    side_network = True
 
     num_queries: int = Field(4, gt=0, description="query tokens per layer n (the paper uses 1, 4 or 16)")
     rank: int = Field(48, gt=0, description="bottleneck of the projection, FFN and head adapters")

@@ -34,6 +34,17 @@ class Ssf(Tuner):
         "norm; γ ~ N(1, 0.02), β ~ N(0, 0.02); folds into the frozen weights (mergeable)."
     )
     mergeable = True
+    replaces = (
+        "patch_embed.proj",
+        "patch_embed.norm",
+        "blocks.norm1",
+        "blocks.attn.qkv",
+        "blocks.attn.proj",
+        "blocks.norm2",
+        "blocks.mlp.fc1",
+        "blocks.mlp.fc2",
+        "norm",
+    )
 
     init_std: float = Field(0.02, ge=0.0, description="std of the N(1, std) scale and N(0, std) shift inits")
 

@@ -60,6 +60,9 @@ class Vpt(Tuner):
         "VPT: p learnable prompt tokens after the class token, without positional embedding; deep VPT replaces "
         "them with fresh prompts before every block, shallow VPT only inserts them once."
     )
+    replaces = ()
+    # VptInsert, VptDeepBlock and VptStrip (avg-pool models) call the module they hold unchanged
+    wraps = ("norm_pre", "blocks", "norm")
 
     prompt_len: int = Field(50, gt=0, description="prompt tokens p per prompt set (sequence grows from N to N + p)")
     deep: bool = Field(True, description="deep VPT: one prompt set per block (L sets); False: shallow, one set")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import vit_blocks
+from petlbench.tuners.layers import unwrapped, vit_blocks
 
 
 class _Prompted(nn.Module):
@@ -92,7 +92,7 @@ def prompt_init_bound(model: nn.Module) -> float:
 def _patch_projection(model: nn.Module) -> tuple[int, torch.Tensor]:
     """The patch embedding's fan-in (in_chans·patch_h·patch_w) and its projection weight (for device/dtype)."""
     embed = getattr(model, "patch_embed", None)
-    proj = getattr(embed, "proj", None)
+    proj = unwrapped(getattr(embed, "proj", None))  # SSF, in a composition, wraps the projection
     patch = getattr(embed, "patch_size", None)
     in_chans = getattr(proj, "in_channels", None)
     weight = getattr(proj, "weight", None)

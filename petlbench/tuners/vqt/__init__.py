@@ -33,6 +33,8 @@ class Vqt(Tuner):
         "VQT: n learnable query tokens per block attend to the frozen image tokens (never the reverse); the "
         "L2-normalised class token and per-layer query outputs, concatenated, feed a linear head."
     )
+    replaces = ()
+    side_network = True
 
     num_queries: int = Field(
         1, gt=0, le=1024, description="query tokens n per block (the official VTAB-1k runs use 1, 10 or 20 per task)"
