@@ -21,11 +21,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from petlbench.backbone import build_backbone
 from petlbench.estimate import cuda_policy
 from petlbench.estimate.attention import CudaTarget, SdpaCall, select, select_kernel
+from petlbench.estimate.client import estimate_result
 from petlbench.estimate.cuda import CudaEmulation, CudaTrainStep, FakeGradScaler
-from petlbench.estimate.engine import estimate_memory
+from petlbench.estimate.engine import estimate_many, estimate_memory
 from petlbench.measure.step import make_optimizer
+from petlbench.papers import compare, markdown_table, mean_abs_deviation
 from petlbench.spec.expand import expand
-from petlbench.spec.loading import parse_suite
+from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import OptimizerSpec
 from petlbench.tuners import make_tuner
 from tests.conftest import TINY_BACKBONE
@@ -368,3 +370,17 @@ def test_cuda_rows_name_the_kernel_as_predicted() -> None:
     assert fp16.estimate_note is not None and "GradScaler" in fp16.estimate_note
     cpu = estimate_memory(cuda_spec("bf16-mixed").model_copy(update={"device": "cpu"}))
     assert cpu.attn_kernel == "cpu_flash"  # CPU estimates stay CPU's (tests/test_estimate.py: to the byte)
+
+
+@pytest.mark.slow
+def test_the_dtl_figure_is_reproduced_from_the_trace_alone() -> None:
+    """suites/papers/dtl-figure.yaml estimated for CUDA: mean |published / predicted − 1| ≤ 0.10 over the nine
+    methods other than LST (whose ViT port is not the figure's), with nothing fitted to the figure."""
+    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "papers" / "dtl-figure.yaml")
+    assert suite.published is not None
+    specs = expand(suite, "cuda")
+    rows = [estimate_result(specs[i], estimate, None).to_row() for i, estimate in estimate_many(specs)]
+    comparisons = compare(suite.published, rows)
+    assert all(c.predicted_bytes is not None for c in comparisons)
+    deviation = mean_abs_deviation(comparisons, exclude=["lst"])
+    assert deviation is not None and deviation <= 0.10, markdown_table(suite.published, comparisons)
