@@ -25,7 +25,7 @@ from petlbench.estimate.client import estimate_result
 from petlbench.estimate.cuda import CudaEmulation, CudaTrainStep, FakeGradScaler
 from petlbench.estimate.engine import estimate_many, estimate_memory
 from petlbench.measure.step import make_optimizer
-from petlbench.papers import compare, markdown_table, mean_abs_deviation
+from petlbench.report.published import compare, markdown_table, mean_abs_deviation
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import OptimizerSpec

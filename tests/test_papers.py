@@ -1,5 +1,5 @@
-"""Published numbers beside ours (petlbench/papers.py, suites/papers/): the `published:` block, pairing it with
-estimate and measured rows, and the shipped paper suites."""
+"""Published numbers beside ours (petlbench/report/published.py, suites/papers/): the `published:` block, pairing
+it with estimate and measured rows, and the shipped paper suites."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from petlbench.errors import ConfigError
-from petlbench.papers import UNIT_BYTES, compare, markdown_table, mean_abs_deviation
+from petlbench.report.published import UNIT_BYTES, compare, markdown_table, mean_abs_deviation
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite, parse_suite
 from petlbench.spec.models import Published

@@ -1,4 +1,5 @@
-"""Published numbers beside ours: pair a suite's `published:` block with its stored rows (torch- and pandas-free).
+"""Published numbers beside ours: pair a suite's `published:` block with its stored rows (pure: torch- and
+pandas-free, like report/fit.py).
 
 A suite in suites/papers/ reproduces a paper's memory figure or table and carries its numbers
 (`petlbench.spec.models.Published`). `compare` pairs every published value with the suite's rows of the same
