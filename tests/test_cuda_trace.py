@@ -212,7 +212,7 @@ def test_cuda_autocast_casts_as_cuda_does_and_cpu_autocast_returns_after() -> No
             assert F.layer_norm(low, (8,), w, b).dtype == f32  # CUDA: fp32 (CPU autocast has no rule)
             assert low.softmax(-1).dtype == f32  # fp32 via the dtype argument
             assert low.sum().dtype == f32 and low.sum(dtype=bf16).dtype == bf16  # a given dtype is respected
-            assert torch.norm(low).dtype == f32  # fp32 appended
+            assert torch.ops.aten.norm.Scalar(low).dtype == f32  # redispatched with an fp32 dtype appended
             assert torch.addcmul(low, x, low).dtype == f32  # promoted to the widest
             assert F.linear(x, torch.empty(3, 8)).dtype == bf16
             with OpLog() as log:

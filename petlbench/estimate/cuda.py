@@ -179,9 +179,13 @@ class CudaEmulation:
             target = _op(cuda_policy.FP32_APPEND_DTYPE[op._schema.name.removeprefix("aten::") + "." + op._overloadname])
             assert target is not None
 
+            positional = [a for a in op._schema.arguments if not a.kwarg_only]
+
             def append_dtype(*args: Any, **kwargs: Any) -> Any:
                 first = args[0]
                 dtype = torch.float32 if _eligible(first) else first.dtype
+                # the registered overload's defaults, spelled out: the dtype overload has none (norm's p)
+                args = (*args, *(a.default_value for a in positional[len(args) :] if a.name not in kwargs))
                 with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST):
                     return target(*args, **kwargs, dtype=dtype)
 
