@@ -11,16 +11,14 @@ a file or a folder, and reading `results/` leaves estimate folders out unless on
 Rows of `run --skip-predicted-oom` are the exception by design: a skipped run is a result of the measured suite
 (status `skipped`, retried on the next run), carrying the predicted peak with `memory_source = estimate`.
 
-CUDA runs are estimated on fake CPU tensors with these CPU→CUDA deltas (docs/measurement.md), all uncalibrated
-until a GPU run of scripts/gpu-validate.sh:
+CUDA runs are traced on fake CPU tensors as a CUDA GPU runs them (petlbench/estimate/cuda.py, docs/estimation.md),
+uncalibrated until a GPU run of scripts/gpu-validate.sh:
 
+- CUDA's autocast policy (its op lists, not CPU's), its dropout and softmax kernels, the attention kernel CUDA's
+  selector picks for the target GPU (sm90, an H100, unless told otherwise), and fp16's GradScaler;
 - every storage rounded up to 512 B (the caching allocator's block size), through the tracker's `round_to`;
-- dropout masks as CUDA's fused kernel stores them (`native_dropout`: 1-byte bool mask, not a 4-byte float one);
 - the optimizer implementation is whatever the spec pins (foreach / fused / single-tensor): the same code runs
   on fake tensors, so there is no foreach delta unless `foreach: true`, which is marked approximate;
-- mixed precision runs under CPU autocast (CUDA's op lists differ) and fp16 without GradScaler (its inf check
-  needs real values; it only adds scalars): marked approximate;
-- attention dropout: CPU SDPA falls back to the math path (N×N saved), CUDA kernels do not: marked approximate;
 - not added: the CUDA context (outside the allocator: NVML/driver only), cuBLAS/cuBLASLt workspaces (allocated
   through the caching allocator since torch 2.0, so visible in max_memory_allocated: tens of MiB on Hopper),
   and fragmentation (`max_memory_reserved` − `max_memory_allocated`). The validation kit reports these gaps.
@@ -45,6 +43,7 @@ from pydantic import BaseModel, ConfigDict
 
 from petlbench.columns import Metrics
 from petlbench.errors import ConfigError
+from petlbench.estimate.attention import DEFAULT_TARGET
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.nvml import gpu_memory_bytes
@@ -176,13 +175,14 @@ def estimate_caveats(spec: RunSpec) -> tuple[str | None, bool]:
     if spec.device != "cuda":
         return None, False
     applied = ["512-B rounding"]
-    approx: list[str] = []
     if has_dropout(spec):
         applied.append("1-B dropout masks")
     if spec.precision != "fp32":
-        approx.append("CPU autocast op lists stand in for CUDA's")
+        applied.append("CUDA autocast lists")
     if spec.precision == "fp16-mixed":
-        approx.append("no GradScaler")
+        applied.append("GradScaler")
+    applied.append(f"SDPA kernels as on {DEFAULT_TARGET.name}")
+    approx: list[str] = []
     if spec.optimizer.foreach:
         approx.append("foreach temporaries from the CPU fallback")
     note = "cuda deltas: " + ", ".join(applied)

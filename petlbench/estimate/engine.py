@@ -4,8 +4,8 @@ docs/measurement.md: build on the meta device (outside the fake mode: timm's dro
 enter `FakeTensorMode(allow_non_fake_inputs=True)`, materialise with `to_empty(device="cpu")`, and run the same
 warm-up and tracked step as the worker. Fake tensors carry shapes, dtypes and storages but no data, so the
 tracker sees exactly the bytes a real CPU run allocates, for any batch size, with no real memory. Fake *CUDA*
-tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are estimated on fake
-CPU tensors too, with the deltas listed in petlbench/estimate/client.py.
+tensors cannot run backward without a GPU and push SDPA onto the math path, so CUDA runs are traced on fake CPU
+tensors too, with CUDA's autocast policy and kernels emulated at dispatch level (petlbench/estimate/cuda.py).
 
 Many runs, one process (`python -m petlbench.estimate.engine`, serving JSON requests on stdin, is what the CLI
 starts): runs that build the same model (same backbone, tuner, knobs, optimizer, seed, checkpointing) share one
@@ -28,8 +28,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from petlbench.columns import Metrics
 from petlbench.data.loaders import num_classes
 from petlbench.errors import PetlbenchError
+from petlbench.estimate.attention import DEFAULT_TARGET, CudaTarget, kernel_label
 from petlbench.estimate.autobatch import linear_seed, search_max_batch
 from petlbench.estimate.client import (
     ESTIMATE_SOURCE,
@@ -46,9 +45,9 @@ from petlbench.estimate.client import (
     EstimateResponse,
     SearchRequest,
     estimate_caveats,
-    has_dropout,
     model_key,
 )
+from petlbench.estimate.cuda import LOWER_PRECISION, CudaEmulation, CudaTrainStep, FakeGradScaler
 from petlbench.fmt import describe_exception
 from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
@@ -61,8 +60,6 @@ from petlbench.why import WhyData, summarize_step
 
 log = logging.getLogger("petlbench.estimate")
 
-_LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
-
 
 def estimate_memory(spec: RunSpec) -> Metrics:
     """Predicted peak bytes and their breakdown for one run, as a run of the same spec would measure them.
@@ -71,33 +68,6 @@ def estimate_memory(spec: RunSpec) -> Metrics:
     the CPU→CUDA deltas applied (petlbench/estimate/client.py).
     """
     return Estimator().estimate(spec)
-
-
-class _CudaDropout(TorchFunctionMode):
-    """Dropout as CUDA runs it: the fused `native_dropout`, which saves a 1-byte bool mask for backward.
-
-    On CPU, `F.dropout` multiplies by a float noise tensor and autograd saves that (4 bytes per element in fp32).
-    Attention dropout cannot be mapped: CPU SDPA falls back to the math path (N×N saved), CUDA kernels do not; a
-    call of `F.scaled_dot_product_attention` with dropout_p > 0 is noted in `attention_dropout` instead.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention_dropout = False
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
-            self.attention_dropout |= isinstance(p, int | float) and p > 0
-        elif func is F.dropout:
-            bound = dict(zip(("input", "p", "training", "inplace"), args, strict=False)) | kwargs
-            p, training = float(bound.get("p", 0.5)), bool(bound.get("training", True))
-            if training and 0.0 < p < 1.0:
-                return torch.native_dropout(bound["input"], p, True)[0]
-        return func(*args, **kwargs)
 
 
 class _ScalarDraws(TorchFunctionMode):
@@ -128,32 +98,12 @@ class _ScalarDraws(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _autocast(spec: RunSpec) -> AbstractContextManager[object]:
-    """CPU autocast for the spec's precision: the worker's own helper for CPU specs (fp16 on CPU fails there
-    too), plain CPU autocast in the low-precision dtype for CUDA specs."""
-    if spec.device == "cpu":
+def _autocast(spec: RunSpec, cuda: CudaEmulation | None) -> AbstractContextManager[object]:
+    """The inference forward's mixed precision: the worker's own helper for CPU specs (fp16 on CPU fails there
+    too), CUDA's autocast policy in the run's dtype for CUDA specs."""
+    if cuda is None:
         return autocast(spec.precision, "cpu")
-    dtype = _LOW_PRECISION.get(spec.precision)
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
-
-
-class _Fp16Step(TrainStep):
-    """A CUDA fp16-mixed step estimated on CPU: fp16 CPU autocast, no GradScaler (its inf check calls `.item()`,
-    which fake tensors cannot answer; the scaler itself only holds scalars)."""
-
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.float16):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.backward_starts()
-        loss.backward()
-        return loss.detach()
-
-
-def _train_step(spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainStep:
-    if spec.device == "cuda" and spec.precision == "fp16-mixed":
-        return _Fp16Step(model, optimizer, "fp32", "cpu")
-    return TrainStep(model, optimizer, spec.precision, "cpu")  # the worker's step, on CPU autocast
+    return cuda.autocast(LOWER_PRECISION.get(spec.precision))
 
 
 class _FakeModel:
@@ -165,7 +115,7 @@ class _FakeModel:
     of a ViT allocates 4 KiB less at batch 1 than the line through batch 4 and 12 says).
     """
 
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, target: CudaTarget = DEFAULT_TARGET) -> None:
         classes = num_classes(spec.data, spec.data_root)  # real tensors: some datasets are read to count classes
         with torch.device("meta"):
             self.tuned = build_model(spec, classes)
@@ -178,31 +128,47 @@ class _FakeModel:
         # (precision, device, inference) → batch size → (training timeline, inference timeline or None)
         self.traces: dict[tuple[str, str, bool], dict[int, tuple[Timeline, Timeline | None]]] = {}
         self.flops: dict[tuple[str, str], dict[int, int]] = {}  # (precision, device) → batch → training-step FLOPs
-        self.attention_dropout = False  # a CUDA trace saw SDPA with dropout: CPU ran the math path instead
+        self.target = target  # the GPU a CUDA trace assumes (its attention kernel)
+        self.scaler: FakeGradScaler | None = None  # fp16-mixed CUDA runs: GradScaler's state, made once like AdamW's
 
     def _trace(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
         """Run the tracked inference forward and training step at the spec's batch size; their timelines."""
         infer: Timeline | None = None
-        dropout = _CudaDropout() if spec.device == "cuda" and has_dropout(spec) else None
-        with self.mode, _ScalarDraws(), dropout if dropout is not None else nullcontext():
+        cuda = CudaEmulation(self.target) if spec.device == "cuda" else None
+        with self.mode, _ScalarDraws(), cuda if cuda is not None else nullcontext():
             x = torch.empty(spec.batch_size, 3, self.img_size, self.img_size)
             y = torch.zeros(spec.batch_size, dtype=torch.int64)
             if spec.measure.inference:
                 self.model.eval()
                 recorder = TensorTracker()
-                tracked_inference(self.model, x, _autocast(spec), tracker=recorder)
+                tracked_inference(self.model, x, _autocast(spec, cuda), tracker=recorder)
                 infer = recorder.timeline()
             self.model.train()
-            step = _train_step(spec, self.model, self.optimizer)
             if not self.warm:
                 self._create_optimizer_state()
             recorder = TensorTracker()
+            if cuda is None:
+                step = TrainStep(self.model, self.optimizer, spec.precision, "cpu")  # the worker's step
+            else:
+                scaler = self._scaler(spec)
+                step = CudaTrainStep(self.model, self.optimizer, spec.precision, cuda, scaler)
+                if scaler is not None:
+                    recorder.register(scaler.state_tensors(), "optimizer")
             with FlopCounterMode(display=False) as counter:  # counts shapes only: no tensor, no byte
                 tracked_train_step(step, x, y, tracker=recorder)
             train = recorder.timeline()
-        self.attention_dropout |= dropout is not None and dropout.attention_dropout
         self.flops.setdefault((spec.precision, spec.device), {})[spec.batch_size] = int(counter.get_total_flops())
         return train, infer
+
+    def _scaler(self, spec: RunSpec) -> FakeGradScaler | None:
+        """The fp16 loss scaler, its scale and growth tracker made before the tracked step as the worker's warm-up
+        makes them (inside the fake mode)."""
+        if spec.precision != "fp16-mixed":
+            return None
+        if self.scaler is None:
+            self.scaler = FakeGradScaler()
+            self.scaler.scale(torch.zeros(()))
+        return self.scaler
 
     def step_flops(self, spec: RunSpec) -> int | None:
         """FLOPs of one training step at the spec's batch: counted where traced, else on the line through two
@@ -256,15 +222,13 @@ class _FakeModel:
         metrics.estimate_note, metrics.estimate_approximate = estimate_caveats(spec)
         round_to = CUDA_BLOCK if spec.device == "cuda" else 1
         train, infer = self._timelines(spec)
-        if spec.device == "cuda" and self.attention_dropout:
-            metrics.estimate_approximate = True
-            joiner = ", " if "approximate:" in (metrics.estimate_note or "") else "; approximate: "
-            metrics.estimate_note = f"{metrics.estimate_note}{joiner}attention dropout (CPU SDPA runs math)"
         if infer is not None:
             metrics.peak_infer_bytes = replay(infer, round_to).peak_bytes
         tracked = replay(train, round_to)
         metrics.peak_allocated_bytes = tracked.peak_bytes
         record_breakdown(metrics, tracked)
+        if spec.device == "cuda":
+            metrics.attn_kernel = kernel_label(tracked.attn_kernel, self.target)
         metrics.step_flops = self.step_flops(spec)
         metrics.step_ops = train.calls
         return metrics
@@ -281,7 +245,8 @@ class Estimator:
     Only the latest model is kept, so feed runs grouped by model configuration (`estimate_many` does).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, target: CudaTarget = DEFAULT_TARGET) -> None:
+        self.target = target  # the GPU CUDA specs are estimated for
         self._key: str | None = None
         self._model: _FakeModel | None = None
 
@@ -289,7 +254,7 @@ class Estimator:
         key = model_key(spec)
         if self._model is None or key != self._key:
             self._model = None  # fake tensors hold no memory: no gc.collect() needed (it costs 0.3 s)
-            self._model, self._key = _FakeModel(spec), key
+            self._model, self._key = _FakeModel(spec, self.target), key
         return self._model
 
     def estimate(self, spec: RunSpec) -> Metrics:

@@ -178,6 +178,32 @@ class TunerEntry(StrictModel):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train section")
 
 
+class PublishedValue(StrictModel):
+    """One published number, and which of the suite's rows reproduce it."""
+
+    method: str = Field(description="the rows' method, as tables name it: full, vpt-deep, fact-tk, dtl+, ...")
+    value: float = Field(gt=0, description="the published number, in the block's unit")
+    label: str | None = Field(None, description="what the source calls it, where that differs from `method`")
+    knob: float | None = Field(None, description="only rows with this headline-knob value")
+    batch_size: int | None = Field(None, gt=0, description="only rows of this batch size")
+    precision: Precision | None = Field(None, description="only rows of this precision")
+    note: str = Field("", description="what is particular to this number (e.g. code not published)")
+
+
+class Published(StrictModel):
+    """Numbers a paper or repository published for the runs a suite reproduces (suites/papers/)."""
+
+    source: str = Field(description="paper and/or repository (with the commit) the numbers come from")
+    where: str = Field(description="the figure or table, and how the numbers were read")
+    metric: Literal["peak_allocated_bytes", "peak_reserved_bytes"] = Field(
+        "peak_allocated_bytes", description="the result column the numbers correspond to"
+    )
+    unit: Literal["B", "KB", "MB", "GB", "KiB", "MiB", "GiB"] = Field(description="unit of every value")
+    conditions: str = Field(description="the conditions the source states (model, batch, precision, GPU, ...)")
+    assumed: str = Field(description="what the suite assumes where the source says nothing")
+    values: list[PublishedValue] = Field(min_length=1)
+
+
 def as_list(value: T | list[T]) -> list[T]:
     return value if isinstance(value, list) else [value]
 
@@ -202,6 +228,7 @@ class Suite(StrictModel):
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     train: TrainSpec | None = None
     timeout_s: float = Field(1800.0, gt=0, description="per-run wall-clock limit")
+    published: Published | None = Field(None, description="published numbers these runs reproduce (suites/papers/)")
 
     _source: str = PrivateAttr(default="<suite>")
 
