@@ -79,7 +79,7 @@ def test_booleans_and_numbers_where_they_belong_still_validate() -> None:
 
 
 def _shipped_suites() -> list[Path]:
-    return [*sorted((ROOT / "suites").glob("*.yaml")), ROOT / "petlbench" / "suites" / "quickstart.yaml"]
+    return [*sorted((ROOT / "suites").rglob("*.yaml")), ROOT / "petlbench" / "suites" / "quickstart.yaml"]
 
 
 def _current_run_ids() -> dict[str, list[str]]:
