@@ -70,6 +70,16 @@ class Metrics(BaseModel):
     mem_optimizer_bytes: int | None = None
     mem_activations_bytes: int | None = None
     attn_kernel: str | None = None  # the attention op that actually ran (flash, efficient, cpu_flash, math, ...)
+    # CUDA estimates: the card and allocator assumed (petlbench/estimate/gpus.py, petlbench/estimate/cuda_replay.py);
+    # FITS = peak_reserved_bytes + context_bytes + headroom_bytes <= memory_limit_bytes
+    gpu_preset: str | None = None  # the GPU a CUDA estimate assumed (preset key, or "custom")
+    context_bytes: int | None = None  # memory outside the caching allocator on that GPU (an estimate)
+    headroom_bytes: int | None = None  # margin kept free when judging FITS
+    workspace_bytes: int | None = None  # cuBLAS/cuBLASLt workspaces held in training (one per thread's handle)
+    infer_workspace_bytes: int | None = None  # the same, held during the inference forward
+    attn_scratch_bytes: int | None = None  # the largest attention-backward scratch (transient, inside the op)
+    alloc_conf: str | None = None  # the PYTORCH_CUDA_ALLOC_CONF the estimate assumed ("default" when unset)
+    fits_json: str | None = None  # largest batch that fits, per GPU: JSON list of petlbench.estimate.gpus.FitSearch
     # speed
     step_time_median_s: float | None = None
     step_time_p90_s: float | None = None
@@ -405,6 +415,10 @@ NUMERIC_COLUMNS: Final = (
     "acc_top1",
     "acc_top1_best",
     "env.gpu_memory_bytes",
+    "memory_limit_bytes",
+    "context_bytes",
+    "headroom_bytes",
+    "workspace_bytes",
 )
 # Text columns every reader may use; missing ones are added as all-None.
 TEXT_COLUMNS: Final = (
@@ -420,6 +434,8 @@ TEXT_COLUMNS: Final = (
     "precision",
     "memory_source",
     "attn_kernel",
+    "gpu_preset",
+    "fits_json",
 )
 
 

@@ -17,7 +17,14 @@ import typer
 from rich.console import Console
 
 from petlbench.cli.console import err, fail, out, progress_bar
-from petlbench.cli.estimate_tables import auto_batch_table, estimate_table, fit_table, max_batch_table, probe_line
+from petlbench.cli.estimate_tables import (
+    auto_batch_table,
+    device_label,
+    estimate_table,
+    fit_table,
+    max_batch_table,
+    probe_line,
+)
 from petlbench.cli.tables import result_line, runs_table
 from petlbench.errors import PetlbenchError
 from petlbench.estimate.autobatch import AutoBatchOutcome, run_auto_batch, stored_probes
@@ -27,10 +34,13 @@ from petlbench.estimate.client import (
     estimate_device,
     estimate_result,
     fits,
+    judged_bytes,
     memory_limit,
     run_estimates,
     split_predicted_oom,
+    targets_for,
 )
+from petlbench.estimate.gpus import DEFAULT_HEADROOM, DEFAULT_PRESET, PRESETS, Target
 from petlbench.executors import Executor
 from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_seconds
 from petlbench.measure.nvml import visible_gpus
@@ -56,7 +66,12 @@ DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
 def _estimate_with_progress(
-    specs: Sequence[RunSpec], console: Console, jobs: int, search: SearchRequest | None = None
+    specs: Sequence[RunSpec],
+    console: Console,
+    jobs: int,
+    search: SearchRequest | None = None,
+    targets: Sequence[Target] = (),
+    fit_search: bool = False,
 ) -> dict[str, Estimate]:
     progress = progress_bar("estimating", console=console)
     with progress:
@@ -65,7 +80,9 @@ def _estimate_with_progress(
         def advance(done: int, total: int, label: str) -> None:
             progress.update(task, completed=done, description=label)
 
-        return run_estimates(specs, search=search, jobs=jobs, on_progress=advance)
+        return run_estimates(
+            specs, search=search, jobs=jobs, on_progress=advance, targets=targets, fit_search=fit_search
+        )
 
 
 def estimate(
@@ -79,15 +96,32 @@ def estimate(
             show_default=False,
         ),
     ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu",
+            help="GPU presets to judge CUDA runs on (FITS/OOM: the first), e.g. h100-80gb,a100-40gb,rtx-4090; "
+            f"also prints the largest batch that fits each. Known: {', '.join(PRESETS)}",
+            show_default=False,
+        ),
+    ] = None,
     device_memory: Annotated[
         str | None,
         typer.Option(
             "--device-memory",
-            help="memory to flag FITS/OOM against, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
+            help="memory of a device without a preset, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
             "largest batch that fits each size (FITS/OOM: the first); default: the visible GPU's (CUDA), else none",
             show_default=False,
         ),
     ] = None,
+    headroom: Annotated[
+        str,
+        typer.Option(
+            "--headroom",
+            help="CUDA: memory kept free beyond reserved + context when judging FITS, as a share of the card (2%) "
+            "or a size (1GiB)",
+        ),
+    ] = DEFAULT_HEADROOM,
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")
     ] = Path("results"),
@@ -114,8 +148,8 @@ def estimate(
         resolved = estimate_device(device or suite_obj.device)
         runs = expand(suite_obj, resolved)
         check_peft(suite_obj)  # peft configs, checked by peft in a child process (only for `tuner: peft` suites)
-        texts = [t.strip() for t in device_memory.split(",")] if device_memory else [None]
-        limits = [memory_limit(t, resolved, gpus, "--device-memory", required=suite_obj.auto_batch_size) for t in texts]
+        targets = targets_for(resolved, gpu, device_memory, gpus, headroom, required=suite_obj.auto_batch_size)
+        limits = [t.memory_bytes for t in targets] or [None]
         limit = limits[0]
     except PetlbenchError as exc:
         fail(exc)
@@ -128,7 +162,7 @@ def estimate(
         r = suite_obj.batch_range
         search = SearchRequest(limit_bytes=limit, min=r.min, max=r.max, multiple_of=r.multiple_of)
     try:
-        estimates = _estimate_with_progress(runs, out, jobs, search)
+        estimates = _estimate_with_progress(runs, out, jobs, search, targets, fit_search=bool(targets))
     except KeyboardInterrupt:
         err.print("interrupted: nothing was stored")
         raise typer.Exit(130) from None
@@ -141,33 +175,32 @@ def estimate(
         spec = run if found.max_batch is None else run.model_copy(update={"batch_size": found.max_batch})
         stored.append(estimate_result(spec, found, limit))
     record(results_dir, stored)
-    title = f"{suite_obj.name}: predicted peak memory ({resolved}), {len(runs)} runs"
+    where = device_label(resolved, targets)
+    title = f"{suite_obj.name}: predicted peak memory ({where}), {len(runs)} runs"
     if search is not None:
         assert limit is not None
-        out.print(max_batch_table(runs, estimates, limit, title=f"{suite_obj.name}: largest batch predicted to fit"))
+        title = f"{suite_obj.name}: largest batch predicted to fit ({where})"
+        out.print(max_batch_table(runs, estimates, limit, title=title, cuda=resolved == "cuda"))
     else:
         out.print(estimate_table(runs, estimates, limit, title=title))
-        sizes = [size for size in limits if size is not None]
-        if len(sizes) > 1 or (sizes and len({r.batch_size for r in runs}) > 1):
-            what_fits = f"{suite_obj.name}: largest batch predicted to fit ({resolved})"
-            out.print(fit_table(runs, estimates, sizes, title=what_fits))
+        if targets:
+            out.print(fit_table(runs, estimates, targets, title=f"{suite_obj.name}: largest batch predicted to fit"))
     if resolved == "cuda":
+        assumed = targets[0].name if targets else f"{PRESETS[DEFAULT_PRESET].name} (default; no memory to judge)"
         out.print(
-            "CUDA estimate from fake CPU tensors with the CPU→CUDA deltas (512-B rounding, 1-B dropout masks); "
-            "not included: CUDA context, cuBLAS workspaces, fragmentation (reserved). Uncalibrated until "
-            "scripts/gpu-validate.sh runs on a GPU.",
+            f"CUDA estimate for {assumed}: fake CPU tensors with the CPU→CUDA deltas, replayed through a model of "
+            "PyTorch's caching allocator (whole blocks, segments, cuBLAS workspaces); FITS = reserved + context + "
+            "headroom ≤ the card's memory. Uncalibrated until scripts/gpu-validate.sh runs on a GPU.",
             style="dim",
         )
     failed = [e for e in estimates.values() if e.metrics is None]
-    over = [
-        e for e in estimates.values() if e.metrics is not None and fits(e.metrics.peak_allocated_bytes, limit) is False
-    ]
+    over = [e for e in estimates.values() if e.metrics is not None and fits(judged_bytes(e.metrics), limit) is False]
     for e in failed:
         err.print(f"estimate failed for {e.run_id}: {first_line(e.error)}")
     what = "configurations searched" if search is not None else "runs estimated"
     summary = f"{len(runs)} {what.replace('s ', ' ', 1) if len(runs) == 1 else what} in {fmt_seconds(elapsed)}"
     if limit is not None and search is None:
-        summary += f": {len(runs) - len(over) - len(failed)} fit {fmt_bytes(limit)}, {len(over)} over"
+        summary += f": {len(runs) - len(over) - len(failed)} fit {targets[0].label}, {len(over)} over"
     if failed:
         summary += f", {len(failed)} failed"
     measured = suite_dir(results_dir, suite_obj.name)

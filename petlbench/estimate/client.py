@@ -11,19 +11,20 @@ a file or a folder, and reading `results/` leaves estimate folders out unless on
 Rows of `run --skip-predicted-oom` are the exception by design: a skipped run is a result of the measured suite
 (status `skipped`, retried on the next run), carrying the predicted peak with `memory_source = estimate`.
 
-CUDA runs are estimated on fake CPU tensors with these CPU→CUDA deltas (docs/measurement.md), all uncalibrated
-until a GPU run of scripts/gpu-validate.sh:
+CUDA runs are estimated on fake CPU tensors with these CPU→CUDA deltas (docs/measurement.md, docs/estimation.md),
+all uncalibrated until a GPU run of scripts/gpu-validate.sh:
 
-- every storage rounded up to 512 B (the caching allocator's block size), through the tracker's `round_to`;
+- the traced step replayed through a model of the caching allocator (petlbench/estimate/cuda_replay.py): whole
+  blocks for `max_memory_allocated`, segments for `max_memory_reserved`, the worker's history before the measured
+  steps, the cuBLAS workspaces (one per thread's handle) and the attention kernels' backward scratch;
 - dropout masks as CUDA's fused kernel stores them (`native_dropout`: 1-byte bool mask, not a 4-byte float one);
 - the optimizer implementation is whatever the spec pins (foreach / fused / single-tensor): the same code runs
   on fake tensors, so there is no foreach delta unless `foreach: true`, which is marked approximate;
 - mixed precision runs under CPU autocast (CUDA's op lists differ) and fp16 without GradScaler (its inf check
   needs real values; it only adds scalars): marked approximate;
 - attention dropout: CPU SDPA falls back to the math path (N×N saved), CUDA kernels do not: marked approximate;
-- not added: the CUDA context (outside the allocator: NVML/driver only), cuBLAS/cuBLASLt workspaces (allocated
-  through the caching allocator since torch 2.0, so visible in max_memory_allocated: tens of MiB on Hopper),
-  and fragmentation (`max_memory_reserved` − `max_memory_allocated`). The validation kit reports these gaps.
+- the card (petlbench/estimate/gpus.py): its compute capability sets the workspace size; its memory, the CUDA
+  context outside the allocator (an estimate per card) and a headroom decide FITS, from the reserved memory.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.errors import ConfigError
+from petlbench.estimate.gpus import CUSTOM, DEFAULT_HEADROOM, FitSearch, Target, preset, target_for
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.attribution import WhyData
@@ -72,6 +74,10 @@ class EstimateRequest(BaseModel):
 
     specs: list[RunSpec]
     search: SearchRequest | None = None
+    # CUDA: the cards to assume (rows use the first; default: petlbench.estimate.gpus.DEFAULT_PRESET) and whether
+    # to search each configuration's largest batch that fits each of them
+    targets: list[Target] = []
+    fit_search: bool = False
 
 
 class Estimate(BaseModel):
@@ -89,6 +95,7 @@ class Estimate(BaseModel):
     probes: list[tuple[int, int]] = []
     env: dict[str, EnvValue] = {}
     why: WhyData | None = None  # the step's timeline and peak attribution (stored beside the estimate row)
+    fits: list[FitSearch] = []  # per card, the largest batch of this run's configuration that fits (fit search)
 
 
 class EstimateResponse(BaseModel):
@@ -144,11 +151,44 @@ def memory_limit(text: str | None, device: Device, gpus: Sequence[str], option: 
     return None
 
 
+def targets_for(
+    device: Device,
+    gpu: str | None,
+    device_memory: str | None,
+    visible: Sequence[str],
+    headroom: str = DEFAULT_HEADROOM,
+    required: bool = False,
+) -> list[Target]:
+    """The cards (`--gpu`, comma list of presets) or memory sizes (`--device-memory`) an estimate is judged on;
+    without either, the first visible GPU's memory for CUDA runs. [] when there is none (no verdict)."""
+    if gpu and device_memory:
+        raise ConfigError("--gpu and --device-memory: give one (--device-memory is for a GPU without a preset)")
+    if gpu:
+        if device != "cuda":
+            raise ConfigError("--gpu: presets are CUDA cards; use --device cuda, or --device-memory for CPU runs")
+        return [target_for(preset(name), None, headroom) for name in gpu.split(",") if name.strip()]
+    texts = [t.strip() for t in device_memory.split(",")] if device_memory else [None]
+    sizes = [memory_limit(t, device, visible, "--device-memory", required) for t in texts]
+    if device == "cuda":
+        return [target_for(None, size, headroom) for size in sizes if size is not None]
+    return [Target(gpu=CUSTOM, name=fmt_bytes(size), capability=(0, 0), memory_bytes=size) for size in sizes if size]
+
+
 def fits(peak: int | None, limit: int | None) -> bool | None:
     """Whether a predicted peak fits; None when either is unknown."""
     if peak is None or limit is None:
         return None
     return peak <= limit
+
+
+def judged_bytes(metrics: Metrics | None) -> int | None:
+    """What an estimate row is judged against the device memory with: for a CUDA estimate that assumed a card,
+    reserved + context + headroom (petlbench/estimate/gpus.py); otherwise the peak (max_memory_allocated)."""
+    if metrics is None:
+        return None
+    if metrics.context_bytes is not None and metrics.peak_reserved_bytes is not None:
+        return metrics.peak_reserved_bytes + metrics.context_bytes + (metrics.headroom_bytes or 0)
+    return metrics.peak_allocated_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +213,7 @@ def estimate_caveats(spec: RunSpec) -> tuple[str | None, bool]:
     """(note, approximate) for a spec's estimate: the CPU→CUDA deltas applied and what is not modelled."""
     if spec.device != "cuda":
         return None, False
-    applied = ["512-B rounding"]
+    applied = ["caching-allocator model", "cuBLAS workspaces"]
     approx: list[str] = []
     if has_dropout(spec):
         applied.append("1-B dropout masks")
@@ -197,6 +237,8 @@ def estimate_result(spec: RunSpec, estimate: Estimate, limit: int | None) -> Run
     """The row `petlbench estimate` stores for a run: suite `<suite>.estimate`, same run_id, memory_source=estimate."""
     metrics = estimate.metrics.model_copy() if estimate.metrics is not None else Metrics(memory_source=ESTIMATE_SOURCE)
     metrics.memory_limit_bytes = limit
+    if estimate.fits:
+        metrics.fits_json = json.dumps([f.model_dump(mode="json") for f in estimate.fits])
     return RunResult(
         spec=spec.model_copy(update={"suite": spec.suite + ESTIMATE_SUFFIX}),
         status="ok" if estimate.metrics is not None else "error",
@@ -273,6 +315,8 @@ def run_estimates(
     on_progress: Progress | None = None,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    targets: Sequence[Target] = (),
+    fit_search: bool = False,
 ) -> dict[str, Estimate]:
     """Estimate every spec in up to `jobs` `python -m petlbench.estimate.engine` processes; run_id → Estimate.
 
@@ -307,7 +351,8 @@ def run_estimates(
                         text=True,
                     )
                 procs.append(proc)
-                threading.Thread(target=_serve, args=(proc, log, work, search, events), daemon=True).start()
+                request = EstimateRequest(specs=[], search=search, targets=list(targets), fit_search=fit_search)
+                threading.Thread(target=_serve, args=(proc, log, work, request, events), daemon=True).start()
             running = len(procs)
             last_error = "every estimator process exited"
             while running:
@@ -338,7 +383,7 @@ def _serve(
     proc: subprocess.Popen[str],
     log: Path,
     work: queue.Queue[list[RunSpec]],
-    search: SearchRequest | None,
+    template: EstimateRequest,
     events: queue.Queue[tuple[str, object]],
 ) -> None:
     """Feed one estimator process configurations until none is left (runs in a thread per process)."""
@@ -351,7 +396,7 @@ def _serve(
                 break
             response: EstimateResponse | None = None
             try:
-                proc.stdin.write(EstimateRequest(specs=group, search=search).model_dump_json() + "\n")
+                proc.stdin.write(template.model_copy(update={"specs": group}).model_dump_json() + "\n")
                 proc.stdin.flush()
                 while response is None:
                     line = proc.stdout.readline()

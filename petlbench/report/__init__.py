@@ -392,24 +392,45 @@ def _memory_batch_section(group: Group, pts: pd.DataFrame, out: Path, figures: l
 
 
 def _fit_section(group: Group, pts: pd.DataFrame, out: Path, figures: list[Path]) -> list[Block]:
-    """What fits on my GPU: per method the largest swept batch predicted to fit in each memory size."""
-    from petlbench.report.fit import fit_figure, fit_rows, memory_sizes, size_label
+    """What fits on my GPU: per method the largest batch predicted to fit each card (searched, when the rows carry
+    the answer), else each memory size (read off the sweep)."""
+    from petlbench.report.fit import as_fit, fit_cell, fit_figure, fit_rows, memory_sizes, searched_fits, size_label
 
-    sizes = memory_sizes(group.rows)
-    table = fit_rows(pts, sizes, variant_order(pts))
-    title = group.headline("Largest batch that fits per GPU memory size")
-    fig = fit_figure(title, group.title, table, sizes)
+    variants = variant_order(pts)
+    labels, found = searched_fits(group.rows, variants)  # the points keep no text column: read the rows
+    title = group.headline("Largest batch that fits" + (" per GPU" if labels else " per GPU memory size"))
+    if labels:
+        rows_ = group.rows
+        cuda = bool((rows_["device"] == "cuda").any())
+        methods = {v: str(rows_.loc[rows_["variant"] == v, "method"].iloc[0]) for v in found}
+        table = [(v, methods[v], [as_fit(found[v].get(label)) for label in labels]) for v in variants if v in found]
+        rows = [[v, *[fit_cell(found[v].get(label), cuda) for label in labels]] for v, _, _ in table]
+        columns = labels
+        what = "predicted reserved memory" if cuda else "predicted peak"
+        note = (
+            f"The largest batch predicted to fit each card, searched on the estimator's replay (not limited to the "
+            f"sweep), with the {what} there in brackets"
+            + ("; FITS: reserved + context + headroom ≤ the card's memory" if cuda else "")
+            + "; `+`: the search's upper bound fits; `none`: not even batch 1; `-`: not searched."
+        )
+        legend = "largest batch that fits (+: the search's upper bound fits)"
+    else:
+        sizes = memory_sizes(group.rows)
+        table = fit_rows(pts, sizes, variants)
+        rows = [[variant, *[f.text() for f in fits]] for variant, _, fits in table]
+        columns = [size_label(s) for s in sizes]
+        note = (
+            "The largest batch size of the sweep whose predicted peak is at most the memory size; `+`: the largest "
+            "batch swept fits (larger ones were not estimated); `none`: even the smallest does not."
+        )
+        legend = "largest batch of the sweep that fits (+: the largest batch swept fits)"
+    fig = fit_figure(title, group.title, table, columns, legend)
     stem = _save(fig, out, f"fit-{group.slug}", figures)
-    columns = ["method", *[size_label(s) for s in sizes]]
-    rows = [[variant, *[f.text() for f in fits]] for variant, _, fits in table]
     return [
         Heading(title, 3),
         Image(stem, f"{title}, {group.title}"),
-        Table(columns, rows, frozenset(range(1, len(columns)))),
-        Para(
-            "The largest batch size of the sweep whose predicted peak is at most the memory size; `+`: the largest "
-            "batch swept fits (larger ones were not estimated); `none`: even the smallest does not."
-        ),
+        Table(["method", *columns], rows, frozenset(range(1, len(columns) + 1))),
+        Para(note),
     ]
 
 
