@@ -319,6 +319,7 @@ class CachingAllocator:
         self._non_split = self.config.max_non_split_rounding
         self._expandable = self.config.expandable_segments
         self._rounds = any(d > 1 for d in self.config.roundup_power2_divisions)
+        self._simple_large = self._max_split == _UNLIMITED  # no oversize rule to check in the large pool
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -344,7 +345,14 @@ class CachingAllocator:
         else:
             size = (nbytes + 511) & ~511
         small = size <= K_SMALL_SIZE
-        block = self._take_free(size, small)
+        # the smallest cached block that fits (the common case inlined; _take_free has the whole rule)
+        free = self._free[small]
+        i = bisect_left(free, (size, -1))
+        block: Block | None
+        if i < len(free) and (small or self._simple_large) and not self._expandable:
+            block = free.pop(i)[2]
+        else:
+            block = self._take_free(size, small) if i < len(free) else None
         if block is None:
             block = self._new_block(size, small)
         # split off what the request does not need

@@ -97,6 +97,8 @@ class _Compiled:
     body: list[tuple[int, int, int]]  # ALLOC (key, bytes) / FREE (key) / PHASE (phase) / OP (kind code, bytes)
     scratch: dict[int, list[int]]  # OP body index → scratch sizes
     scratch_approximate: bool
+    keys: int  # storage keys run from 0 to keys - 1 (live blocks sit in a list indexed by key)
+    allocs: list[int]  # the keys the body allocates (what may still be live when it ends)
 
 
 _WORKSPACE: Final = -1  # body entry kinds beside ALLOC/FREE/PHASE
@@ -147,7 +149,9 @@ def compile_timeline(timeline: TimelineLike) -> _Compiled:
                 scratch[len(body)] = sizes
                 body.append((_SCRATCH, 0, 0))
                 approximate |= kernel in APPROXIMATE_SCRATCH
-    return _Compiled(weights, optimizer, activations, gradients, body, scratch, approximate)
+    keys = max((e[1] for e in events if e[0] == ALLOC), default=-1) + 1
+    allocs = [key for kind, key, _ in body if kind == ALLOC]
+    return _Compiled(weights, optimizer, activations, gradients, body, scratch, approximate, keys, allocs)
 
 
 class _Run:
@@ -174,29 +178,28 @@ class _Run:
     def step(
         self,
         compiled: _Compiled,
-        persistent: dict[int, Block],
+        slots: list[Block | None],
         create_state: list[tuple[int, int]] | None = None,
     ) -> None:
-        """Replay one traced region; free what it left allocated (tensors that die right after it)."""
+        """Replay one traced region (`slots[key]`: the live block of storage `key`); free what it left allocated
+        (tensors that die right after it)."""
         alloc = self.alloc
         malloc, free = alloc.malloc, alloc.free
-        local: dict[int, Block] = {}
         phase = FORWARD
         scratch = compiled.scratch
         for i, (kind, key, value) in enumerate(compiled.body):
             if kind == ALLOC:
-                local[key] = malloc(value)
+                slots[key] = malloc(value)
             elif kind == FREE:
-                block = local.pop(key, None)
-                if block is None:
-                    block = persistent.pop(key, None)
+                block = slots[key]
                 if block is not None:
+                    slots[key] = None
                     free(block)
             elif kind == PHASE:
                 phase = key
                 if key == OPTIMIZER and create_state is not None:
                     for state_key, nbytes in create_state:
-                        persistent[state_key] = malloc(nbytes)
+                        slots[state_key] = malloc(nbytes)
             elif kind == _WORKSPACE:
                 self.workspace(1 if phase == BACKWARD else 0)
             else:  # _SCRATCH
@@ -204,8 +207,11 @@ class _Run:
                 self.max_scratch = max(self.max_scratch, sum(b.size for b in blocks))
                 for block in reversed(blocks):
                     free(block)
-        for block in local.values():
-            free(block)
+        for key in compiled.allocs:
+            block = slots[key]
+            if block is not None:
+                slots[key] = None
+                free(block)
 
 
 def replay_run(train: TimelineLike, infer: TimelineLike | None, plan: DevicePlan) -> DeviceReplay:
@@ -219,20 +225,20 @@ def replay_compiled(train: _Compiled, infer: _Compiled | None, plan: DevicePlan)
     result = DeviceReplay(scratch_approximate=train.scratch_approximate)
     where = "load"
     try:
-        persistent: dict[int, Block] = {}
+        slots: list[Block | None] = [None] * train.keys
         weights = train.weights
         order = plan.load_order if plan.load_order is not None and len(plan.load_order) == len(weights) else None
         for i in order if order is not None else range(len(weights)):
             key, nbytes = weights[i]
-            persistent[key] = alloc.malloc(nbytes)
+            slots[key] = alloc.malloc(nbytes)
         for key, nbytes in train.activations:  # the batch, moved after the model
-            persistent[key] = alloc.malloc(nbytes)
+            slots[key] = alloc.malloc(nbytes)
         for key, nbytes in train.gradients:  # gradients kept between steps (zero_grad without set_to_none)
-            persistent[key] = alloc.malloc(nbytes)
+            slots[key] = alloc.malloc(nbytes)
 
         if infer is not None:
             where = "inference"
-            shared = _map_registered(infer, train, persistent)
+            shared = _map_registered(infer, train, slots)
             run.step(infer, shared)
             alloc.reset_peak()
             run.step(infer, shared)
@@ -241,7 +247,7 @@ def replay_compiled(train: _Compiled, infer: _Compiled | None, plan: DevicePlan)
 
         state = [(key, nbytes) for key, nbytes, shape in train.optimizer if not (plan.cpu_scalar_state and shape == ())]
         where = "warm-up step 1"
-        run.step(train, persistent, create_state=state)
+        run.step(train, slots, create_state=state)
         result.steps_replayed = 1
         before = alloc.state()
         # Once a step leaves the allocator as it found it, every later step repeats it: its peaks (counted from
@@ -250,7 +256,7 @@ def replay_compiled(train: _Compiled, infer: _Compiled | None, plan: DevicePlan)
         for n in range(2, plan.warmup_steps + 1):
             where = f"warm-up step {n}"
             alloc.reset_peak()
-            run.step(train, persistent)
+            run.step(train, slots)
             result.steps_replayed += 1
             after = alloc.state()
             steady, before = after == before, after
@@ -260,7 +266,7 @@ def replay_compiled(train: _Compiled, infer: _Compiled | None, plan: DevicePlan)
             alloc.reset_peak()
             for n in range(1, plan.steps + 1):
                 where = f"measured step {n}"
-                run.step(train, persistent)
+                run.step(train, slots)
                 result.steps_replayed += 1
                 after = alloc.state()
                 if after == before:
@@ -276,11 +282,11 @@ def replay_compiled(train: _Compiled, infer: _Compiled | None, plan: DevicePlan)
     return result
 
 
-def _map_registered(infer: _Compiled, train: _Compiled, persistent: dict[int, Block]) -> dict[int, Block]:
+def _map_registered(infer: _Compiled, train: _Compiled, slots: list[Block | None]) -> list[Block | None]:
     """The inference trace's registered tensors (weights, then the batch) are the training trace's, by position."""
-    shared: dict[int, Block] = {}
+    shared: list[Block | None] = [None] * infer.keys
     for (key, _), (train_key, _) in zip(infer.weights, train.weights, strict=False):
-        shared[key] = persistent[train_key]
+        shared[key] = slots[train_key]
     for (key, _), (train_key, _) in zip(infer.activations, train.activations, strict=False):
-        shared[key] = persistent[train_key]
+        shared[key] = slots[train_key]
     return shared

@@ -122,6 +122,34 @@ def preset(name: str) -> GpuPreset:
     return PRESETS[key]
 
 
+_NAMES: Final = (  # device-name fragments (lower case, spaces removed) → preset, most specific first
+    ("h200", "h200"),
+    ("h100pcie", "h100-pcie"),
+    ("h100", "h100-80gb"),
+    ("a100", "a100-80gb"),  # the 40 GB card is told apart by its memory below
+    ("l40s", "l40s"),
+    ("a10g", "a10g"),
+    ("l4", "l4"),
+    ("rtx4090", "rtx-4090"),
+    ("rtx3090", "rtx-3090"),
+    ("t4", "t4"),
+    ("v100", "v100-32gb"),
+)
+
+
+def match_preset(device_name: str, memory_bytes: int) -> GpuPreset | None:
+    """The preset of a GPU as torch or NVML names it (`NVIDIA H100 80GB HBM3`), or None."""
+    name = device_name.lower().replace(" ", "").replace("-", "")
+    for fragment, key in _NAMES:
+        if fragment in name:
+            if key == "a100-80gb" and memory_bytes < 60 * GiB:
+                key = "a100-40gb"
+            if key == "v100-32gb" and memory_bytes < 24 * GiB:
+                key = "v100-16gb"
+            return PRESETS[key]
+    return None
+
+
 def parse_headroom(text: str, memory: int) -> int:
     """`--headroom`: a percentage of the card's memory (`2%`) or a size with a unit (`1GiB`); `0` for none."""
     value = text.strip()
