@@ -34,6 +34,7 @@ from petlbench.results import estimate_dir, load_results, suite_dir
 if TYPE_CHECKING:
     import pandas as pd
 
+
 def _first(row: Mapping[Any, Any], *columns: str) -> float | None:
     return next((v for v in (_num(row.get(c)) for c in columns) if v is not None), None)
 
