@@ -151,6 +151,6 @@ def fit_figure(
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_xlabel("\n".join(textwrap.wrap(note, int(width * 14))), fontsize=8)
+    ax.set_xlabel("\n".join(textwrap.wrap(note, int(width * 9))), fontsize=8)  # centred under the grid only
     fig.suptitle("\n".join([*textwrap.wrap(title, chars), *textwrap.wrap(subtitle, chars)]), fontsize=10)
     return fig
