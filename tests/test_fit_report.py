@@ -5,6 +5,7 @@ the figure with no two column labels on top of each other."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -101,5 +102,5 @@ def test_the_fit_figure_keeps_its_title_and_labels_inside_and_apart(columns: lis
         (t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()), key=lambda b: b.x0
     )
     assert len(labels) == len(columns)
-    for left, right in zip(labels, labels[1:], strict=False):
+    for left, right in itertools.pairwise(labels):
         assert not left.overlaps(right), (columns, left, right)
