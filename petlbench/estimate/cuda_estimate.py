@@ -97,9 +97,18 @@ def search_fit(
     points = sorted({b for b in known if lo <= b <= hi and b >= 2})
     seed: int | None = None
     if len(points) >= 2:
-        n1, n2 = probe(points[-2])[0], probe(points[-1])[0]
-        if n1 is not None and n2 is not None:
-            seed = linear_seed(points[-2], n1, points[-1], n2, memory)
+        # secant steps on the line through the last two probes: the needs grow almost linearly with the batch,
+        # so two steps land within a batch or two of the answer and the gallop below confirms it
+        (b1, b2), seed = points[-2:], None
+        for _ in range(3):
+            n1, n2 = probe(b1)[0], probe(b2)[0]
+            if n1 is None or n2 is None:
+                break
+            guess = min(max(linear_seed(b1, n1, b2, n2, memory), lo), hi)
+            if guess in (b1, b2) or guess == seed:
+                seed = guess
+                break
+            seed, b1, b2 = guess, b2, guess
     result = search_max_batch(fits, lo=lo, hi=hi, multiple_of=multiple_of, seed=seed)
     needed, reserved, allocated = probe(result.best) if result.best is not None else (None, None, None)
     return FitSearch(
