@@ -101,6 +101,16 @@ def test_equal_free_blocks_go_lowest_address_first() -> None:
     assert a.segments() == [[(16 * MiB, True)], [(16 * MiB, False)]]
 
 
+def test_given_segment_addresses_decide_the_ties() -> None:
+    addresses = iter([900 * MiB, 100 * MiB])  # the second segment lies below the first
+    a = CachingAllocator(segment_address=lambda size: next(addresses))
+    first, second = a.malloc(15 * MiB), a.malloc(15 * MiB)
+    a.free(first)
+    a.free(second)
+    a.malloc(15 * MiB + MiB // 2)  # equal free blocks: the lower address wins, the second segment
+    assert a.segments() == [[(16 * MiB, True)], [(16 * MiB, False)]]  # in address order
+
+
 def test_freed_neighbours_merge_back_into_one_block() -> None:
     a = CachingAllocator()
     x, y, z = a.malloc(4 * MiB), a.malloc(4 * MiB), a.malloc(4 * MiB)

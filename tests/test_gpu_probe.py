@@ -29,8 +29,29 @@ def test_a_recorded_history_replays_to_its_peaks_from_the_reset_on() -> None:
     assert replayed["peak_allocated"] == 25 * MiB
     assert replayed["peak_reserved"] == 50 * MiB
     assert replayed["segments"] == [20 * MiB, 30 * MiB] and replayed["unknown_frees"] == 0
+    assert replayed["segment_mismatches"] == 0  # the model reserved exactly where the recording did
     whole = replay_trace(entries, reset_at=0, alloc_conf="")
     assert whole["peak_allocated"] == 33 * MiB
+
+
+def test_segments_take_the_recorded_addresses_so_ties_break_as_they_did() -> None:
+    # two 16 MiB segments reserved where the recording says (the second below the first), both freed, then reused
+    high, low = 900 * MiB, 100 * MiB
+    entries = [
+        {"action": "segment_alloc", "addr": high, "size": 16 * MiB},
+        {"action": "alloc", "addr": high, "size": 15 * MiB},
+        {"action": "segment_alloc", "addr": low, "size": 16 * MiB},
+        {"action": "alloc", "addr": low, "size": 15 * MiB},
+        {"action": "free_completed", "addr": high, "size": 15 * MiB},
+        {"action": "free_completed", "addr": low, "size": 15 * MiB},
+        {"action": "alloc", "addr": low, "size": 15 * MiB + MiB // 2},
+        {"action": "free_completed", "addr": low, "size": 15 * MiB + MiB // 2},
+    ]
+    replayed = replay_trace(entries, reset_at=0, alloc_conf="")
+    assert replayed["segment_mismatches"] == 0 and replayed["unknown_frees"] == 0
+    # a recording that reserved a segment the model does not need is counted
+    extra = [*entries[:6], {"action": "segment_alloc", "addr": 2000 * MiB, "size": 16 * MiB}, *entries[6:]]
+    assert replay_trace(extra, reset_at=0, alloc_conf="")["segment_mismatches"] == 1
 
 
 def test_the_dry_run_exercises_every_step_and_writes_its_report(tmp_path: Path) -> None:

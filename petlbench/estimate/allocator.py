@@ -29,6 +29,7 @@ they only break ties between free blocks of equal size.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -298,10 +299,16 @@ class CachingAllocator:
 
     `limit`: bytes the allocator may reserve (the device's memory less what lives outside the allocator); None for
     unlimited. A per-process memory fraction in the config caps it further (as a fraction of `device_total`).
+    `segment_address(size)`: where a new segment starts (a replay of a recorded history passes the real addresses,
+    so ties between equal free blocks break as they did); None, or a None answer: after the previous segment.
     """
 
     def __init__(
-        self, config: AllocatorConfig | None = None, limit: int | None = None, device_total: int | None = None
+        self,
+        config: AllocatorConfig | None = None,
+        limit: int | None = None,
+        device_total: int | None = None,
+        segment_address: Callable[[int], int | None] | None = None,
     ) -> None:
         self.config = config if config is not None else AllocatorConfig()
         cap = _UNLIMITED if limit is None else limit
@@ -320,6 +327,7 @@ class CachingAllocator:
         self._expandable = self.config.expandable_segments
         self._rounds = any(d > 1 for d in self.config.roundup_power2_divisions)
         self._simple_large = self._max_split == _UNLIMITED  # no oversize rule to check in the large pool
+        self._segment_address = segment_address
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -456,9 +464,12 @@ class CachingAllocator:
             self._release_cached()
             if stats.reserved + alloc > self.limit:
                 raise OutOfMemory(size, stats.reserved, self.limit)
-        block = Block(self._next_addr, alloc, small)
+        addr = self._segment_address(alloc) if self._segment_address is not None else None
+        if addr is None:
+            addr = self._next_addr
+            self._next_addr += (alloc + K_ROUND_LARGE - 1) // K_ROUND_LARGE * K_ROUND_LARGE
+        block = Block(addr, alloc, small)
         self._heads[block.addr] = block
-        self._next_addr += (alloc + K_ROUND_LARGE - 1) // K_ROUND_LARGE * K_ROUND_LARGE
         stats.reserved += alloc
         stats.segments += 1
         if stats.reserved > stats.peak_reserved:

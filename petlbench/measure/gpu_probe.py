@@ -184,16 +184,33 @@ def _trace(cuda: bool, tracker: TensorTracker | None) -> list[dict[str, Any]]:
 
 
 def replay_trace(entries: Sequence[dict[str, Any]], reset_at: int, alloc_conf: str) -> dict[str, Any]:
-    """Replay recorded allocations and frees through the allocator model; peaks since entry `reset_at`."""
-    model = CachingAllocator(parse_alloc_conf(alloc_conf))
+    """Replay recorded allocations and frees through the allocator model; peaks since entry `reset_at`.
+
+    New segments take the addresses the recorded segments got (the `segment_alloc` entries logged just before the
+    allocation that needed them), so ties between equal free blocks break as they did; `segment_mismatches` counts
+    the allocations where the model and the recording disagreed on whether a new segment was needed."""
+    pending: list[int] = []
+    missing = [0]
+
+    def address(_size: int) -> int | None:
+        if pending:
+            return pending.pop(0)
+        missing[0] += 1
+        return None
+
+    model = CachingAllocator(parse_alloc_conf(alloc_conf), segment_address=address)
     live: dict[int, Any] = {}
-    unknown_frees = 0
+    unknown_frees = extra = 0
     for i, entry in enumerate(entries):
         if i == reset_at:
             model.reset_peak()
         action = entry.get("action")
-        if action == "alloc":
+        if action == "segment_alloc":
+            pending.append(int(entry["addr"]))
+        elif action == "alloc":
             live[int(entry["addr"])] = model.malloc(int(entry["size"]))
+            extra += len(pending)  # recorded segments the model did not need
+            pending.clear()
         elif action == "free_completed":
             block = live.pop(int(entry["addr"]), None)
             if block is None:
@@ -205,7 +222,8 @@ def replay_trace(entries: Sequence[dict[str, Any]], reset_at: int, alloc_conf: s
     return {
         "peak_allocated": model.stats.peak_allocated,
         "peak_reserved": model.stats.peak_reserved,
-        "segments": sorted(size for segment in model.segments() for size in [sum(s for s, _ in segment)]),
+        "segments": sorted(sum(size for size, _ in segment) for segment in model.segments()),
+        "segment_mismatches": extra + missing[0],
         "unknown_frees": unknown_frees,
     }
 
