@@ -369,18 +369,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Allocator replay of a run's history", ""]
     lines += [
         "| run | entries | allocated measured | replayed | estimated | reserved measured | replayed | estimated | "
-        "context measured | estimated | reproduced |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "segments differing | context measured | estimated | reproduced |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['name']} | error: {r['error']} | | | | | | | | | | |")
             continue
         m, p, e = r["measured"], r["replayed"], r["estimate"]
         lines.append(
             f"| {r['tuner']} {r['precision']} bs={r['batch']} | {r['entries']} | {_b(m.get('peak_allocated'))} | "
             f"{_b(p['peak_allocated'])} | {_b(e['peak_allocated'])} | {_b(m.get('peak_reserved'))} | "
-            f"{_b(p['peak_reserved'])} | {_b(e['peak_reserved'])} | {_b(m.get('context'))} | {_b(e['context'])} | "
+            f"{_b(p['peak_reserved'])} | {_b(e['peak_reserved'])} | {p['segment_mismatches']} | "
+            f"{_b(m.get('context'))} | {_b(e['context'])} | "
             f"{r['reproduced']} |"
         )
     return "\n".join([*lines, ""])
