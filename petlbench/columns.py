@@ -26,6 +26,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict
 
 from petlbench.fmt import fmt_bytes, fmt_params, fmt_pct, fmt_rate, fmt_seconds, missing
+from petlbench.spec.base import StrictModel
 
 Dtype: TypeAlias = Literal["int", "float", "str", "bool"]
 # How a value prints: bytes '1.5 GiB', count '85.88M', seconds '54.3 s', rate '1,234 img/s', fraction '93.1%',
@@ -190,6 +191,89 @@ class Metrics(BaseModel):
     step_flops: Annotated[
         int | None, _c("flops", "estimate", role="prediction", label="FLOPs/step", when="estimate")
     ] = None
+    # CUDA estimates: the card and the allocator assumed (petlbench/estimate/gpus.py, estimate/cuda_replay.py);
+    # FITS = peak_reserved_bytes + context_bytes + headroom_bytes <= the card's memory
+    gpu_preset: Annotated[
+        str | None,
+        _c(
+            "text",
+            "estimate",
+            role="context",
+            label="GPU",
+            when="estimate",
+            description="the GPU a CUDA estimate assumed",
+        ),
+    ] = None
+    context_bytes: Annotated[
+        int | None,
+        _c(
+            "bytes",
+            "estimate",
+            role="prediction",
+            label="context",
+            when="estimate",
+            description="memory outside the caching allocator on that GPU (a per-preset estimate)",
+        ),
+    ] = None
+    headroom_bytes: Annotated[
+        int | None,
+        _c(
+            "bytes",
+            "estimate",
+            role="context",
+            label="headroom",
+            when="estimate",
+            description="margin kept free when judging FITS",
+        ),
+    ] = None
+    workspace_bytes: Annotated[
+        int | None,
+        _c(
+            "bytes",
+            "estimate",
+            role="prediction",
+            label="workspaces",
+            when="estimate",
+            description="cuBLAS/cuBLASLt workspaces held in training (one per thread's handle)",
+        ),
+    ] = None
+    infer_workspace_bytes: Annotated[
+        int | None,
+        _c("bytes", "estimate", role="prediction", label="infer workspaces", when="estimate"),
+    ] = None
+    attn_scratch_bytes: Annotated[
+        int | None,
+        _c(
+            "bytes",
+            "estimate",
+            role="prediction",
+            label="attention scratch",
+            when="estimate",
+            description="the largest attention-backward scratch (transient, inside the op)",
+        ),
+    ] = None
+    alloc_conf: Annotated[
+        str | None,
+        _c(
+            "text",
+            "estimate",
+            role="context",
+            label="allocator conf",
+            when="estimate",
+            description="the PYTORCH_CUDA_ALLOC_CONF assumed ('default' when unset)",
+        ),
+    ] = None
+    fits_json: Annotated[
+        str | None,
+        _c(
+            "text",
+            "estimate",
+            role="prediction",
+            label="fits",
+            when="estimate",
+            description="the largest batch that fits, per GPU searched (JSON list)",
+        ),
+    ] = None
     step_ops: Annotated[
         int | None,
         _c("count", "estimate", role="prediction", label="ops/step", when="estimate", description="aten ops per step"),
@@ -246,6 +330,19 @@ class Metrics(BaseModel):
     load_avg_end: Annotated[
         float | None, _c("load", "run", role="context", label="load at end", description="1-min load average")
     ] = None
+
+
+class FitSearch(StrictModel):
+    """One entry of an estimate row's `fits_json`: the largest batch of one configuration predicted to fit one card
+    (searched on the affine replay)."""
+
+    gpu: str  # the card's label (preset key, or the memory of a custom card)
+    memory_bytes: int
+    max_batch: int | None  # None: not even the smallest batch allowed fits
+    first_over: int | None  # the smallest batch that does not fit; None: the largest batch allowed fits
+    reserved_bytes: int | None = None  # predicted max_memory_reserved at max_batch
+    allocated_bytes: int | None = None  # predicted max_memory_allocated at max_batch
+    required_bytes: int | None = None  # reserved + context + headroom at max_batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ Joins the measured rows of `RESULTS_DIR/SUITE/` with the estimate rows of `RESUL
 run_id and writes `OUT_DIR/estimate-vs-measured.csv` (bytes) and `.md` (human units, plus a summary of the
 relative errors). Errors are estimate − measured, relative to measured. Columns:
 
-- `allocated`: the headline, CUDA `max_memory_allocated` (or the CPU tracker); the estimate predicts this;
-- `tracked`: the device run's own tensor-tracker peak (a CUDA run's breakdown step, 512-B rounded): estimate vs
-  tracked isolates kernel differences, allocated − tracked the allocator's extras (cuBLAS workspaces);
-- `reserved`, `nvml`: `max_memory_reserved` (+ fragmentation) and the driver's view (+ CUDA context), shown
-  against the same estimate so the gap is visible; never the estimate's target;
+- `allocated`: the headline, CUDA `max_memory_allocated` (or the CPU tracker), vs the estimate's;
+- `tracked`: the device run's own tensor-tracker peak (a CUDA run's breakdown step, 512-B rounded) vs the
+  estimate's tracked peak: kernel and autocast differences, apart from the allocator;
+- `reserved`: `max_memory_reserved` vs the allocator model's prediction (the estimate's peak where it has none);
+- `nvml`: the driver's peak for the process vs predicted reserved + the card's context (what FITS judges);
+- `context`: NVML − reserved (what lives outside the allocator: driver, CUDA context, libraries) vs the card
+  preset's context estimate;
 - `infer`: the inference peak, estimated vs measured.
 
 With `--exact` (CPU runs) any estimate that differs from the measurement by a byte is an error (exit 1).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +34,41 @@ from petlbench.results import estimate_dir, load_results, suite_dir
 if TYPE_CHECKING:
     import pandas as pd
 
-PAIRS = (  # (column in the output, measured column, estimate column)
-    ("allocated", "peak_allocated_bytes", "peak_allocated_bytes"),
-    ("tracked", "mem_tracked_peak_bytes", "peak_allocated_bytes"),
-    ("reserved", "peak_reserved_bytes", "peak_allocated_bytes"),
-    ("nvml", "peak_driver_bytes", "peak_allocated_bytes"),
-    ("infer", "peak_infer_bytes", "peak_infer_bytes"),
+
+def _first(row: Mapping[Any, Any], *columns: str) -> float | None:
+    return next((v for v in (_num(row.get(c)) for c in columns) if v is not None), None)
+
+
+def _sum(row: Mapping[Any, Any], a: str, b: str) -> float | None:
+    x, y = _num(row.get(a)), _num(row.get(b))
+    return None if x is None or y is None else x + y
+
+
+def _outside(row: Mapping[Any, Any]) -> float | None:
+    driver, reserved = _num(row.get("peak_driver_bytes")), _num(row.get("peak_reserved_bytes"))
+    return None if driver is None or reserved is None else driver - reserved
+
+
+View = Callable[[Mapping[Any, Any]], float | None]
+PAIRS: tuple[tuple[str, View, View], ...] = (  # (column in the output, measured value, estimated value)
+    ("allocated", lambda m: _num(m.get("peak_allocated_bytes")), lambda e: _num(e.get("peak_allocated_bytes"))),
+    (
+        "tracked",
+        lambda m: _num(m.get("mem_tracked_peak_bytes")),
+        lambda e: _first(e, "mem_tracked_peak_bytes", "peak_allocated_bytes"),
+    ),
+    (
+        "reserved",
+        lambda m: _num(m.get("peak_reserved_bytes")),
+        lambda e: _first(e, "peak_reserved_bytes", "peak_allocated_bytes"),
+    ),
+    (
+        "nvml",
+        lambda m: _num(m.get("peak_driver_bytes")),
+        lambda e: _sum(e, "peak_reserved_bytes", "context_bytes") or _num(e.get("peak_allocated_bytes")),
+    ),
+    ("context", _outside, lambda e: _num(e.get("context_bytes"))),
+    ("infer", lambda m: _num(m.get("peak_infer_bytes")), lambda e: _num(e.get("peak_infer_bytes"))),
 )
 
 
@@ -73,8 +105,10 @@ def compare(measured: pd.DataFrame, estimated: pd.DataFrame) -> pd.DataFrame:
             "estimate_bytes": _num(e.get("peak_allocated_bytes")),
             "estimate_infer_bytes": _num(e.get("peak_infer_bytes")),
         }
-        for name, measured_col, estimate_col in PAIRS:
-            actual, predicted = _num(m.get(measured_col)), _num(e.get(estimate_col))
+        row["estimate_reserved_bytes"] = _num(e.get("peak_reserved_bytes"))
+        row["estimate_context_bytes"] = _num(e.get("context_bytes"))
+        for name, measured_view, estimate_view in PAIRS:
+            actual, predicted = measured_view(m), estimate_view(e)
             row[f"{name}_bytes"] = actual
             ok = actual is not None and predicted is not None and actual > 0 and m.get("status") == "ok"
             row[f"{name}_abs_error_bytes"] = predicted - actual if ok and predicted is not None and actual else None
@@ -112,7 +146,8 @@ def markdown(frame: pd.DataFrame, title: str) -> str:
     lines += ["", "Estimate − measured, relative to measured. `≈`: approximate estimate (see estimate_note).", ""]
     header = (
         "| tuner | knob | precision | batch | status | estimate | allocated | err | tracked | err | "
-        "reserved | err | nvml | err | infer est. | infer | err | kernel |"
+        "reserved est. | reserved | err | nvml | err | context est. | context | err | infer est. | infer | err | "
+        "kernel |"
     )
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in frame.to_dict("records"):
@@ -122,8 +157,10 @@ def markdown(frame: pd.DataFrame, title: str) -> str:
             f"{mark}{_bytes(r['estimate_bytes'])} | "
             f"{_bytes(r['allocated_bytes'])} | {_pct(r['allocated_rel_error'])} | "
             f"{_bytes(r['tracked_bytes'])} | {_pct(r['tracked_rel_error'])} | "
+            f"{_bytes(r['estimate_reserved_bytes'])} | "
             f"{_bytes(r['reserved_bytes'])} | {_pct(r['reserved_rel_error'])} | "
             f"{_bytes(r['nvml_bytes'])} | {_pct(r['nvml_rel_error'])} | "
+            f"{_bytes(r['estimate_context_bytes'])} | {_bytes(r['context_bytes'])} | {_pct(r['context_rel_error'])} | "
             f"{_bytes(r['estimate_infer_bytes'])} | {_bytes(r['infer_bytes'])} | {_pct(r['infer_rel_error'])} | "
             f"{r['attn_kernel'] if isinstance(r['attn_kernel'], str) else '-'} |"
         )

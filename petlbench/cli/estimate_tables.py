@@ -8,10 +8,12 @@ from rich.text import Text
 
 from petlbench.cli.console import err, out
 from petlbench.cli.tables import Col, FitTable, backbone_label, result_line
-from petlbench.estimate.client import Estimate, fits
+from petlbench.columns import FitSearch
+from petlbench.estimate.client import Estimate, fits, judged_bytes
+from petlbench.estimate.gpus import DEFAULT_PRESET, PRESETS, Target
 from petlbench.estimate.guard import describe
 from petlbench.fmt import first_line, fmt_bytes, fmt_knob, fmt_pct, fmt_seconds
-from petlbench.report.fit import largest_fitting, size_label
+from petlbench.report.fit import fit_cell
 from petlbench.results import RunResult
 from petlbench.run.batch_search import AutoBatchOutcome
 from petlbench.run.predict import Prediction
@@ -42,6 +44,21 @@ def _shared(runs: Sequence[RunSpec], varying: Mapping[str, list[str]]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in parts.items() if k not in varying)
 
 
+def device_label(device: str, targets: Sequence[Target]) -> str:
+    """How titles name the device: the GPU preset(s) or memory sizes judged on, else the device type."""
+    if not targets:
+        return device
+    return ", ".join(t.label for t in targets) if device == "cuda" else f"cpu, {targets[0].label}"
+
+
+def _fit_rule(target_metrics: Estimate | None) -> str:
+    m = target_metrics.metrics if target_metrics is not None else None
+    if m is None or m.context_bytes is None or m.gpu_preset is None:
+        return ""
+    headroom = f" + headroom {fmt_bytes(m.headroom_bytes)}" if m.headroom_bytes else ""
+    return f"; FITS: reserved + context {fmt_bytes(m.context_bytes)}{headroom} ≤ memory"
+
+
 def fit_text(peak: int | None, limit: int | None) -> Text:
     verdict = fits(peak, limit)
     if verdict is None:
@@ -57,13 +74,15 @@ def estimate_table(
     caption = _shared(runs, varying)
     if limit is not None:
         caption += f"; limit {fmt_bytes(limit)} ({limit:,} B)"
+        caption += _fit_rule(next((e for e in estimates.values() if e.metrics is not None), None))
     if any(e.metrics is not None and e.metrics.estimate_approximate for e in estimates.values()):
         caption += "; ≈ approximate (see estimate_note)"
+    reserved = any(e.metrics is not None and e.metrics.peak_reserved_bytes is not None for e in estimates.values())
     left = {"run_id", "method", "knob", "fit", *varying}
-    names = ("#", "run_id", "method", "knob", "batch", *varying, "peak", "weights", "grads", "optim", "activ.")
-    names += ("infer", "fit", "headroom")
+    names = ("#", "run_id", "method", "knob", "batch", *varying, "peak", *(("reserved",) if reserved else ()))
+    names += ("weights", "grads", "optim", "activ.", "infer", "fit", "left")
     # narrow terminal: the breakdown and ids go first; the peak, the verdict and the knob stay
-    drops = {"grads": 9, "optim": 8, "weights": 7, "#": 6, "run_id": 5, "infer": 4, "activ.": 3, "headroom": 2}
+    drops = {"grads": 9, "optim": 8, "weights": 7, "#": 6, "run_id": 5, "infer": 4, "activ.": 3, "left": 2}
     table = FitTable(
         [Col(c, "left" if c in left else "right", drops.get(c, 0)) for c in names], title=title, caption=caption or None
     )
@@ -75,31 +94,38 @@ def estimate_table(
         cells += [values[i - 1] for values in varying.values()]
         if m is None:
             error = (estimate.error or "not estimated") if estimate is not None else "not estimated"
-            cells += [Text("error", style="red"), "", "", "", "", "", Text(first_line(error, 80), style="red"), ""]
+            cells += [Text("error", style="red"), *([""] * reserved), "", "", "", "", ""]
+            cells += [Text(first_line(error, 80), style="red"), ""]
         else:
-            peak = m.peak_allocated_bytes
+            peak, judged = m.peak_allocated_bytes, judged_bytes(m)
             mark = "≈" if m.estimate_approximate else ""
-            headroom = "-" if limit is None or peak is None else fmt_pct((limit - peak) / limit)
+            room = "-" if limit is None or judged is None else fmt_pct((limit - judged) / limit)
+            cells += [mark + fmt_bytes(peak), *([mark + fmt_bytes(m.peak_reserved_bytes)] if reserved else [])]
             cells += [
-                mark + fmt_bytes(peak),
                 fmt_bytes(m.mem_weights_bytes),
                 fmt_bytes(m.mem_grads_bytes),
                 fmt_bytes(m.mem_optimizer_bytes),
                 fmt_bytes(m.mem_activations_bytes),
                 fmt_bytes(m.peak_infer_bytes),
-                fit_text(peak, limit),
-                headroom,
+                fit_text(judged, limit),
+                room,
             ]
         table.add_row(*cells)
     return table
 
 
 def max_batch_table(
-    templates: Sequence[RunSpec], estimates: Mapping[str, Estimate], limit: int, title: str | None = None
+    templates: Sequence[RunSpec],
+    estimates: Mapping[str, Estimate],
+    limit: int,
+    title: str | None = None,
+    cuda: bool = False,
 ) -> FitTable:
-    """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration."""
+    """`estimate` of a `batch_size: auto` suite: the largest batch predicted to fit, per configuration (CUDA on a
+    card: judged by reserved + context + headroom, the `needs` column)."""
     varying = _varying(templates)
-    names = ("method", "knob", *varying, "max batch", "peak there", "left", "first over", "over by")
+    needs = "needs there" if cuda else "peak there"
+    names = ("method", "knob", *varying, "max batch", needs, "left", "first over", "over by")
     drops = {"over by": 3, "left": 2, "first over": 1}
     table = FitTable(
         [Col(c, "left" if c in ("method", "knob", *varying) else "right", drops.get(c, 0)) for c in names],
@@ -182,44 +208,57 @@ def auto_batch_table(outcomes: Sequence[AutoBatchOutcome], limit: int, title: st
 
 
 def fit_table(
-    runs: Sequence[RunSpec], estimates: Mapping[str, Estimate], sizes: Sequence[int], title: str | None = None
+    runs: Sequence[RunSpec], estimates: Mapping[str, Estimate], targets: Sequence[Target], title: str | None = None
 ) -> FitTable:
-    """What fits on my GPU: per configuration, the largest batch of the sweep predicted to fit in each size."""
+    """What fits on my GPU: per configuration, the largest batch predicted to fit each card (searched on the
+    replay, not limited to the sweep) with its predicted reserved memory (CUDA) or peak (CPU) there."""
     varying = _varying(runs)
-    configs: dict[tuple[str, ...], list[tuple[int, float | None]]] = {}
+    configs: dict[tuple[str, ...], list[FitSearch]] = {}
     for i, run in enumerate(runs):
         key = (run.method, fmt_knob(run.knob_name, run.knob), *(values[i] for values in varying.values()))
         estimate = estimates.get(run.run_id)
-        peak = estimate.metrics.peak_allocated_bytes if estimate is not None and estimate.metrics else None
-        configs.setdefault(key, []).append((run.batch_size, float(peak) if peak is not None else None))
-    names = ["method", "knob", *varying, *(size_label(s) for s in sizes)]
+        if estimate is not None and estimate.fits and key not in configs:
+            configs[key] = estimate.fits
+        configs.setdefault(key, [])
+    labels = [t.label for t in targets]
+    cuda = any(r.device == "cuda" for r in runs)
     table = FitTable(
-        [Col(c, "left" if i < 2 + len(varying) else "right") for i, c in enumerate(names)],
+        [Col(c, "left" if i < 2 + len(varying) else "right") for i, c in enumerate(["method", "knob", *varying])]
+        + [Col(label, "right") for label in labels],
         title=title,
-        caption="largest batch of the sweep predicted to fit; +: the largest batch swept fits",
+        caption=(
+            "largest batch predicted to fit, searched (not limited to the sweep), with the predicted "
+            + ("reserved memory there; FITS: reserved + context + headroom ≤ memory" if cuda else "peak there")
+            + "; +: the search's upper bound fits; none: not even batch 1"
+        ),
     )
-    for key, peaks in configs.items():
-        table.add_row(*key, *(largest_fitting(peaks, size).text() for size in sizes))
+    for key, found in configs.items():
+        by_label = {f.gpu: f for f in found}
+        table.add_row(*key, *(fit_cell(by_label.get(label), cuda) for label in labels))
     return table
 
 
 def show_prediction(p: Prediction) -> None:
     """What `petlbench estimate` prints: the per-run table (or the largest batch per configuration for
-    `batch_size: auto`), the fit table for several memory sizes, the caveats and a one-line summary."""
-    name, runs, estimates = p.suite.name, p.runs, p.estimates
+    `batch_size: auto`), the largest batch that fits each card, the caveats and a one-line summary."""
+    name, runs, estimates, targets = p.suite.name, p.runs, p.estimates, p.targets
+    where = device_label(p.device, targets)
     if p.search is not None:
         assert p.limit is not None
-        out.print(max_batch_table(runs, estimates, p.limit, title=f"{name}: largest batch predicted to fit"))
+        title = f"{name}: largest batch predicted to fit ({where})"
+        out.print(max_batch_table(runs, estimates, p.limit, title=title, cuda=p.device == "cuda"))
     else:
-        title = f"{name}: predicted peak memory ({p.device}), {len(runs)} runs"
-        out.print(estimate_table(runs, estimates, p.limit, title=title))
-        if len(p.limits) > 1 or (p.limits and len({r.batch_size for r in runs}) > 1):
-            what_fits = f"{name}: largest batch predicted to fit ({p.device})"
-            out.print(fit_table(runs, estimates, p.limits, title=what_fits))
-    if p.device == "cuda":
         out.print(
-            "CUDA estimate from fake CPU tensors with the CPU→CUDA deltas (512-B rounding, 1-B dropout masks); "
-            "not included: CUDA context, cuBLAS workspaces, fragmentation (reserved). Uncalibrated until "
+            estimate_table(runs, estimates, p.limit, title=f"{name}: predicted peak memory ({where}), {len(runs)} runs")
+        )
+        if targets:
+            out.print(fit_table(runs, estimates, targets, title=f"{name}: largest batch predicted to fit"))
+    if p.device == "cuda":
+        assumed = targets[0].name if targets else f"{PRESETS[DEFAULT_PRESET].name} (default; no memory to judge)"
+        out.print(
+            f"CUDA estimate for {assumed}: fake CPU tensors traced as CUDA runs them (its autocast lists, kernels and "
+            "attention kernel), replayed through a model of PyTorch's caching allocator (whole blocks, segments, "
+            "cuBLAS workspaces); FITS = reserved + context + headroom ≤ the card's memory. Uncalibrated until "
             "scripts/gpu-validate.sh runs on a GPU.",
             style="dim",
         )
@@ -229,8 +268,8 @@ def show_prediction(p: Prediction) -> None:
         err.print(f"estimate failed for {e.run_id}: {first_line(e.error)}")
     what = "configurations searched" if p.search is not None else "runs estimated"
     summary = f"{len(runs)} {what.replace('s ', ' ', 1) if len(runs) == 1 else what} in {fmt_seconds(p.seconds)}"
-    if p.limit is not None and p.search is None:
-        summary += f": {len(runs) - len(p.over) - len(p.failed)} fit {fmt_bytes(p.limit)}, {len(p.over)} over"
+    if p.limit is not None and p.search is None and targets:
+        summary += f": {len(runs) - len(p.over) - len(p.failed)} fit {targets[0].label}, {len(p.over)} over"
     if p.failed:
         summary += f", {len(p.failed)} failed"
     out.print(f"{summary} → {p.folder}/ (memory_source=estimate; measured rows stay in {p.measured}/)")

@@ -15,6 +15,7 @@ import typer
 from petlbench.cli.console import err, fail, progress_bar
 from petlbench.cli.estimate_tables import show_prediction
 from petlbench.errors import PetlbenchError
+from petlbench.estimate.gpus import DEFAULT_HEADROOM, PRESETS
 from petlbench.run.predict import Prediction, PredictRequest, predict
 from petlbench.run.sweep import builtin_quickstart
 
@@ -46,15 +47,32 @@ def estimate(
             show_default=False,
         ),
     ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu",
+            help="GPU presets to judge CUDA runs on (FITS/OOM: the first), e.g. h100-80gb,a100-40gb,rtx-4090; "
+            f"also prints the largest batch that fits each. Known: {', '.join(PRESETS)}",
+            show_default=False,
+        ),
+    ] = None,
     device_memory: Annotated[
         str | None,
         typer.Option(
             "--device-memory",
-            help="memory to flag FITS/OOM against, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
+            help="memory of a device without a preset, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
             "largest batch that fits each size (FITS/OOM: the first); default: the visible GPU's (CUDA), else none",
             show_default=False,
         ),
     ] = None,
+    headroom: Annotated[
+        str,
+        typer.Option(
+            "--headroom",
+            help="CUDA: memory kept free beyond reserved + context when judging FITS, as a share of the card (2%) "
+            "or a size (1GiB)",
+        ),
+    ] = DEFAULT_HEADROOM,
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")
     ] = Path("results"),
@@ -73,10 +91,12 @@ def estimate(
     for CUDA it applies the CPU→CUDA deltas listed in the caption (uncalibrated until a GPU validation run).
     A `batch_size: auto` suite gets the largest batch predicted to fit, per configuration.
 
-    Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 24GiB,48GiB,80GiB
+    Example: petlbench estimate suites/memory.yaml --gpu h100-80gb,a100-40gb,rtx-4090
     """
     quickstart = suite is None
-    request = PredictRequest(suite or builtin_quickstart(), device, device_memory, results_dir, jobs, quickstart)
+    request = PredictRequest(
+        suite or builtin_quickstart(), device, device_memory, results_dir, jobs, quickstart, gpu, headroom
+    )
     try:
         with progress_bar("estimating") as progress:
             task = progress.add_task("starting (importing torch)", total=None)

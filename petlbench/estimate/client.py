@@ -11,17 +11,20 @@ a file or a folder, and reading `results/` leaves estimate folders out unless on
 Rows of `run --skip-predicted-oom` are the exception by design: a skipped run is a result of the measured suite
 (status `skipped`, retried on the next run), carrying the predicted peak with `memory_source = estimate`.
 
-CUDA runs are traced on fake CPU tensors as a CUDA GPU runs them (petlbench/estimate/cuda.py, docs/estimation.md),
-uncalibrated until a GPU run of scripts/gpu-validate.sh:
+CUDA runs are traced on fake CPU tensors as a CUDA GPU runs them (petlbench/estimate/cuda.py) and the trace is
+replayed through a model of the caching allocator on the target card (docs/estimation.md), uncalibrated until a GPU
+run of scripts/gpu-validate.sh:
 
 - CUDA's autocast policy (its op lists, not CPU's), its dropout and softmax kernels, the attention kernel CUDA's
-  selector picks for the target GPU (sm90, an H100, unless told otherwise), and fp16's GradScaler;
-- every storage rounded up to 512 B (the caching allocator's block size), through the tracker's `round_to`;
+  selector picks for the target GPU (an H100 unless told otherwise), and fp16's GradScaler;
+- the traced step replayed through the caching-allocator model (petlbench/estimate/cuda_replay.py): whole blocks
+  for `max_memory_allocated`, segments for `max_memory_reserved`, the worker's history before the measured steps,
+  the cuBLAS workspaces (one per thread's handle) and the attention kernels' backward scratch;
 - the optimizer implementation is whatever the spec pins (foreach / fused / single-tensor): the same code runs
   on fake tensors, so there is no foreach delta unless `foreach: true`, which is marked approximate;
-- not added: the CUDA context (outside the allocator: NVML/driver only), cuBLAS/cuBLASLt workspaces (allocated
-  through the caching allocator since torch 2.0, so visible in max_memory_allocated: tens of MiB on Hopper),
-  and fragmentation (`max_memory_reserved` − `max_memory_allocated`). The validation kit reports these gaps.
+- the card (petlbench/estimate/gpus.py): its compute capability sets the attention kernel and the workspace size;
+  its memory, the CUDA context outside the allocator (an estimate per card) and a headroom decide FITS, from the
+  reserved memory.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
-from petlbench.columns import Metrics
+from petlbench.columns import FitSearch, Metrics
 from petlbench.errors import ConfigError
-from petlbench.estimate.attention import DEFAULT_TARGET
+from petlbench.estimate.gpus import CUSTOM, DEFAULT_HEADROOM, Target, preset, target_for
 from petlbench.executors.process import clean_stale_temp, kill_group, start, temp_dir
 from petlbench.fmt import fmt_bytes, parse_bytes
 from petlbench.measure.nvml import gpu_memory_bytes
@@ -73,6 +76,10 @@ class EstimateRequest(BaseModel):
 
     specs: list[RunSpec]
     search: SearchRequest | None = None
+    # CUDA: the cards to assume (rows use the first; default: petlbench.estimate.gpus.DEFAULT_PRESET) and whether
+    # to search each configuration's largest batch that fits each of them
+    targets: list[Target] = []
+    fit_search: bool = False
 
 
 class Estimate(BaseModel):
@@ -90,6 +97,7 @@ class Estimate(BaseModel):
     probes: list[tuple[int, int]] = []
     env: dict[str, EnvValue] = {}
     why: WhyData | None = None  # the step's timeline and peak attribution (stored beside the estimate row)
+    fits: list[FitSearch] = []  # per card, the largest batch of this run's configuration that fits (fit search)
 
 
 class EstimateResponse(BaseModel):
@@ -145,11 +153,44 @@ def memory_limit(text: str | None, device: Device, gpus: Sequence[str], option: 
     return None
 
 
+def targets_for(
+    device: Device,
+    gpu: str | None,
+    device_memory: str | None,
+    visible: Sequence[str],
+    headroom: str = DEFAULT_HEADROOM,
+    required: bool = False,
+) -> list[Target]:
+    """The cards (`--gpu`, comma list of presets) or memory sizes (`--device-memory`) an estimate is judged on;
+    without either, the first visible GPU's memory for CUDA runs. [] when there is none (no verdict)."""
+    if gpu and device_memory:
+        raise ConfigError("--gpu and --device-memory: give one (--device-memory is for a GPU without a preset)")
+    if gpu:
+        if device != "cuda":
+            raise ConfigError("--gpu: presets are CUDA cards; use --device cuda, or --device-memory for CPU runs")
+        return [target_for(preset(name), None, headroom) for name in gpu.split(",") if name.strip()]
+    texts = [t.strip() for t in device_memory.split(",")] if device_memory else [None]
+    sizes = [memory_limit(t, device, visible, "--device-memory", required) for t in texts]
+    if device == "cuda":
+        return [target_for(None, size, headroom) for size in sizes if size is not None]
+    return [Target(gpu=CUSTOM, name=fmt_bytes(size), capability=(0, 0), memory_bytes=size) for size in sizes if size]
+
+
 def fits(peak: int | None, limit: int | None) -> bool | None:
     """Whether a predicted peak fits; None when either is unknown."""
     if peak is None or limit is None:
         return None
     return peak <= limit
+
+
+def judged_bytes(metrics: Metrics | None) -> int | None:
+    """What an estimate row is judged against the device memory with: for a CUDA estimate that assumed a card,
+    reserved + context + headroom (petlbench/estimate/gpus.py); otherwise the peak (max_memory_allocated)."""
+    if metrics is None:
+        return None
+    if metrics.context_bytes is not None and metrics.peak_reserved_bytes is not None:
+        return metrics.peak_reserved_bytes + metrics.context_bytes + (metrics.headroom_bytes or 0)
+    return metrics.peak_allocated_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,14 +215,14 @@ def estimate_caveats(spec: RunSpec) -> tuple[str | None, bool]:
     """(note, approximate) for a spec's estimate: the CPU→CUDA deltas applied and what is not modelled."""
     if spec.device != "cuda":
         return None, False
-    applied = ["512-B rounding"]
+    applied = ["caching-allocator model", "cuBLAS workspaces"]
     if has_dropout(spec):
         applied.append("1-B dropout masks")
     if spec.precision != "fp32":
         applied.append("CUDA autocast lists")
     if spec.precision == "fp16-mixed":
         applied.append("GradScaler")
-    applied.append(f"SDPA kernels as on {DEFAULT_TARGET.name}")
+    applied.append("the target GPU's SDPA kernel")
     approx: list[str] = []
     if spec.optimizer.foreach:
         approx.append("foreach temporaries from the CPU fallback")
@@ -199,6 +240,8 @@ def estimate_result(spec: RunSpec, estimate: Estimate) -> RunResult:
     """The row `petlbench estimate` stores for a run: suite `<suite>.estimate`, same run_id, memory_source=estimate.
     It carries no memory limit: whether it fits is judged when reading, against any size."""
     metrics = estimate.metrics.model_copy() if estimate.metrics is not None else Metrics(memory_source=ESTIMATE_SOURCE)
+    if estimate.fits:
+        metrics.fits_json = json.dumps([f.model_dump(mode="json") for f in estimate.fits])
     return RunResult(
         spec=spec.model_copy(update={"suite": spec.suite + ESTIMATE_SUFFIX}),
         status="ok" if estimate.metrics is not None else "error",
@@ -286,10 +329,12 @@ def run_estimates(
     on_progress: Progress | None = None,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    targets: Sequence[Target] = (),
+    fit_search: bool = False,
 ) -> dict[str, Estimate]:
     """Estimate every spec (`estimating`), calling `on_progress(done, total, label)` as they finish; run_id →
     Estimate."""
-    events = estimating(specs, search, jobs, python, env)
+    events = estimating(specs, search, jobs, python, env, targets, fit_search)
     while True:
         try:
             done, total, label = next(events)
@@ -306,9 +351,13 @@ def estimating(
     jobs: int = 1,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    targets: Sequence[Target] = (),
+    fit_search: bool = False,
 ) -> Generator[tuple[int, int, str], None, dict[str, Estimate]]:
     """Estimate every spec in up to `jobs` `python -m petlbench.estimate.engine` processes, yielding (done, total,
-    label of the run just estimated) as they finish; returns run_id → Estimate.
+    label of the run just estimated) as they finish; returns run_id → Estimate. CUDA runs assume `targets[0]` (the
+    default GPU preset without one); with `fit_search` each configuration also gets, per target, the largest batch
+    that fits it.
 
     Each process serves requests on stdin, one model configuration at a time, and takes the next configuration when
     it is done (configurations differ tenfold in cost, so a static split leaves one process idle). A process that
@@ -342,7 +391,8 @@ def estimating(
                         text=True,
                     )
                 procs.append(proc)
-                threading.Thread(target=_serve, args=(proc, log, work, search, events), daemon=True).start()
+                request = EstimateRequest(specs=[], search=search, targets=list(targets), fit_search=fit_search)
+                threading.Thread(target=_serve, args=(proc, log, work, request, events), daemon=True).start()
             running = len(procs)
             last_error = "every estimator process exited"
             while running:
@@ -372,7 +422,7 @@ def _serve(
     proc: subprocess.Popen[str],
     log: Path,
     work: queue.Queue[list[RunSpec]],
-    search: SearchRequest | None,
+    template: EstimateRequest,
     events: queue.Queue[tuple[str, object]],
 ) -> None:
     """Feed one estimator process configurations until none is left (runs in a thread per process)."""
@@ -385,7 +435,7 @@ def _serve(
                 break
             response: EstimateResponse | None = None
             try:
-                proc.stdin.write(EstimateRequest(specs=group, search=search).model_dump_json() + "\n")
+                proc.stdin.write(template.model_copy(update={"specs": group}).model_dump_json() + "\n")
                 proc.stdin.flush()
                 while response is None:
                     line = proc.stdout.readline()

@@ -28,14 +28,15 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from petlbench.columns import Metrics
+from petlbench.columns import FitSearch, Metrics
 from petlbench.data.loaders import num_classes
 from petlbench.errors import PetlbenchError
-from petlbench.estimate.attention import DEFAULT_TARGET, CudaTarget, kernel_label
+from petlbench.estimate.attention import CudaTarget, kernel_label
 from petlbench.estimate.autobatch import linear_seed, search_max_batch
 from petlbench.estimate.client import (
     ESTIMATE_SOURCE,
@@ -48,7 +49,10 @@ from petlbench.estimate.client import (
     model_key,
 )
 from petlbench.estimate.cuda import LOWER_PRECISION, CudaEmulation, CudaTrainStep, FakeGradScaler
-from petlbench.fmt import describe_exception
+from petlbench.estimate.cuda_estimate import device_plan, fits_card, record_device, search_fit
+from petlbench.estimate.cuda_replay import DeviceReplay, compile_timeline, replay_compiled
+from petlbench.estimate.gpus import Target, default_target, required_bytes
+from petlbench.fmt import describe_exception, fmt_bytes
 from petlbench.measure.memory import CUDA_BLOCK, record_breakdown, tracked_inference, tracked_train_step
 from petlbench.measure.step import TrainStep, autocast, make_optimizer
 from petlbench.measure.timeline import at_batch
@@ -61,13 +65,35 @@ from petlbench.why import WhyData, summarize_step
 log = logging.getLogger("petlbench.estimate")
 
 
-def estimate_memory(spec: RunSpec) -> Metrics:
+def estimate_memory(spec: RunSpec, target: Target | None = None) -> Metrics:
     """Predicted peak bytes and their breakdown for one run, as a run of the same spec would measure them.
 
-    For a CPU spec this is what the worker's tensor tracker measures, to the byte; for a CUDA spec, the same with
-    the CPU→CUDA deltas applied (petlbench/estimate/client.py).
+    For a CPU spec this is what the worker's tensor tracker measures, to the byte; for a CUDA spec, the trace with
+    the CPU→CUDA deltas applied (petlbench/estimate/client.py), replayed through the caching-allocator model on
+    `target` (default: the default GPU preset).
     """
-    return Estimator().estimate(spec)
+    return Estimator().estimate(spec, target)
+
+
+def _load_order(model: nn.Module) -> tuple[int, ...] | None:
+    """The registered weights (parameters, then buffers, by position, as the tracker registers them) in the order
+    `module.to(device)` moves them: every module's children first, then its own parameters and buffers."""
+    registered = [*model.parameters(), *model.buffers()]
+    position = {id(t): i for i, t in enumerate(registered)}
+    order: list[int] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and id(tensor) in position and id(tensor) not in seen:
+                seen.add(id(tensor))
+                order.append(position[id(tensor)])
+
+    visit(model)
+    storages = {id(t.untyped_storage()) for t in registered}
+    return tuple(order) if len(order) == len(registered) == len(storages) else None
 
 
 class _ScalarDraws(TorchFunctionMode):
@@ -115,7 +141,7 @@ class _FakeModel:
     of a ViT allocates 4 KiB less at batch 1 than the line through batch 4 and 12 says).
     """
 
-    def __init__(self, spec: RunSpec, target: CudaTarget = DEFAULT_TARGET) -> None:
+    def __init__(self, spec: RunSpec) -> None:
         classes = num_classes(spec.data, spec.data_root)  # real tensors: some datasets are read to count classes
         with torch.device("meta"):
             self.tuned = build_model(spec, classes)
@@ -125,16 +151,18 @@ class _FakeModel:
             self.model = self.tuned.module.to_empty(device="cpu")
             self.optimizer = make_optimizer(self.tuned.trainable_parameters(), spec.optimizer)
         self.warm = False
-        # (precision, device, inference) → batch size → (training timeline, inference timeline or None)
-        self.traces: dict[tuple[str, str, bool], dict[int, tuple[Timeline, Timeline | None]]] = {}
+        # (precision, device, inference, CUDA target) → batch size → (training timeline, inference timeline or None)
+        self.traces: dict[tuple[str, str, bool, CudaTarget | None], dict[int, tuple[Timeline, Timeline | None]]] = {}
         self.flops: dict[tuple[str, str], dict[int, int]] = {}  # (precision, device) → batch → training-step FLOPs
-        self.target = target  # the GPU a CUDA trace assumes (its attention kernel)
         self.scaler: FakeGradScaler | None = None  # fp16-mixed CUDA runs: GradScaler's state, made once like AdamW's
+        self.load_order = _load_order(self.model)
+        self.replays: dict[str, DeviceReplay] = {}  # CUDA replays by (run protocol, batch, card) key
 
-    def _trace(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
-        """Run the tracked inference forward and training step at the spec's batch size; their timelines."""
+    def _trace(self, spec: RunSpec, target: CudaTarget | None) -> tuple[Timeline, Timeline | None]:
+        """Run the tracked inference forward and training step at the spec's batch size; their timelines. A CUDA
+        spec runs as CUDA would on `target` (its autocast policy and kernels, petlbench/estimate/cuda.py)."""
         infer: Timeline | None = None
-        cuda = CudaEmulation(self.target) if spec.device == "cuda" else None
+        cuda = CudaEmulation(target) if target is not None else None
         with self.mode, _ScalarDraws(), cuda if cuda is not None else nullcontext():
             x = torch.empty(spec.batch_size, 3, self.img_size, self.img_size)
             y = torch.zeros(spec.batch_size, dtype=torch.int64)
@@ -192,8 +220,9 @@ class _FakeModel:
         self.optimizer.zero_grad(set_to_none=True)
         self.warm = True
 
-    def _timelines(self, spec: RunSpec) -> tuple[Timeline, Timeline | None]:
-        traced = self.traces.setdefault((spec.precision, spec.device, spec.measure.inference), {})
+    def _timelines(self, spec: RunSpec, target: CudaTarget | None) -> tuple[Timeline, Timeline | None]:
+        key = (spec.precision, spec.device, spec.measure.inference, target)
+        traced = self.traces.setdefault(key, {})
         batch = spec.batch_size
         if batch in traced:
             return traced[batch]
@@ -206,10 +235,27 @@ class _FakeModel:
             if train is not None and (infer is not None or not spec.measure.inference):
                 return train, infer
             log.info("%s: the step is not affine in the batch size; tracing batch %d", spec.label(), batch)
-        traced[batch] = self._trace(spec)
+        traced[batch] = self._trace(spec, target)
         return traced[batch]
 
-    def estimate(self, spec: RunSpec) -> Metrics:
+    def device_replay(self, spec: RunSpec, target: Target) -> DeviceReplay:
+        """The run's CUDA allocator replay on the target card (cached: the search probes a batch more than once)."""
+        plan = device_plan(spec, target, self.load_order)
+        key = json.dumps(
+            [spec.precision, spec.measure.inference, spec.batch_size, plan.warmup_steps, plan.steps,
+             plan.cpu_scalar_state, plan.cublas_bytes, plan.cublaslt_bytes, plan.config.setting]
+        )  # fmt: skip
+        found = self.replays.get(key)
+        if found is None:
+            train, infer = self._timelines(spec, target.cuda)
+            found = replay_compiled(compile_timeline(train), compile_timeline(infer) if infer else None, plan)
+            self.replays[key] = found
+        return found
+
+    def estimate(self, spec: RunSpec, target: Target | None = None) -> Metrics:
+        """The run's predicted memory; a CUDA spec as it would run on `target` (default: the default preset)."""
+        card = (target if target is not None else default_target()) if spec.device == "cuda" else None
+        cuda = card.cuda if card is not None else None
         tuned = self.tuned
         metrics = Metrics(
             memory_source=ESTIMATE_SOURCE,
@@ -221,21 +267,29 @@ class _FakeModel:
         )
         metrics.estimate_note, metrics.estimate_approximate = estimate_caveats(spec)
         round_to = CUDA_BLOCK if spec.device == "cuda" else 1
-        train, infer = self._timelines(spec)
+        train, infer = self._timelines(spec, cuda)
         if infer is not None:
             metrics.peak_infer_bytes = replay(infer, round_to).peak_bytes
         tracked = replay(train, round_to)
         metrics.peak_allocated_bytes = tracked.peak_bytes
         record_breakdown(metrics, tracked)
-        if spec.device == "cuda":
-            metrics.attn_kernel = kernel_label(tracked.attn_kernel, self.target)
+        if cuda is not None:
+            metrics.attn_kernel = kernel_label(tracked.attn_kernel, cuda)
         metrics.step_flops = self.step_flops(spec)
         metrics.step_ops = train.calls
+        if card is not None:  # the allocator's view: whole blocks, workspaces, reserved segments
+            plan = device_plan(spec, card, self.load_order)
+            approximate = record_device(metrics, self.device_replay(spec, card), card, plan)
+            if approximate:
+                metrics.estimate_approximate = True
+                joiner = ", " if "approximate:" in (metrics.estimate_note or "") else "; approximate: "
+                metrics.estimate_note = f"{metrics.estimate_note}{joiner}{', '.join(approximate)}"
         return metrics
 
-    def why(self, spec: RunSpec) -> WhyData:
+    def why(self, spec: RunSpec, target: Target | None = None) -> WhyData:
         """The timeline and peak attribution of the run's (traced or replayed) training step."""
-        train, _ = self._timelines(spec)
+        card = (target if target is not None else default_target()) if spec.device == "cuda" else None
+        train, _ = self._timelines(spec, card.cuda if card is not None else None)
         return summarize_step(train.events, train.owners, train.modules, CUDA_BLOCK if spec.device == "cuda" else 1)
 
 
@@ -245,8 +299,7 @@ class Estimator:
     Only the latest model is kept, so feed runs grouped by model configuration (`estimate_many` does).
     """
 
-    def __init__(self, target: CudaTarget = DEFAULT_TARGET) -> None:
-        self.target = target  # the GPU CUDA specs are estimated for
+    def __init__(self) -> None:
         self._key: str | None = None
         self._model: _FakeModel | None = None
 
@@ -254,50 +307,95 @@ class Estimator:
         key = model_key(spec)
         if self._model is None or key != self._key:
             self._model = None  # fake tensors hold no memory: no gc.collect() needed (it costs 0.3 s)
-            self._model, self._key = _FakeModel(spec, self.target), key
+            self._model, self._key = _FakeModel(spec), key
         return self._model
 
-    def estimate(self, spec: RunSpec) -> Metrics:
+    def estimate(self, spec: RunSpec, target: Target | None = None) -> Metrics:
         try:
-            return self._fake_model(spec).estimate(spec)
+            return self._fake_model(spec).estimate(spec, target)
         except BaseException:
             self._model = self._key = None  # a failed step can leave the model half-updated
             raise
 
-    def estimate_why(self, spec: RunSpec) -> tuple[Metrics, WhyData]:
+    def estimate_why(self, spec: RunSpec, target: Target | None = None) -> tuple[Metrics, WhyData]:
         """The estimate and the step's timeline/attribution (what `petlbench estimate` stores beside the row)."""
-        metrics = self.estimate(spec)
+        metrics = self.estimate(spec, target)
         assert self._model is not None
-        return metrics, self._model.why(spec)
+        return metrics, self._model.why(spec, target)
 
-    def search(self, spec: RunSpec, request: SearchRequest) -> Estimate:
-        """The largest batch predicted to fit `request.limit_bytes` for this spec's configuration."""
+    def search(self, spec: RunSpec, request: SearchRequest, target: Target | None = None) -> Estimate:
+        """The largest batch predicted to fit `request.limit_bytes` for this spec's configuration: a CUDA run on a
+        card fits when its reserved memory + context + headroom does (petlbench/estimate/gpus.py), any other when
+        its peak does."""
         peaks: dict[int, Metrics] = {}
-        training_only = spec.model_copy(update={"measure": spec.measure.model_copy(update={"inference": False})})
+        card = target if spec.device == "cuda" and target is not None and target.memory_bytes is not None else None
+        # the inference forwards leave segments the training steps reuse: CUDA replays keep them
+        probe_spec = (
+            spec
+            if card is not None
+            else spec.model_copy(update={"measure": spec.measure.model_copy(update={"inference": False})})
+        )
 
-        def peak(batch: int) -> int:
+        def needs(batch: int) -> int:
             if batch not in peaks:
-                peaks[batch] = self.estimate(training_only.model_copy(update={"batch_size": batch}))
-            return peaks[batch].peak_allocated_bytes or 0
+                peaks[batch] = self.estimate(probe_spec.model_copy(update={"batch_size": batch}), target)
+            m = peaks[batch]
+            if card is not None:
+                return (m.peak_reserved_bytes or 0) + card.context_bytes + card.headroom_bytes
+            return m.peak_allocated_bytes or 0
+
+        def fits(batch: int) -> bool:
+            if card is not None:
+                needs(batch)
+                return bool(fits_card(peaks[batch].peak_reserved_bytes, card))
+            return needs(batch) <= request.limit_bytes
 
         g = request.multiple_of
         b1 = max(request.min, g)
         b2 = min(request.max // g * g, b1 + 8 * g)
-        seed = linear_seed(b1, peak(b1), b2, peak(b2), request.limit_bytes)
-        result = search_max_batch(
-            lambda b: peak(b) <= request.limit_bytes, lo=request.min, hi=request.max, multiple_of=g, seed=seed
-        )
+        seed = linear_seed(b1, needs(b1), b2, needs(b2), request.limit_bytes)
+        result = search_max_batch(fits, lo=request.min, hi=request.max, multiple_of=g, seed=seed)
         best = why = None
         if result.best is not None:  # the full estimate (inference peak too) at the answer
-            best, why = self.estimate_why(spec.model_copy(update={"batch_size": result.best}))
+            best, why = self.estimate_why(spec.model_copy(update={"batch_size": result.best}), target)
+        searched = FitSearch(  # stored on the row, so the report shows this answer and no other size
+            gpu=card.label if card is not None else fmt_bytes(request.limit_bytes).replace(".0 ", " "),
+            memory_bytes=request.limit_bytes,
+            max_batch=result.best,
+            first_over=result.first_over,
+            reserved_bytes=best.peak_reserved_bytes if best is not None else None,
+            allocated_bytes=best.peak_allocated_bytes if best is not None else None,
+            required_bytes=needs(result.best) if result.best is not None else None,
+        )
         return Estimate(
             run_id=spec.run_id,
             metrics=best,
             why=why,
             max_batch=result.best,
             first_over=result.first_over,
-            probes=sorted((b, m.peak_allocated_bytes or 0) for b, m in peaks.items()),
+            probes=sorted((b, needs(b)) for b in peaks),
+            fits=[searched],
         )
+
+    def fit_search(self, spec: RunSpec, targets: Sequence[Target], known: Sequence[int]) -> list[FitSearch]:
+        """Per target with a memory, the largest batch of this spec's configuration that fits it: a CUDA run by
+        its reserved memory + context + headroom, a CPU run by its peak."""
+        out = []
+        for target in targets:
+            if target.memory_bytes is None:
+                continue
+
+            def needs(batch: int, target: Target = target) -> tuple[int | None, int | None, int | None]:
+                m = self.estimate(spec.model_copy(update={"batch_size": batch}), target)
+                if spec.device != "cuda":
+                    return m.peak_allocated_bytes, None, m.peak_allocated_bytes
+                needed = required_bytes(m.peak_reserved_bytes, target)
+                if needed is not None and fits_card(m.peak_reserved_bytes, target) is False:
+                    needed = max(needed, (target.memory_bytes or 0) + 1)  # over a per-process memory fraction
+                return needed, m.peak_reserved_bytes, m.peak_allocated_bytes
+
+            out.append(search_fit(needs, target.memory_bytes, target.label, known))
+        return out
 
 
 def _describe(exc: BaseException) -> str:
@@ -306,19 +404,42 @@ def _describe(exc: BaseException) -> str:
     return describe_exception(exc)
 
 
-def estimate_many(specs: Sequence[RunSpec], search: SearchRequest | None = None) -> Iterator[tuple[int, Estimate]]:
-    """(index into `specs`, estimate) for every spec, processed grouped by model configuration for reuse."""
+def _configuration(spec: RunSpec) -> str:
+    """Specs with the same key differ only in their batch size (one line of the fit table)."""
+    return json.dumps(spec.model_dump(mode="json", exclude={"batch_size", "suite", "timeout_s"}), sort_keys=True)
+
+
+def estimate_many(
+    specs: Sequence[RunSpec],
+    search: SearchRequest | None = None,
+    targets: Sequence[Target] = (),
+    fit_search: bool = False,
+) -> Iterator[tuple[int, Estimate]]:
+    """(index into `specs`, estimate) for every spec, processed grouped by model configuration for reuse.
+
+    CUDA rows assume `targets[0]` (default: the default GPU preset); with `fit_search`, every configuration's
+    estimates also carry, per target card, the largest batch that fits it."""
     order = sorted(range(len(specs)), key=lambda i: model_key(specs[i]))  # stable: suite order within a group
     estimator = Estimator()
+    target = targets[0] if targets else None
+    batches: dict[str, list[int]] = {}
+    for spec in specs:
+        batches.setdefault(_configuration(spec), []).append(spec.batch_size)
+    searched: dict[str, list[FitSearch]] = {}
     for i in order:
         spec = specs[i]
         start = time.perf_counter()
         try:
             if search is not None:
-                estimate = estimator.search(spec, search)
+                estimate = estimator.search(spec, search, target)
             else:
-                metrics, why = estimator.estimate_why(spec)
+                metrics, why = estimator.estimate_why(spec, target)
                 estimate = Estimate(run_id=spec.run_id, metrics=metrics, why=why)
+            if fit_search and search is None:
+                key = _configuration(spec)
+                if key not in searched:
+                    searched[key] = estimator.fit_search(spec, targets, batches[key])
+                estimate.fits = searched[key]
         except Exception as exc:
             log.error("estimate of %s (%s) failed:\n%s", spec.run_id, spec.label(), traceback.format_exc())
             estimate = Estimate(run_id=spec.run_id, error=_describe(exc))
@@ -332,7 +453,7 @@ def _emit(message: dict[str, Any]) -> None:
 
 def _answer(request: EstimateRequest, env: dict[str, EnvValue]) -> EstimateResponse:
     results: list[Estimate | None] = [None] * len(request.specs)
-    for i, estimate in estimate_many(request.specs, request.search):
+    for i, estimate in estimate_many(request.specs, request.search, request.targets, request.fit_search):
         estimate.env = env
         results[i] = estimate
         _emit({"label": request.specs[i].label()})  # the parent's progress bar

@@ -3,9 +3,9 @@
 A `TorchDispatchMode` sees every tensor an aten op returns. Each new storage is counted once (views share it)
 under the category of the phase that allocated it, and uncounted when Python frees it. At every new peak the
 per-category totals are copied (four integers), so the breakdown at the peak always sums to the peak. Every
-event (a new storage with its category, bytes and shape; a free; a retag; a peak reset) is also logged, so the
-region can be replayed (`replay`, at any allocation rounding), drawn as a timeline, or extrapolated to another
-batch size (`petlbench.measure.timeline.at_batch`).
+event (a new storage with its category, bytes and shape; a free; a retag; a peak reset; a phase; an op the CUDA
+replay keys on) is also logged, so the region can be replayed (`replay`, at any allocation rounding; the CUDA
+allocator model), drawn as a timeline, or extrapolated to another batch size (`petlbench.measure.timeline.at_batch`).
 
 Categories:
 - weights: parameters and buffers (registered up front);
@@ -40,7 +40,26 @@ FREE: Final = 1
 RETAG: Final = 2
 RESET: Final = 3
 PHASE: Final = 4  # key = index into PHASES: the step entered that phase here
+OP: Final = 5  # an op the CUDA replay keys on: nbytes = index into MARKED_OPS, key = its first output's storage
 PHASES: Final = ("forward", "backward", "optimizer")
+# Ops whose CUDA run allocates memory the trace does not see (petlbench/estimate/cuda_replay.py): the first
+# matrix product after each phase marker (a thread's cuBLAS workspace), and the fused attention backwards (their
+# scratch). Logged after the op's outputs.
+MARKED_OPS: Final = (
+    "blas",
+    "_scaled_dot_product_flash_attention_backward",
+    "_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+    "_cudnn_attention_backward",
+)
+# (composite ops such as linear reach the tracker undecomposed under inference_mode)
+_BLAS_OPS: Final = frozenset(
+    {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_addmm_activation", "addmv", "mv", "dot", "vdot", "_scaled_mm"}
+    | {"linear", "matmul", "einsum", "bilinear"}
+)
+_OP_CODES: Final = {name: code for code, name in enumerate(MARKED_OPS) if code} | dict.fromkeys(_BLAS_OPS, 0)
 
 # aten attention ops → short kernel names for the `attn_kernel` column
 _ATTENTION_OPS: Final = (
@@ -97,9 +116,10 @@ class TensorTracker(TorchDispatchMode):
         self._shapes: list[tuple[int, ...]] = []
         # id(storage) → (key, category, exact bytes, weak reference that frees the entry)
         self._by_id: dict[int, tuple[int, Category, int, weakref.ref[torch.UntypedStorage]]] = {}
-        self._names: dict[Any, str] = {}
+        self._names: dict[Any, tuple[str, int]] = {}  # op → (name, MARKED_OPS code or -1)
         self._ops: set[str] = set()
         self._calls = 0
+        self._blas_marked = False  # a BLAS marker was logged since the last phase marker
         self._open = True
         # attribution: `owner()` names the module running now (set by petlbench.measure.memory); None: not recorded
         self.owner: Callable[[], str] | None = None
@@ -173,6 +193,7 @@ class TensorTracker(TorchDispatchMode):
         """Log that the step enters `phase` (one of PHASES); the live counts do not change."""
         if self._open:
             self._events.append((PHASE, PHASES.index(phase), "activations", 0))
+        self._blas_marked = False
 
     def result(self) -> TrackedPeak:
         return TrackedPeak(self.peak, dict(self.peak_by_category), attention_kernel(self._ops))
@@ -196,9 +217,10 @@ class TensorTracker(TorchDispatchMode):
     ) -> Any:
         out = func(*args, **(kwargs or {}))
         self._calls += 1
-        name = self._names.get(func)
-        if name is None:
-            name = self._names[func] = func.__name__ if hasattr(func, "__name__") else str(func)
+        entry = self._names.get(func)
+        if entry is None:
+            name = func.__name__ if hasattr(func, "__name__") else str(func)
+            entry = self._names[func] = (name, _OP_CODES.get(name.split(".")[0], -1))
             if "attention" in name or name.startswith("_softmax"):
                 self._ops.add(name.split(".")[0])
         category = self.category
@@ -210,7 +232,19 @@ class TensorTracker(TorchDispatchMode):
                     self._add(item, category)
                 elif isinstance(item, tuple | list):
                     tree_map_only(torch.Tensor, lambda t: self._add(t, category), item)
+        code = entry[1]
+        if code >= 0 and self._open and (code or not self._blas_marked):
+            self._mark_op(code, out)
         return out
+
+    def _mark_op(self, code: int, out: Any) -> None:
+        """Log an OP marker; its key is the storage of the op's first tensor output (-1 for none)."""
+        self._blas_marked |= code == 0
+        first = out if isinstance(out, torch.Tensor) else None
+        if first is None and isinstance(out, tuple | list):
+            first = next((t for t in out if isinstance(t, torch.Tensor)), None)
+        entry = self._by_id.get(id(first.untyped_storage())) if code and first is not None else None
+        self._events.append((OP, entry[0] if entry is not None else -1, "activations", code))
 
 
 def attention_kernel(ops: Iterable[str]) -> str | None:

@@ -37,11 +37,12 @@ FACETS: Final = (
     *((column, _LABELS.get(column, column)) for column in GROUP_COLUMNS),
     ("dataset", "dataset"),
     ("memory_source", "memory source"),  # a prediction never shares a figure with a measurement
+    ("gpu_preset", "GPU assumed"),  # CUDA estimates for different cards never share a figure
 )
 # Facets the title names in its own words; any other facet that varies is added as `column=value`.
 _TITLED: Final = frozenset(
     {"suite", "device", "env.gpu_name", "precision", "backbone.model", "backbone.img_size", "backbone.kwargs"}
-    | {"backbone.fused_attn", "attn_kernel", "dataset", "grad_checkpointing", "memory_source"}
+    | {"backbone.fused_attn", "attn_kernel", "dataset", "grad_checkpointing", "memory_source", "gpu_preset"}
 )
 # Measured during the run, so missing on runs that failed early: borrowed from their ok siblings when unique.
 _MEASURED: Final = ("attn_kernel", "env.gpu_name")
@@ -136,11 +137,19 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _device(values: dict[str, str]) -> str:
+    """The device a title names: the GPU that ran the rows, or the GPU preset a CUDA estimate assumed."""
+    device = values.get("device", "-")
+    if device == "cuda" and values.get("env.gpu_name", "-") != "-":
+        return values["env.gpu_name"]
+    if device == "cuda" and values.get("gpu_preset", "-") != "-":
+        return values["gpu_preset"]
+    return device
+
+
 def _title(values: dict[str, str], varying: Sequence[str] = ()) -> str:
     get = values.get
-    device = get("device", "-")
-    if device == "cuda" and get("env.gpu_name", "-") != "-":
-        device = get("env.gpu_name", "-")
+    device = _device(values)
     backbone = get("backbone.model", "-")
     if get("backbone.img_size", "-") != "-":
         backbone += f"@{get('backbone.img_size')}"
@@ -172,11 +181,8 @@ def _kwargs_text(raw: str) -> str:
 
 
 def _slug(values: dict[str, str], varying: Sequence[str]) -> str:
-    device = values.get("device", "-")
-    if device == "cuda" and values.get("env.gpu_name", "-") != "-":
-        device = values["env.gpu_name"]
-    parts = [values.get("suite", "-"), device, values.get("precision", "-")]
-    shown = {"suite", "device", "env.gpu_name", "precision"}
+    parts = [values.get("suite", "-"), _device(values), values.get("precision", "-")]
+    shown = {"suite", "device", "env.gpu_name", "precision", "gpu_preset"}
     for column in varying:
         if column in shown:
             continue

@@ -21,9 +21,11 @@ from petlbench.estimate.client import (
     estimate_result,
     estimating,
     fits,
-    memory_limit,
+    judged_bytes,
     model_key,
+    targets_for,
 )
+from petlbench.estimate.gpus import DEFAULT_HEADROOM, Target
 from petlbench.estimate.guard import Machine, PlanCost, StepCost, plan_seconds
 from petlbench.measure.nvml import visible_gpus
 from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
@@ -42,6 +44,8 @@ class PredictRequest:
     results_dir: Path = Path("results")
     jobs: int = 1
     quickstart: bool = False  # the built-in quickstart: its plan runs one run per core
+    gpu: str | None = None  # GPU presets, 'h100-80gb,a100-40gb'
+    headroom: str = DEFAULT_HEADROOM
 
 
 @dataclass
@@ -51,7 +55,7 @@ class Prediction:
     suite: Suite
     device: Device
     runs: list[RunSpec]
-    limits: list[int]  # the memory sizes asked for (FITS/OOM against the first)
+    targets: list[Target]  # the cards (or memory sizes) judged on; FITS/OOM against the first
     folder: Path  # where the estimate rows went
     measured: Path  # where the suite's measured rows go (never mixed with these)
     estimates: dict[str, Estimate] = field(default_factory=dict)
@@ -61,7 +65,7 @@ class Prediction:
 
     @property
     def limit(self) -> int | None:
-        return self.limits[0] if self.limits else None
+        return self.targets[0].memory_bytes if self.targets else None
 
     @property
     def failed(self) -> list[Estimate]:
@@ -73,15 +77,8 @@ class Prediction:
         return [
             e
             for e in self.estimates.values()
-            if e.metrics is not None and fits(e.metrics.peak_allocated_bytes, self.limit) is False
+            if e.metrics is not None and fits(judged_bytes(e.metrics), self.limit) is False
         ]
-
-
-def limits_of(text: str | None, device: Device, required: bool) -> list[int]:
-    """The memory sizes of `--device-memory` (a comma list; default: the visible GPU's for CUDA runs)."""
-    texts = [t.strip() for t in text.split(",")] if text else [None]
-    sizes = [memory_limit(t, device, visible_gpus(), "--device-memory", required=required) for t in texts]
-    return [size for size in sizes if size is not None]
 
 
 def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
@@ -90,16 +87,18 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
     suite = load_suite(request.suite)
     device = estimate_device(request.device or suite.device)
     runs = expand(suite, device)
-    limits = limits_of(request.device_memory, device, required=suite.auto_batch_size)
+    targets = targets_for(
+        device, request.gpu, request.device_memory, visible_gpus(), request.headroom, required=suite.auto_batch_size
+    )
     probe_suite(suite, runs)  # every model built on meta first: a bad knob is one line, not N failed estimates
     folders = estimate_dir(request.results_dir, suite.name), suite_dir(request.results_dir, suite.name)
-    prediction = Prediction(suite, device, runs, limits, *folders)
+    prediction = Prediction(suite, device, runs, targets, *folders)
     if suite.auto_batch_size:
         r = suite.batch_range
         assert prediction.limit is not None
         prediction.search = SearchRequest(limit_bytes=prediction.limit, min=r.min, max=r.max, multiple_of=r.multiple_of)
     start = time.monotonic()
-    prediction.estimates = yield from _estimates(runs, prediction.search, request.jobs)
+    prediction.estimates = yield from _estimates(runs, prediction.search, request.jobs, targets)
     prediction.seconds = time.monotonic() - start
     if device == "cpu" and prediction.search is None:
         parallel = quickstart_jobs(runs) if request.quickstart else 1
@@ -110,9 +109,9 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
 
 
 def _estimates(
-    runs: Sequence[RunSpec], search: SearchRequest | None, jobs: int
+    runs: Sequence[RunSpec], search: SearchRequest | None, jobs: int, targets: Sequence[Target]
 ) -> Generator[Estimating, None, dict[str, Estimate]]:
-    events = estimating(runs, search, jobs)
+    events = estimating(runs, search, jobs, targets=targets, fit_search=bool(targets))
     while True:
         try:
             done, total, label = next(events)
