@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import shlex
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, Typ
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model, model_validator
 
+from petlbench import safeio
 from petlbench.columns import Column, Kind, column, gated, limit_name
 from petlbench.columns import format_value as format_column_value
 from petlbench.errors import ConfigError
@@ -264,19 +265,21 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
         if rows.empty:
             problems.append(_no_match(source, where, ratio.select, results, "select"))
             continue
-        partners = select(results, ratio.versus)
-        if partners.empty:
+        versus = select(results, ratio.versus)
+        if versus.empty:
             problems.append(_no_match(source, where, ratio.versus, results, "versus"))
             continue
+        partners = _Partners(versus)
         for _, row in rows.iterrows():
-            pair = _pair(row, partners)
+            pair = partners.of(row)
             if len(pair) > 1:
                 problems.append(
-                    f"{source}: {where}.versus: {len(pair)} rows ({', '.join(sorted(pair['variant']))}) pair with "
+                    f"{source}: {where}.versus: {len(pair)} rows ({', '.join(sorted(p['variant'] for p in pair))}) "
+                    "pair with "
                     f"{row_label(row)}; narrow `versus` (e.g. add knob) so one row matches"
                 )
                 continue
-            checks.extend(_check_ratio(where, ratio, row, pair.iloc[0] if len(pair) else None))
+            checks.extend(_check_ratio(where, ratio, row, pair[0] if pair else None))
     if problems:
         raise ConfigError("\n".join(problems))
     return checks
@@ -354,18 +357,26 @@ def _within(actual: float, op: Op, limit: float) -> bool:
     return actual <= limit if op == "<=" else actual >= limit
 
 
-def _pair(row: pd.Series, partners: pd.DataFrame) -> pd.DataFrame:
-    mask = partners["run_id"] != row["run_id"]
-    for name in PAIR_COLUMNS:
-        if name not in partners:
-            continue
-        value = row.get(name)
-        if missing(value):
-            mask &= partners[name].isna()
-        else:
-            mask &= partners[name] == value
-    paired: pd.DataFrame = partners[mask]
-    return paired
+class _Partners:
+    """The `versus` rows of a ratio, indexed by their pairing columns: each selected row finds its partners in one
+    lookup (a scan per row made a check of thousands of rows take minutes)."""
+
+    def __init__(self, partners: pd.DataFrame) -> None:
+        self.rows = partners
+        self.names = [name for name in PAIR_COLUMNS if name in partners]
+        self.index: dict[tuple[Any, ...], list[int]] = {}
+        for position, values in enumerate(zip(*(partners[name] for name in self.names), strict=True)):
+            self.index.setdefault(self._key(values), []).append(position)
+
+    @staticmethod
+    def _key(values: Iterable[Any]) -> tuple[Any, ...]:
+        return tuple(None if missing(value) else value for value in values)
+
+    def of(self, row: pd.Series) -> list[pd.Series]:
+        """The partners of `row`: the same value (or both missing) in every pairing column, another run."""
+        found = self.index.get(self._key(row.get(name) for name in self.names), [])
+        run_ids = self.rows["run_id"]
+        return [self.rows.iloc[i] for i in found if run_ids.iat[i] != row["run_id"]]
 
 
 def _no_match(source: str, where: str, selector: Selector, results: pd.DataFrame, field: str = "select") -> str:
@@ -548,15 +559,35 @@ def format_value(value: float | None, kind: Kind) -> str:
     return format_column_value(value, kind)
 
 
+# What `check` reads of each row besides the selectors, the pairing columns and the limited metrics: the row's
+# identity, outcome and label (petlbench.results.row_label), and what picks the newest row of a run.
+LABEL_COLUMNS: Final = (
+    *("run_id", "suite", "status", "error", "created_at", "tuner", "method", "knob_name", "knob"),
+    *("batch_size", "precision", "device", "env.gpu_name", "memory_source", "variant"),
+)
+
+
+def columns_read(budgets: Budgets) -> list[str]:
+    """The result columns checking `budgets` needs: only these are read from each file (thousands of files are
+    checked in seconds)."""
+    wanted = [*LABEL_COLUMNS, *SELECTOR_COLUMNS.values()]
+    for budget in budgets.budgets:
+        wanted += [name for name, _, _ in budget.limits()]
+    if budgets.ratios:  # a ratio pairs rows on their settings
+        wanted += [*PAIR_COLUMNS, *(ratio.metric for ratio in budgets.ratios)]
+    return list(dict.fromkeys(wanted))
+
+
 def check_files(paths: Sequence[Path], budgets_path: Path) -> CheckReport:
     """Load results and a budgets file, and check every budget (ConfigError if one selects nothing)."""
     from petlbench.results import load_rows
 
     budgets = load_budgets(budgets_path)
-    rows = load_rows(paths)
+    rows = load_rows(paths, columns_read(budgets))
     checks = check(rows, budgets, source=str(budgets_path))
     covered = {c.run_id for c in checks}
-    uncovered = [row_label(r) for _, r in rows.iterrows() if r["run_id"] not in covered]
+    left = rows[~rows["run_id"].isin(covered)]
+    uncovered = [row_label(r) for r in left[list(LABEL_COLUMNS)].to_dict("records")]
     return CheckReport(
         checks, uncovered, _regenerate_line(budgets_path) or regenerate_command(paths, budgets_path, 1.05)
     )
@@ -588,7 +619,5 @@ def write_baseline_file(paths: Sequence[Path], out: Path, headroom: float) -> tu
     command = regenerate_command(paths, out, headroom)
     baseline = propose_baseline(rows, headroom, command, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(baseline.text, encoding="utf-8")
-    tmp.replace(out)
+    safeio.write_text(out, baseline.text)  # a temp file renamed over `out`: never written through a link
     return baseline, command

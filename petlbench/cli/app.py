@@ -13,8 +13,10 @@ from typing import Annotated
 
 import typer
 
+from petlbench import safeio
 from petlbench.cli import estimates as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out
+from petlbench.cli.options import at_least, finite
 from petlbench.cli.sweep_view import show_sweep
 from petlbench.cli.tables import (
     check_table,
@@ -27,6 +29,7 @@ from petlbench.data.specs import DATA_ROOT_ENV
 from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
 from petlbench.executors import ExecutorKind
 from petlbench.executors.process import sigterm_as_interrupt
+from petlbench.fmt import shown_path
 from petlbench.report import Plot
 from petlbench.results import check_writable, stored_statuses, suite_dir
 from petlbench.run.sweep import SweepRequest, prepare
@@ -241,6 +244,7 @@ def report(
 
     paths = results or [Path("results")]
     try:
+        at_least("--batch-size", batch_size)
         check_writable(out_dir, "the report")
         summary = build_report(paths, [p.value for p in plot or [Plot.all]], out_dir, batch_size, fmt, width)
     except OSError as exc:  # the folder was writable a moment ago: full, or removed
@@ -295,6 +299,8 @@ def explain(
 
     paths = results or [Path("results")]
     try:
+        at_least("--top", top)
+        at_least("--batch-size", batch_size)
         result = explain_core(paths, run, method, batch_size, vs, top)
     except PetlbenchError as exc:
         fail(exc)
@@ -325,6 +331,7 @@ def check(
 
     paths = results or [Path("results")]
     try:
+        finite("--headroom", headroom, minimum=1.0)
         if write_baseline is not None:
             baseline, command = write_baseline_file(paths, write_baseline, headroom)
             out.print(
@@ -359,7 +366,7 @@ def compare(
         Path | None,
         typer.Option("--out", help="also draw the changes per run into this figure (.png, .svg or .pdf)"),
     ] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="rows shown, largest memory change first")] = 40,
+    top: Annotated[int, typer.Option("--top", help="rows shown, largest memory change first")] = 40,
 ) -> None:
     """Compare two results folders run by run: the change in peak memory, throughput and accuracy, largest first.
 
@@ -373,6 +380,8 @@ def compare(
     from petlbench.results import load_rows
 
     try:
+        finite("--max-increase", max_increase, minimum=0.0)
+        at_least("--top", top)
         comparison = compare_rows(load_rows([baseline]), load_rows([change]))
     except PetlbenchError as exc:
         fail(exc)
@@ -381,8 +390,19 @@ def compare(
         out.print(note)
     if out_file is not None:
         fig = comparison_figure(comparison, str(baseline), str(change), top)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_file, dpi=150)
+        kind = out_file.suffix.lstrip(".").lower()
+        if kind not in ("png", "svg", "pdf"):
+            fail(ConfigError(f"--out {shown_path(out_file)}: name a .png, .svg or .pdf file"))
+        try:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            with safeio.atomic_writer(out_file) as handle:  # whole or not at all, never through a link
+                fig.savefig(handle, format=kind, dpi=150)
+        except OSError as exc:
+            fail(
+                WriteError(
+                    f"{shown_path(out_file)}: cannot write the figure ({exc.strerror or exc}); choose another --out"
+                )
+            )
         out.print(f"figure → {out_file}")
     regressions = comparison.regressions(max_increase / 100)
     if regressions or comparison.broke:

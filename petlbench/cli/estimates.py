@@ -14,7 +14,9 @@ import typer
 
 from petlbench.cli.console import err, fail, progress_bar
 from petlbench.cli.estimate_tables import show_prediction
+from petlbench.cli.options import at_least
 from petlbench.errors import PetlbenchError
+from petlbench.executors.devices import cap_jobs
 from petlbench.run.predict import Prediction, PredictRequest, predict
 
 SKIP_OPTION: Any = typer.Option(
@@ -54,9 +56,9 @@ def estimate(
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")
     ] = Path("results"),
-    jobs: Annotated[int, typer.Option("--jobs", min=1, help="estimator processes (each about 0.8 GB RSS)")] = (
-        DEFAULT_JOBS
-    ),
+    jobs: Annotated[
+        int, typer.Option("--jobs", help="estimator processes (each about 0.8 GB RSS), at most one per CPU core")
+    ] = DEFAULT_JOBS,
     strict: Annotated[
         bool, typer.Option("--strict", help="exit 1 if a run is predicted not to fit or cannot be estimated")
     ] = False,
@@ -71,7 +73,14 @@ def estimate(
 
     Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 24GiB,48GiB,80GiB
     """
-    request = PredictRequest(suite, device, device_memory, results_dir, jobs)
+    try:
+        at_least("--jobs", jobs)
+    except PetlbenchError as exc:
+        fail(exc)
+    capped, note = cap_jobs("--jobs", jobs, "estimator processes")
+    if note:
+        err.print(f"note: {note}")
+    request = PredictRequest(suite, device, device_memory, results_dir, capped or jobs)
     try:
         with progress_bar("estimating") as progress:
             task = progress.add_task("starting (importing torch)", total=None)

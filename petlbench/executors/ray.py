@@ -28,9 +28,10 @@ from typing import Any, Final
 from petlbench.errors import ConfigError, DeviceError
 from petlbench.executors.devices import thread_env
 from petlbench.executors.events import RunEvent, RunFinished, RunStarted
-from petlbench.executors.local import log_path, run_on_node
+from petlbench.executors.local import log_folder, log_path, run_on_node
 from petlbench.fmt import describe_exception, first_line
 from petlbench.results import RunResult, failed_result
+from petlbench.safeio import write_text
 from petlbench.spec.models import RunSpec
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,7 @@ class RayExecutor:
             result_json, log_text = self._ray.get(ref)
         except Exception as exc:  # the task itself failed: worker process or node died, runtime env failed, ...
             return failed_result(spec, "error", f"ray task failed: {describe_exception(exc)}")
-        path = log_path(self.results_dir, spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(log_text)
+        write_text(log_folder(self.results_dir, spec) / log_path(self.results_dir, spec).name, log_text)
         return RunResult.model_validate_json(result_json)
 
     def _cancel(self, pending: Mapping[Any, RunSpec]) -> None:

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from petlbench import __version__
+from petlbench import __version__, safeio
 from petlbench.errors import ConfigError
 from petlbench.fmt import UNSTABLE_NOTE, first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing, noisy
 from petlbench.report.document import Block, Bullets, Heading, Image, Para, Table, literal, to_html, to_markdown
@@ -122,8 +122,8 @@ def build_report(
 
     markdown = out / "report.md"
     html = out / "report.html"
-    markdown.write_text(to_markdown(blocks), encoding="utf-8")
-    html.write_text(to_html(blocks, "petlbench report"), encoding="utf-8")
+    safeio.write_text(markdown, to_markdown(blocks))  # whole or not at all, never through a link
+    safeio.write_text(html, to_html(blocks, "petlbench report"))
     return ReportSummary(
         out, markdown, html, figures, [g.title for g in groups], split_by, len(rows), statuses, notes, vtab_methods
     )
@@ -149,13 +149,16 @@ def _save(fig: Figure, out: Path, stem: str, figures: list[Path]) -> str:
 
     png = out / f"{stem}.png"
     paper = paper_active()
-    fig.savefig(png, dpi=300 if paper else 110)
-    fig.savefig(out / f"{stem}.svg", metadata={"Date": None})
+    # each file under a temp name, renamed when whole: an interrupt never leaves a cut figure under its name
+    with safeio.atomic_writer(png) as handle:
+        fig.savefig(handle, format="png", dpi=300 if paper else 110)
+    with safeio.atomic_writer(out / f"{stem}.svg") as handle:
+        fig.savefig(handle, format="svg", metadata={"Date": None})
     if paper:
         import matplotlib
 
-        with matplotlib.rc_context(PAPER_RC):  # font embedding is read at save time
-            fig.savefig(out / f"{stem}.pdf", metadata={"CreationDate": None})
+        with matplotlib.rc_context(PAPER_RC), safeio.atomic_writer(out / f"{stem}.pdf") as handle:
+            fig.savefig(handle, format="pdf", metadata={"CreationDate": None})  # fonts are embedded at save time
     figures.append(png)
     log.info("wrote %s (+ .svg%s)", png, " + .pdf" if paper else "")
     return stem

@@ -24,7 +24,7 @@ from petlbench.estimate.client import (
     memory_limit,
 )
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
+from petlbench.results import RunResult, check_writable, estimate_dir, suite_dir, write_result
 from petlbench.run.probe import probe_suite
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import load_suite
@@ -86,8 +86,9 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
     device = estimate_device(request.device or suite.device)
     runs = expand(suite, device)
     limits = limits_of(request.device_memory, device, required=suite.auto_batch_size)
-    probe_suite(suite, runs)  # every model built on meta first: a bad knob is one line, not N failed estimates
     folders = estimate_dir(request.results_dir, suite.name), suite_dir(request.results_dir, suite.name)
+    check_writable(folders[0])  # a read-only or full folder fails now, not after every estimate
+    probe_suite(suite, runs)  # every model built on meta first: a bad knob is one line, not N failed estimates
     prediction = Prediction(suite, device, runs, limits, *folders)
     if suite.auto_batch_size:
         r = suite.batch_range
