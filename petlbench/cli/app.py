@@ -15,7 +15,7 @@ import typer
 
 from petlbench import safeio
 from petlbench.cli import estimates as estimate_cmd
-from petlbench.cli.console import err, error_line, fail, out
+from petlbench.cli.console import err, error_line, fail, out, output_failure
 from petlbench.cli.options import at_least, finite
 from petlbench.cli.sweep_view import show_sweep
 from petlbench.cli.tables import (
@@ -432,7 +432,14 @@ def _root(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # stdout failed (a full disk, an I/O error) while the command went on: its output is lost, say so in the
+        # exit code (a closed pipe is the reader's choice and keeps the command's own code)
+        if output_failure() is not None and exc.code in (0, None):
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

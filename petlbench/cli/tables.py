@@ -249,11 +249,8 @@ COMMON_KNOBS_NOTE = (
 def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Group:
     """`petlbench tuners`: one line per tuner (what it does, its headline knob, its backbone/head defaults), the
     shared knobs explained once below."""
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
-    table.add_column("tuner", style="bold", no_wrap=True)
-    table.add_column("what it does", overflow="fold")
-    table.add_column("headline knob", no_wrap=True)
-    table.add_column("mode/head", no_wrap=True, style="dim")
+    columns = [Col("tuner"), Col("what it does", wrap=True), Col("headline knob"), Col("mode/head")]
+    table = FitTable(columns, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name, cfg in tuners.items():
         knobs = {row["name"]: row for row in describe_tuner(cfg)}
         headline = next((row for row in knobs.values() if row["headline"]), None)
@@ -263,23 +260,35 @@ def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Group:
     return Group(table, _paragraph(COMMON_KNOBS_NOTE + " `petlbench tuners NAME` shows one tuner in full."))
 
 
-def _paragraph(text: str, style: str = "dim") -> Table:
-    """Text that wraps at the terminal's width (the consoles print single lines unwrapped: soft_wrap)."""
-    grid = Table.grid()
-    grid.add_column(overflow="fold")
-    grid.add_row(Text(text, style=style))
-    return grid
+class _Paragraph:
+    """Text that wraps at the terminal's width (the consoles print single lines unwrapped: soft_wrap); on a terminal
+    narrower than its longest word, one unwrapped line the terminal folds, so no word is cut."""
+
+    def __init__(self, text: str, style: str) -> None:
+        self.text, self.style = text, style
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if options.max_width < max((cell_len(word) for word in self.text.split()), default=0):
+            yield Text(self.text, style=self.style)
+            return
+        grid = Table.grid()
+        grid.add_column(overflow="fold")
+        grid.add_row(Text(self.text, style=self.style))
+        yield grid
+
+
+def _paragraph(text: str, style: str = "dim") -> _Paragraph:
+    return _Paragraph(text, style)
 
 
 def tuner_detail(cfg: type[Tuner]) -> Group:
     """`petlbench tuners NAME`: what the tuner computes, then every knob with its type, default and meaning."""
-    parts: list[Text | Table] = [_paragraph(f"{cfg.name}: {cfg.summary}", style="")]
+    parts: list[Text | _Paragraph | FitTable] = [_paragraph(f"{cfg.name}: {cfg.summary}", style="")]
     if cfg.extra:
         parts.append(Text(f'needs: pip install "petlbench[{cfg.extra}]"', style="yellow"))
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
-    table.add_column("knob", no_wrap=True)
-    table.add_column("default", no_wrap=True)
-    table.add_column("meaning", overflow="fold")
+    table = FitTable(
+        [Col("knob"), Col("default"), Col("meaning", wrap=True)], box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False
+    )
     for row in describe_tuner(cfg):
         name = Text(row["name"], style="bold" if row["headline"] else "")
         meaning = f"{row['type']}; {row['description']}".strip("; ")
