@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from petlbench.errors import ConfigError
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.executors.events import RunEvent, RunFinished, RunStarted
-from petlbench.executors.forkclient import WORKER, ForkServer, ForkServers, fork_server_enabled
+from petlbench.executors.forkclient import REAP_TIMEOUT_S, WORKER, ForkServer, ForkServers, fork_server_enabled
 from petlbench.executors.process import (
     RUNS_IN_FLIGHT_ENV,
     TEMP_PREFIX,
@@ -234,7 +234,7 @@ def _run_child(
     except subprocess.TimeoutExpired:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)  # reap it (a fork server reports the exit of the worker it killed)
+            proc.wait(timeout=REAP_TIMEOUT_S)  # reap it (a fork server that cannot report it is declared dead)
         return failed_result(
             spec,
             "timeout",
