@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import IO, Final, NoReturn, TextIO, cast
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -40,11 +40,17 @@ class Stream:
 
     def __init__(self, stderr: bool = False) -> None:
         self.stderr = stderr
-        self.failed: OSError | None = None
+        self._failed_on: object = None  # the stream that failed (another one, swapped in later, is written to)
+        self._error: OSError | None = None
 
     @property
     def _stream(self) -> TextIO:
         return sys.stderr if self.stderr else sys.stdout
+
+    @property
+    def failed(self) -> OSError | None:
+        """Why the current stream stopped taking output (None: it did not)."""
+        return self._error if self._failed_on is self._stream else None
 
     def write(self, text: str) -> int:
         if self.failed is None:
@@ -66,7 +72,7 @@ class Stream:
                 self._failed(exc)
 
     def _failed(self, exc: OSError) -> None:
-        self.failed = exc
+        self._failed_on, self._error = self._stream, exc
         with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream without a descriptor (tests)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
@@ -128,16 +134,27 @@ def problem_lines(message: str, limit: int = MAX_PROBLEM_LINES) -> list[str]:
     return [*lines[:limit], f"... {len(lines) - limit} more problems (fix these and run again to see them)"]
 
 
+def _arguments() -> list[object]:
+    """The values of the running command's parameters (empty outside a command). Typer carries its own copy of
+    click, whose context stack is the one that knows them."""
+    for name in ("typer._click.globals", "click.globals"):
+        with contextlib.suppress(ImportError, AttributeError):
+            context = importlib.import_module(name).get_current_context(silent=True)
+            if context is not None:
+                values: list[object] = []
+                for value in context.params.values():
+                    values.extend(value if isinstance(value, list | tuple) else [value])
+                return values
+    return []
+
+
 def _one_line_paths(message: str) -> str:
     """The message with every path the command was given that holds a newline (or another control character, or
     bytes the filesystem encoding cannot decode) shown escaped, so such a path never splits a problem in two."""
-    context = click.get_current_context(silent=True)
-    values: list[object] = []
-    for value in (context.params.values() if context is not None else ()):
-        values.extend(value if isinstance(value, list | tuple) else [value])
-    for value in values:
-        if isinstance(value, str | Path) and not str(value).isprintable() and str(value):
-            message = message.replace(str(value), shown_path(value))
+    for value in _arguments():
+        text = str(value) if isinstance(value, str | Path) else ""
+        if text and not text.isprintable():
+            message = message.replace(text, shown_path(text))
     return message
 
 
