@@ -26,7 +26,7 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar, cast
 
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model, model_validator
@@ -54,6 +54,13 @@ ByteCount: TypeAlias = Annotated[int, BeforeValidator(parse_bytes)]
 
 # Measured, so empty on a run that failed before measuring: such a row still matches (and fails its checks),
 # so a crashed tuner shows up as a FAIL naming the run instead of as a budget that selects nothing.
+Row: TypeAlias = Mapping[str, Any]  # one result row, as check reads it (a dict of a normalised frame's row)
+
+
+def _records(frame: pd.DataFrame) -> list[Row]:
+    return cast(list[Row], frame.to_dict("records"))
+
+
 _MEASURED_SELECTORS: Final = frozenset({"memory_source", "gpu_name"})
 # selector field → result column
 SELECTOR_COLUMNS: Final = {
@@ -256,7 +263,7 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
         if rows.empty:
             problems.append(_no_match(source, where, budget.select, results))
             continue
-        for _, row in rows.iterrows():
+        for row in _records(rows):  # plain dicts: a Series per row costs more than the check
             for name, op, limit in budget.limits():
                 checks.append(_check_value(where, budget.name or "", row, name, column(name).kind, op, limit))
     for j, ratio in enumerate(budgets.ratios):
@@ -270,7 +277,7 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
             problems.append(_no_match(source, where, ratio.versus, results, "versus"))
             continue
         partners = _Partners(versus)
-        for _, row in rows.iterrows():
+        for row in _records(rows):
             pair = partners.of(row)
             if len(pair) > 1:
                 problems.append(
@@ -285,7 +292,7 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
     return checks
 
 
-def _check_value(where: str, budget: str, row: pd.Series, name: str, kind: Kind, op: Op, limit: float) -> CheckResult:
+def _check_value(where: str, budget: str, row: Row, name: str, kind: Kind, op: Op, limit: float) -> CheckResult:
     value = row.get(name)
     actual = None if value is None or missing(value) else float(value)
     note = ""
@@ -313,7 +320,7 @@ def _check_value(where: str, budget: str, row: pd.Series, name: str, kind: Kind,
     )
 
 
-def _check_ratio(where: str, ratio: RatioBudget, row: pd.Series, partner: pd.Series | None) -> list[CheckResult]:
+def _check_ratio(where: str, ratio: RatioBudget, row: Row, partner: Row | None) -> list[CheckResult]:
     metric = ratio.metric
     actual: float | None = None
     note = ""
@@ -362,7 +369,7 @@ class _Partners:
     lookup (a scan per row made a check of thousands of rows take minutes)."""
 
     def __init__(self, partners: pd.DataFrame) -> None:
-        self.rows = partners
+        self.rows = _records(partners)
         self.names = [name for name in PAIR_COLUMNS if name in partners]
         self.index: dict[tuple[Any, ...], list[int]] = {}
         for position, values in enumerate(zip(*(partners[name] for name in self.names), strict=True)):
@@ -372,11 +379,10 @@ class _Partners:
     def _key(values: Iterable[Any]) -> tuple[Any, ...]:
         return tuple(None if missing(value) else value for value in values)
 
-    def of(self, row: pd.Series) -> list[pd.Series]:
+    def of(self, row: Row) -> list[Row]:
         """The partners of `row`: the same value (or both missing) in every pairing column, another run."""
         found = self.index.get(self._key(row.get(name) for name in self.names), [])
-        run_ids = self.rows["run_id"]
-        return [self.rows.iloc[i] for i in found if run_ids.iat[i] != row["run_id"]]
+        return [self.rows[i] for i in found if self.rows[i]["run_id"] != row["run_id"]]
 
 
 def _no_match(source: str, where: str, selector: Selector, results: pd.DataFrame, field: str = "select") -> str:

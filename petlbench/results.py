@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from petlbench import safeio
+from petlbench import ledger, safeio
 from petlbench.columns import Metrics, catalogue, declared, numeric_columns, text_columns
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError, ResultsLocked, WriteError
@@ -171,8 +171,10 @@ def write_result(results_dir: Path, result: RunResult) -> Path:
     path = result_path(results_dir, result)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        row = result.to_row()
         with safeio.atomic_writer(path) as handle:  # an open file: pyarrow never re-encodes the path
-            pd.DataFrame([result.to_row()]).to_parquet(handle, index=False)
+            pd.DataFrame([row]).to_parquet(handle, index=False)
+        ledger.record(path, row)  # what makes reading thousands of rows fast (petlbench.ledger)
         timeline = why_path(path.parent, result.run_id)
         if result.why is not None:
             save_why(timeline, result.why)
@@ -254,6 +256,29 @@ _MOVE_OUT = "move it out of the results folder (or delete it to re-run that run)
 _PARALLEL_FILES: Final = 32
 
 
+def _kind_name(kind: pa.DataType) -> str:
+    """An arrow type as a reader of a message calls it."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    for check, name in (
+        (pa.types.is_string, "text"),
+        (pa.types.is_large_string, "text"),
+        (pa.types.is_boolean, "true/false"),
+        (pa.types.is_integer, "integers"),
+        (pa.types.is_floating, "numbers"),
+        (pa.types.is_list, "lists"),
+        (pa.types.is_large_list, "lists"),
+        (pa.types.is_struct, "records"),
+        (pa.types.is_map, "maps"),
+        (pa.types.is_temporal, "dates or times"),
+    ):
+        if check(kind):
+            return name
+    return str(kind)
+
+
 def _type_problem(name: str, kind: pa.DataType) -> str | None:
     """Why a column of this arrow type cannot hold the catalogue column `name` (None: it can). Nested values
     (lists, records, maps) are never result values: `RunResult.to_row` writes scalars only."""
@@ -262,7 +287,7 @@ def _type_problem(name: str, kind: pa.DataType) -> str | None:
     if pa.types.is_null(kind):
         return None
     if pa.types.is_nested(kind):
-        return f"column {name} holds {kind} values; a result cell is a single value"
+        return f"column {name} holds {_kind_name(kind)}; a result cell is a single value"
     entry = catalogue().get(name)
     if entry is None:
         return None
@@ -279,7 +304,7 @@ def _type_problem(name: str, kind: pa.DataType) -> str | None:
     if name == "schema_version":
         return "schema_version is not a number; not a petlbench results file"
     expected = {"str": "text", "int": "integers", "float": "numbers", "bool": "true/false"}[entry.dtype]
-    return f"column {name} holds {kind} values, where petlbench writes {expected} (petlbench/columns.py)"
+    return f"column {name} holds {_kind_name(kind)}, where petlbench writes {expected} (petlbench/columns.py)"
 
 
 def _read_table(path: Path, columns: Sequence[str] | None) -> pa.Table:
@@ -333,39 +358,118 @@ def _read(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     return frame
 
 
+_BATCH: Final = 512  # tables read, then copied into one: thousands of one-row tables hold much more memory
+
+
 def _read_tables(files: Sequence[Path], columns: Sequence[str] | None) -> list[pa.Table]:
-    """Every file's table, in order; the first bad file (in that order) raises. Files are read by a few threads:
-    parsing a parquet footer is most of the cost of a one-row file, and pyarrow does it without the GIL."""
+    """Every file's table, in order, with an `_ORDER` column holding its position in `files`; the first bad file
+    (in that order) raises. Files are read by a few threads: parsing a parquet footer is most of the cost of a
+    one-row file, and pyarrow does it without the GIL."""
+    import pyarrow as pa
+
+    def one(position: int) -> pa.Table:
+        table = _read_table(files[position], columns)
+        return table.append_column(_ORDER, pa.array([position] * table.num_rows, pa.int64()))
+
     if len(files) < _PARALLEL_FILES:
-        return [_read_table(f, columns) for f in files]
+        return [one(i) for i in range(len(files))]
     from concurrent.futures import ThreadPoolExecutor
 
     from petlbench.executors.devices import available_cores
 
+    batches: list[pa.Table] = []
     with ThreadPoolExecutor(max_workers=min(8, 2 * available_cores())) as pool:
-        return list(pool.map(lambda f: _read_table(f, columns), files))
+        for start in range(0, len(files), _BATCH):
+            tables = list(pool.map(one, range(start, min(start + _BATCH, len(files)))))
+            try:
+                batches.append(pa.concat_tables(tables, promote_options="permissive").combine_chunks())
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                batches.extend(tables)  # types that do not unify: load_results mixes them through pandas
+    return batches
+
+
+_ORDER: Final = "__petlbench_file__"  # where each row came from, while files and ledger rows are merged
+
+
+def _ledger_row(path: Path, row: dict[str, Any], columns: Sequence[str] | None) -> dict[str, Any] | None:
+    """A ledger row for `path` when it passes the checks a file's columns pass (None: read the file instead)."""
+    if any(name not in row for name in ROW_COLUMNS):
+        return None
+    wanted = row if columns is None else {k: row[k] for k in dict.fromkeys([*ROW_COLUMNS, *columns]) if k in row}
+    for name, value in wanted.items():
+        if value is None:
+            continue
+        entry = catalogue().get(name)
+        dtype = entry.dtype if entry is not None else None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        fits = {
+            "str": isinstance(value, str),
+            "int": number,
+            "float": number,
+            "bool": isinstance(value, bool),
+            None: isinstance(value, str | int | float | bool),
+        }[dtype]
+        if not fits:
+            return None
+    version = wanted["schema_version"]
+    if not isinstance(version, int | float) or isinstance(version, bool):
+        return None
+    if version > SCHEMA_VERSION:
+        raise ResultsError(
+            f"{shown_path(path)}: written with result schema {version:g}, newer than this petlbench "
+            f"({SCHEMA_VERSION}); upgrade petlbench to read it, or move it out of the results folder"
+        )
+    return dict(wanted)
 
 
 def load_results(paths: Iterable[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Every row under the given results files/folders, as one DataFrame (empty if none). `columns`: read only
-    these (and the row columns); the others are not read at all, which is what makes reading thousands of files
-    fast."""
+    these (and the row columns); the others are not read at all. A row petlbench wrote comes from its folder's
+    ledger while its file is unchanged (petlbench.ledger), any other from its parquet file."""
     import pandas as pd
     import pyarrow as pa
 
-    tables = [t for t in _read_tables(result_files(paths), columns) if t.num_rows]
+    files = result_files(paths)
+    books: dict[Path, dict[str, tuple[str, dict[str, Any]]]] = {}
+    rows: list[dict[str, Any]] = []
+    unread: list[int] = []
+    for position, file in enumerate(files):
+        if file.parent not in books:
+            books[file.parent] = ledger.entries(file.parent)
+        entry = books[file.parent].get(file.name)
+        row = None
+        if entry is not None and entry[0] == ledger.fingerprint(file):
+            row = _ledger_row(file, entry[1], columns)
+        if row is None:
+            unread.append(position)
+        else:
+            rows.append({**row, _ORDER: position})
+    tables = _read_tables([files[i] for i in unread], columns)
+    tables = [t.set_column(t.schema.get_field_index(_ORDER), _ORDER, _positions(t, unread)) for t in tables]
+    if rows:
+        try:
+            names = list(dict.fromkeys(k for r in rows for k in r))
+            tables.insert(0, pa.table({name: pa.array([r.get(name) for r in rows]) for name in names}))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            tables.insert(0, pa.Table.from_pandas(pd.DataFrame.from_records(rows).astype(object), preserve_index=False))
+    tables = [t for t in tables if t.num_rows]
     if not tables:
         empty: pd.DataFrame = pd.DataFrame()
         return empty
     try:
-        table = pa.concat_tables(tables, promote_options="permissive")
+        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas(integer_object_nulls=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         # a column no catalogue entry types (a tuner knob) holds text in one file and numbers in another
-        frames = [t.to_pandas(integer_object_nulls=True) for t in tables]
-        mixed: pd.DataFrame = pd.concat(frames, ignore_index=True, sort=False)
-        return mixed
-    combined: pd.DataFrame = table.to_pandas(integer_object_nulls=True)
+        frame = pd.concat([t.to_pandas(integer_object_nulls=True) for t in tables], ignore_index=True, sort=False)
+    combined: pd.DataFrame = frame.sort_values(_ORDER, kind="stable").drop(columns=_ORDER).reset_index(drop=True)
     return combined
+
+
+def _positions(table: pa.Table, unread: list[int]) -> pa.Array:
+    """The `_ORDER` column of a table read from `files[unread[i]]`: back from i to the file's position."""
+    import pyarrow as pa
+
+    return pa.array([unread[i] for i in table.column(_ORDER).to_pylist()], pa.int64())
 
 
 def stored_statuses(folder: Path) -> dict[str, str]:
@@ -481,20 +585,20 @@ def variant_label(method: Any, knob_name: Any, knob: Any) -> str:
     return f"{method} {knob}" if knob else str(method)
 
 
-def run_label(row: pd.Series) -> str:
+def run_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'lora rank=8 bs=8': the method and batch size of a row."""
     batch = row.get("batch_size")
     bs = "" if batch is None or missing(batch) else f" bs={int(batch)}"
     return f"{row.get('variant')}{bs}"
 
 
-def setting_label(row: pd.Series) -> str:
+def setting_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'smoke fp32 cpu' (or '... cuda NVIDIA H100 80GB HBM3'): where a row was measured."""
     gpu = row.get("env.gpu_name")
     extra = f" {gpu}" if row.get("device") == "cuda" and not missing(gpu) else ""
     return f"{row.get('suite')} {row.get('precision')} {row.get('device')}{extra}"
 
 
-def row_label(row: pd.Series) -> str:
+def row_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'lora rank=8 bs=8 (smoke fp32 cpu)': enough to find the run."""
     return f"{run_label(row)} ({setting_label(row)})"

@@ -41,22 +41,43 @@ class FitTable:
     def add_row(self, *cells: str | Text) -> None:
         self.rows.append(list(cells))
 
-    def _table(self, keep: Sequence[int], dropped: Sequence[str]) -> Table:
+    def _table(self, keep: Sequence[int], dropped: Sequence[str], widths: Sequence[int] | None = None) -> Table:
         caption = self.caption or ""
         if dropped:
             caption += ("; " if caption else "") + f"not shown at this width: {', '.join(dropped)}"
         table = Table(title=self.title, caption=caption or None, header_style="bold", **self.style)
-        for i in keep:
+        for n, i in enumerate(keep):
             col = self.columns[i]
             overflow = "fold" if col.wrap else "ellipsis"  # a cut number would show as '…' (tests look for it)
-            table.add_column(col.name, justify=col.justify, no_wrap=not col.wrap, overflow=overflow)  # type: ignore[arg-type]
+            width = widths[n] if widths is not None else None
+            table.add_column(col.name, justify=col.justify, no_wrap=not col.wrap, overflow=overflow, width=width)  # type: ignore[arg-type]
         for row in self.rows:
             table.add_row(*(row[i] for i in keep))
         return table
 
+    def _natural_widths(self, console: Console) -> list[int]:
+        """Each column's width with every cell on one line, from the cells' text (Rich measures by rendering every
+        cell, twice: seconds for a table of thousands of rows)."""
+
+        def plain(cell: str | Text) -> str:
+            if isinstance(cell, Text):
+                return cell.plain
+            return console.render_str(cell).plain if "[" in cell else cell
+
+        widths = [cell_len(col.name) for col in self.columns]
+        for row in self.rows:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], *(cell_len(line) for line in plain(cell).split("\n")))
+        return widths
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         keep = list(range(len(self.columns)))
+        natural = self._natural_widths(console)
+        table = self._table(keep, [], natural)
+        if table._extra_width + sum(natural) + len(keep) * _padding_width(table) <= width:
+            yield table  # everything fits on one line per row: no measuring
+            return
         order = sorted((i for i, c in enumerate(self.columns) if c.drop), key=lambda i: -self.columns[i].drop)
         dropped: list[str] = []
         wide = options.update_width(100_000)
@@ -94,6 +115,12 @@ class FitTable:
                 yield line
         if self.caption:
             yield Text(self.caption, style="dim")
+
+
+def _padding_width(table: Table) -> int:
+    """Horizontal padding of an inner column (the edges lose theirs with pad_edge=False, which only overestimates)."""
+    _, right, _, left = table.padding
+    return left + right
 
 
 def _minimum_width(console: Console, options: ConsoleOptions, table: Table) -> int:

@@ -101,7 +101,7 @@ def available_tuners() -> Mapping[str, type[Tuner]]:
     plugins = plugin_modules()
     if not plugins:
         return TUNERS
-    owner: dict[str, str] = {name: "petlbench (a built-in tuner)" for name in TUNERS}
+    owner: dict[str, str] = dict.fromkeys(TUNERS, "petlbench (a built-in tuner)")
     for module in plugins:
         for tuner in module.TUNERS:
             name = getattr(tuner, "name", None)
