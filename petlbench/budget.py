@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, Typ
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model, model_validator
 
-from petlbench import safeio
 from petlbench.columns import Column, Kind, column, gated, limit_name
 from petlbench.columns import format_value as format_column_value
 from petlbench.errors import ConfigError
@@ -41,6 +40,7 @@ from petlbench.spec.base import StrictModel
 from petlbench.spec.loading import read_yaml
 from petlbench.spec.messages import format_validation_error
 from petlbench.spec.models import PAIR_COLUMNS, Device, Precision
+from petlbench.system import safeio
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from petlbench import ledger, safeio
 from petlbench.columns import Metrics, catalogue, declared, numeric_columns, text_columns
 from petlbench.data.specs import data_label
 from petlbench.errors import ResultsError, ResultsLocked, WriteError
 from petlbench.fmt import describe_exception, fmt_knob, missing, shown_path
 from petlbench.spec.models import ESTIMATE_SUFFIX, SCHEMA_VERSION, RunSpec
+from petlbench.system import ledger, safeio
 from petlbench.why import WhyData, save_why, why_path
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def write_result(results_dir: Path, result: RunResult) -> Path:
 
     Any OSError (disk full, read-only, a file where the folder should be) is a one-line WriteError naming the
     folder, and the temp file is removed: the folder then holds only whole result files. Nothing is written
-    through a symlink (petlbench.safeio).
+    through a symlink (petlbench.system.safeio).
     """
     import pandas as pd
 
@@ -174,7 +174,7 @@ def write_result(results_dir: Path, result: RunResult) -> Path:
         row = result.to_row()
         with safeio.atomic_writer(path) as handle:  # an open file: pyarrow never re-encodes the path
             pd.DataFrame([row]).to_parquet(handle, index=False)
-        ledger.record(path, row)  # what makes reading thousands of rows fast (petlbench.ledger)
+        ledger.record(path, row)  # what makes reading thousands of rows fast (petlbench.system.ledger)
         timeline = why_path(path.parent, result.run_id)
         if result.why is not None:
             save_why(timeline, result.why)
@@ -375,10 +375,8 @@ def _read_tables(files: Sequence[Path], columns: Sequence[str] | None) -> list[p
         return [one(i) for i in range(len(files))]
     from concurrent.futures import ThreadPoolExecutor
 
-    from petlbench.executors.devices import available_cores
-
     batches: list[pa.Table] = []
-    with ThreadPoolExecutor(max_workers=min(8, 2 * available_cores())) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         for start in range(0, len(files), _BATCH):
             tables = list(pool.map(one, range(start, min(start + _BATCH, len(files)))))
             try:
@@ -425,7 +423,7 @@ def _ledger_row(path: Path, row: dict[str, Any], columns: Sequence[str] | None) 
 def load_results(paths: Iterable[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Every row under the given results files/folders, as one DataFrame (empty if none). `columns`: read only
     these (and the row columns); the others are not read at all. A row petlbench wrote comes from its folder's
-    ledger while its file is unchanged (petlbench.ledger), any other from its parquet file."""
+    ledger while its file is unchanged (petlbench.system.ledger), any other from its parquet file."""
     import pandas as pd
     import pyarrow as pa
 

@@ -322,10 +322,10 @@ def why_path(suite_folder: Path, run_id: str) -> Path:
 
 def save_why(path: Path, why: WhyData) -> Path:
     """Write one run's summary atomically (compressed npz: arrays plus a few scalars; no pickles), never through a
-    symlink (petlbench.safeio)."""
+    symlink (petlbench.system.safeio)."""
     import numpy as np
 
-    from petlbench.safeio import atomic_writer, subfolder
+    from petlbench.system.safeio import atomic_writer, subfolder
 
     subfolder(path.parent.parent, path.parent.name)
     with atomic_writer(path) as handle:

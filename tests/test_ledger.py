@@ -1,5 +1,6 @@
-"""Reading is proportional: a folder's rows come from its ledger (petlbench.ledger) while their files are unchanged,
-so thousands of result files cost one read; a file changed after it was written is read, and checked, itself."""
+"""Reading is proportional: a folder's rows come from its ledger (petlbench.system.ledger) while their files are
+unchanged, so thousands of result files cost one read; a file changed after it was written is read, and checked,
+itself."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 import petlbench.results as results
 from petlbench.columns import Metrics
 from petlbench.errors import ResultsError
-from petlbench.ledger import LEDGER_NAME
 from petlbench.results import RunResult, load_results, now_iso, stored_statuses, write_result
 from petlbench.spec.expand import expand
 from petlbench.spec.loading import parse_suite
+from petlbench.system.ledger import LEDGER_NAME
 from tests.report_rows import row, write
 
 SUITE = {

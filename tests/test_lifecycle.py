@@ -538,7 +538,7 @@ time.sleep(120)
 
 def test_a_child_killed_parent_takes_it_along_even_during_its_imports(tmp_path: Path) -> None:
     """An estimator process imports torch for seconds before its own code runs: the parent-death signal is set by
-    petlbench.launch before that, so kill -9 of the parent ends it at once."""
+    petlbench.system.launch before that, so kill -9 of the parent ends it at once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
     assert parent.stdout is not None

@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 
-from petlbench import safeio
 from petlbench.cli import estimates as estimate_cmd
 from petlbench.cli.console import err, error_line, fail, out, output_failure
 from petlbench.cli.options import at_least, finite
@@ -33,6 +32,7 @@ from petlbench.fmt import shown_path
 from petlbench.report import Plot
 from petlbench.results import check_writable, stored_statuses, suite_dir
 from petlbench.run.sweep import SweepRequest, prepare
+from petlbench.system import safeio
 from petlbench.tuners import available_tuners, unknown_tuner_message
 
 app = typer.Typer(

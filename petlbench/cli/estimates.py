@@ -14,9 +14,8 @@ import typer
 
 from petlbench.cli.console import err, fail, progress_bar
 from petlbench.cli.estimate_tables import show_prediction
-from petlbench.cli.options import at_least
+from petlbench.cli.options import checked_jobs
 from petlbench.errors import PetlbenchError
-from petlbench.executors.devices import cap_jobs
 from petlbench.run.predict import Prediction, PredictRequest, predict
 
 SKIP_OPTION: Any = typer.Option(
@@ -74,14 +73,7 @@ def estimate(
     Example: petlbench estimate suites/memory.yaml --device cuda --device-memory 24GiB,48GiB,80GiB
     """
     try:
-        at_least("--jobs", jobs)
-    except PetlbenchError as exc:
-        fail(exc)
-    capped, note = cap_jobs("--jobs", jobs, "estimator processes")
-    if note:
-        err.print(f"note: {note}")
-    request = PredictRequest(suite, device, device_memory, results_dir, capped or jobs)
-    try:
+        request = PredictRequest(suite, device, device_memory, results_dir, checked_jobs(jobs, "estimator processes"))
         with progress_bar("estimating") as progress:
             task = progress.add_task("starting (importing torch)", total=None)
             events = predict(request)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 
+from petlbench.cli.console import err
 from petlbench.errors import ConfigError
+from petlbench.executors.devices import cap_jobs
 
 
 def finite(option: str, value: float, minimum: float | None = None, above: float | None = None) -> float:
@@ -26,3 +28,13 @@ def at_least(option: str, value: int | None, minimum: int = 1) -> int | None:
     if value is not None and value < minimum:
         raise ConfigError(f"{option}: must be ≥ {minimum}, got {value}")
     return value
+
+
+def checked_jobs(jobs: int, what: str) -> int:
+    """`--jobs` for processes on this machine: at least 1, at most one per core (a `note:` line says when it was
+    lowered)."""
+    at_least("--jobs", jobs)
+    capped, note = cap_jobs("--jobs", jobs, what)
+    if note:
+        err.print(f"note: {note}")
+    return capped or jobs

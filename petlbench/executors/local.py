@@ -46,8 +46,8 @@ from petlbench.executors.process import (
     temp_dir,
 )
 from petlbench.results import RunResult, failed_result, suite_dir
-from petlbench.safeio import move_into, open_log, subfolder
 from petlbench.spec.models import RunSpec
+from petlbench.system.safeio import move_into, open_log, subfolder
 from petlbench.why import SNAPSHOT_DIR
 
 TAIL_LINES = 20
@@ -63,7 +63,7 @@ def log_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def log_folder(results_dir: Path, spec: RunSpec) -> Path:
-    """results/<suite>/logs/, created; an OSError when it is a symlink (petlbench.safeio)."""
+    """results/<suite>/logs/, created; an OSError when it is a symlink (petlbench.system.safeio)."""
     folder = suite_dir(results_dir, spec.suite)
     folder.mkdir(parents=True, exist_ok=True)
     return subfolder(folder, LOG_DIR)

@@ -3,8 +3,8 @@ tied to their parent's life, stopped, and how their deaths are told apart — in
 
 - `start` runs a command in a session of its own (Ctrl-C reaches only the parent, which stops the child cleanly)
   and tells it the parent's PID (`PETLBENCH_PARENT_PID`); a `python -m MODULE` child starts through
-  `petlbench.launch`, which calls `die_with_parent` before MODULE imports anything.
-- `die_with_parent` (petlbench/launch.py) asks the Linux kernel to SIGKILL the child when its parent dies
+  `petlbench.system.launch`, which calls `die_with_parent` before MODULE imports anything.
+- `die_with_parent` (petlbench/system/launch.py) asks the Linux kernel to SIGKILL the child when its parent dies
   (`prctl(PR_SET_PDEATHSIG)`), and exits at once if the parent is already gone (the race between fork and prctl).
   A `petlbench run` killed by -9 therefore takes its workers with it; see docs/guarantees.md for limits.
 - `kill_group` kills a child and everything it started.
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from petlbench.launch import PARENT_PID_ENV as PARENT_PID_ENV  # re-exported: children use them from here
-from petlbench.launch import die_with_parent as die_with_parent
+from petlbench.system.launch import PARENT_PID_ENV as PARENT_PID_ENV  # re-exported: children use them from here
+from petlbench.system.launch import die_with_parent as die_with_parent
 
 RUNS_IN_FLIGHT_ENV = "PETLBENCH_RUNS_IN_FLIGHT"  # runs executing when a worker started: recorded on its row
 _PR_SET_NAME = 15
@@ -46,9 +46,9 @@ def start(
     text: bool = False,
 ) -> subprocess.Popen[Any]:
     """Start a petlbench child in its own session, told who its parent is. A `python -m MODULE` command runs
-    through `petlbench.launch`, which sets the parent-death signal before MODULE imports anything."""
+    through `petlbench.system.launch`, which sets the parent-death signal before MODULE imports anything."""
     if len(command) >= 3 and command[1] == "-m":
-        command = [command[0], "-m", "petlbench.launch", *command[2:]]
+        command = [command[0], "-m", "petlbench.system.launch", *command[2:]]
     return subprocess.Popen(
         command,
         stdin=stdin,

@@ -32,8 +32,8 @@ from petlbench.executors.local import log_folder, log_path, run_on_node
 from petlbench.executors.watchdog import Watchdog, start_watchdog
 from petlbench.fmt import describe_exception, first_line
 from petlbench.results import RunResult, failed_result
-from petlbench.safeio import write_text
 from petlbench.spec.models import RunSpec
+from petlbench.system.safeio import write_text
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from petlbench import __version__, safeio
+from petlbench import __version__
 from petlbench.errors import ConfigError
 from petlbench.fmt import UNSTABLE_NOTE, first_line, fmt_bytes, fmt_params, fmt_pct, fmt_rate, missing, noisy
 from petlbench.report.document import Block, Bullets, Heading, Image, Para, Table, literal, to_html, to_markdown
@@ -24,6 +24,7 @@ from petlbench.report.explain import FIGURE_PREFIXES as WHY_PREFIXES
 from petlbench.report.explain import timelines_for, why_section
 from petlbench.report.frame import Group, points, split_groups, variant_order
 from petlbench.results import load_rows
+from petlbench.system import safeio
 
 if TYPE_CHECKING:
     import pandas as pd

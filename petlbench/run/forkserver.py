@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from petlbench.executors.process import WORKER_NAME, die_with_parent, set_process_name
-from petlbench.safeio import open_log
+from petlbench.system.safeio import open_log
 
 
 def _send(fd: int, message: dict[str, Any]) -> None:

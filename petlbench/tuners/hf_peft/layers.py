@@ -276,12 +276,14 @@ def _elements(module: nn.Module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
 
 
-def attach_peft(model: nn.Module, peft_type: str, config: Mapping[str, Any]) -> nn.Module:
+def attach_peft(
+    model: nn.Module, peft_type: str, config: Mapping[str, Any], size_field: str | None = None
+) -> nn.Module:
     """Inject the peft method into `model`; return the module to train (the model, or the PeftModel holding it).
 
     On a meta model (the pre-flight probe, the estimator) everything is built on the meta device: no real memory,
     whatever the knobs say. A method that adds more than ADAPTER_LIMIT_FACTOR × the backbone's elements is refused
-    as a PeftFieldError naming its rank-like field.
+    as a PeftFieldError naming `size_field` (the method's rank-like field) when the config sets it.
     """
     made = peft_config(peft_type, config)
     check_targets(model, "target_modules", getattr(made, "target_modules", None))
@@ -312,18 +314,15 @@ def attach_peft(model: nn.Module, peft_type: str, config: Mapping[str, Any]) -> 
             raise
         field = _named_field(text, [f.name for f in dataclasses.fields(made)])
         raise PeftFieldError(field or ("target_modules" if "target" in text.lower() else None), text) from None
-    _check_size(peft_type, config, _elements(root) - before, before)
+    _check_size(config, size_field, _elements(root) - before, before)
     return root
 
 
-def _check_size(peft_type: str, config: Mapping[str, Any], added: int, backbone: int) -> None:
+def _check_size(config: Mapping[str, Any], size_field: str | None, added: int, backbone: int) -> None:
     limit = max(ADAPTER_LIMIT_FACTOR * backbone, MIN_ADAPTER_LIMIT)
     if added <= limit:
         return
-    from petlbench.tuners.hf_peft import RANK_FIELDS
-
-    rank = RANK_FIELDS.get(peft_type, (None, None))[0]
-    field = rank if rank is not None and rank in config else None
+    field = size_field if size_field is not None and size_field in config else None
     given = f"{config[field]!r} adds" if field is not None else "these knobs add"
     raise PeftFieldError(
         field,

@@ -1,4 +1,4 @@
-"""python -m petlbench.launch MODULE [ARGS...]: tie this process to its parent's life, then run MODULE as __main__.
+"""python -m petlbench.system.launch MODULE [ARGS...]: tie this process to its parent's life, then run MODULE.
 
 Every child petlbench starts runs through here (petlbench.executors.process.start), so the kernel's parent-death
 signal is set within milliseconds of the child's start, before it imports petlbench's modules, torch or timm
@@ -40,7 +40,7 @@ def die_with_parent(expected_parent: int | None = None) -> None:
 def main() -> None:
     die_with_parent()
     if len(sys.argv) < 2:
-        print("usage: python -m petlbench.launch MODULE [ARGS...]", file=sys.stderr)
+        print("usage: python -m petlbench.system.launch MODULE [ARGS...]", file=sys.stderr)
         sys.exit(2)
     module = sys.argv[1]
     sys.argv = sys.argv[1:]
