@@ -587,3 +587,38 @@ def test_the_watchdog_kills_what_a_killed_parent_started() -> None:
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     assert exits_within(daemon, 3) and exits_within(helper, 3), "a daemon outlived the driver killed with -9"
+
+
+RAY_DRIVER = """\
+import os, sys, time
+from pathlib import Path
+from petlbench.executors.ray import RayExecutor
+from petlbench.executors.watchdog import descendants
+RayExecutor(Path(sys.argv[1]))._connect()  # a local instance, as `run --executor ray` starts one
+time.sleep(2)  # the watchdog has looked at least once since ray.init returned
+print(" ".join(str(pid) for pid in descendants(os.getpid())), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_ray_driver_takes_the_local_ray_instance_along(tmp_path: Path) -> None:
+    """Ray's gcs_server, raylet, dashboard and runtime-env agents do not die with the driver; the watchdog kills
+    them."""
+    pytest.importorskip("ray")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", RAY_DRIVER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert driver.stdout is not None
+    started = [int(pid) for pid in driver.stdout.readline().split()]
+    try:
+        assert len(started) >= 3, started  # the watchdog, gcs_server, raylet, agents, idle workers
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        left = [pid for pid in started if not exits_within(pid, 5)]
+        assert not left, f"Ray processes outlived the driver killed with -9: {left}"
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
