@@ -121,7 +121,9 @@ class ForkServer:
     def stopped(self) -> bool:
         """Whether the server cannot answer: stopped for STOPPED_GRACE_S or more (seen on repeated calls), or dead."""
         state = process_state(self.proc.pid)
-        if state in ("Z", "X") or (state is None and sys.platform.startswith("linux")):
+        if state is None:  # no /proc entry to read: dead only if it has exited
+            return self.proc.poll() is not None
+        if state in ("Z", "X"):
             return True
         if state not in ("T", "t"):
             self._stopped_at = None
