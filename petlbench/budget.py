@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 import shlex
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, TypeVar, cast
 
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model, model_validator
@@ -40,6 +40,7 @@ from petlbench.spec.base import StrictModel
 from petlbench.spec.loading import read_yaml
 from petlbench.spec.messages import format_validation_error
 from petlbench.spec.models import PAIR_COLUMNS, Device, Precision
+from petlbench.system import safeio
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,6 +54,13 @@ ByteCount: TypeAlias = Annotated[int, BeforeValidator(parse_bytes)]
 
 # Measured, so empty on a run that failed before measuring: such a row still matches (and fails its checks),
 # so a crashed tuner shows up as a FAIL naming the run instead of as a budget that selects nothing.
+Row: TypeAlias = Mapping[str, Any]  # one result row, as check reads it (a dict of a normalised frame's row)
+
+
+def _records(frame: pd.DataFrame) -> list[Row]:
+    return cast(list[Row], frame.to_dict("records"))
+
+
 _MEASURED_SELECTORS: Final = frozenset({"memory_source", "gpu_name"})
 # selector field → result column
 SELECTOR_COLUMNS: Final = {
@@ -255,7 +263,7 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
         if rows.empty:
             problems.append(_no_match(source, where, budget.select, results))
             continue
-        for _, row in rows.iterrows():
+        for row in _records(rows):  # plain dicts: a Series per row costs more than the check
             for name, op, limit in budget.limits():
                 checks.append(_check_value(where, budget.name or "", row, name, column(name).kind, op, limit))
     for j, ratio in enumerate(budgets.ratios):
@@ -264,25 +272,27 @@ def check(results: pd.DataFrame, budgets: Budgets, source: str = "budgets") -> l
         if rows.empty:
             problems.append(_no_match(source, where, ratio.select, results, "select"))
             continue
-        partners = select(results, ratio.versus)
-        if partners.empty:
+        versus = select(results, ratio.versus)
+        if versus.empty:
             problems.append(_no_match(source, where, ratio.versus, results, "versus"))
             continue
-        for _, row in rows.iterrows():
-            pair = _pair(row, partners)
+        partners = _Partners(versus)
+        for row in _records(rows):
+            pair = partners.of(row)
             if len(pair) > 1:
                 problems.append(
-                    f"{source}: {where}.versus: {len(pair)} rows ({', '.join(sorted(pair['variant']))}) pair with "
+                    f"{source}: {where}.versus: {len(pair)} rows ({', '.join(sorted(p['variant'] for p in pair))}) "
+                    "pair with "
                     f"{row_label(row)}; narrow `versus` (e.g. add knob) so one row matches"
                 )
                 continue
-            checks.extend(_check_ratio(where, ratio, row, pair.iloc[0] if len(pair) else None))
+            checks.extend(_check_ratio(where, ratio, row, pair[0] if pair else None))
     if problems:
         raise ConfigError("\n".join(problems))
     return checks
 
 
-def _check_value(where: str, budget: str, row: pd.Series, name: str, kind: Kind, op: Op, limit: float) -> CheckResult:
+def _check_value(where: str, budget: str, row: Row, name: str, kind: Kind, op: Op, limit: float) -> CheckResult:
     value = row.get(name)
     actual = None if value is None or missing(value) else float(value)
     note = ""
@@ -310,7 +320,7 @@ def _check_value(where: str, budget: str, row: pd.Series, name: str, kind: Kind,
     )
 
 
-def _check_ratio(where: str, ratio: RatioBudget, row: pd.Series, partner: pd.Series | None) -> list[CheckResult]:
+def _check_ratio(where: str, ratio: RatioBudget, row: Row, partner: Row | None) -> list[CheckResult]:
     metric = ratio.metric
     actual: float | None = None
     note = ""
@@ -354,18 +364,25 @@ def _within(actual: float, op: Op, limit: float) -> bool:
     return actual <= limit if op == "<=" else actual >= limit
 
 
-def _pair(row: pd.Series, partners: pd.DataFrame) -> pd.DataFrame:
-    mask = partners["run_id"] != row["run_id"]
-    for name in PAIR_COLUMNS:
-        if name not in partners:
-            continue
-        value = row.get(name)
-        if missing(value):
-            mask &= partners[name].isna()
-        else:
-            mask &= partners[name] == value
-    paired: pd.DataFrame = partners[mask]
-    return paired
+class _Partners:
+    """The `versus` rows of a ratio, indexed by their pairing columns: each selected row finds its partners in one
+    lookup (a scan per row made a check of thousands of rows take minutes)."""
+
+    def __init__(self, partners: pd.DataFrame) -> None:
+        self.rows = _records(partners)
+        self.names = [name for name in PAIR_COLUMNS if name in partners]
+        self.index: dict[tuple[Any, ...], list[int]] = {}
+        for position, values in enumerate(zip(*(partners[name] for name in self.names), strict=True)):
+            self.index.setdefault(self._key(values), []).append(position)
+
+    @staticmethod
+    def _key(values: Iterable[Any]) -> tuple[Any, ...]:
+        return tuple(None if missing(value) else value for value in values)
+
+    def of(self, row: Row) -> list[Row]:
+        """The partners of `row`: the same value (or both missing) in every pairing column, another run."""
+        found = self.index.get(self._key(row.get(name) for name in self.names), [])
+        return [self.rows[i] for i in found if self.rows[i]["run_id"] != row["run_id"]]
 
 
 def _no_match(source: str, where: str, selector: Selector, results: pd.DataFrame, field: str = "select") -> str:
@@ -548,15 +565,35 @@ def format_value(value: float | None, kind: Kind) -> str:
     return format_column_value(value, kind)
 
 
+# What `check` reads of each row besides the selectors, the pairing columns and the limited metrics: the row's
+# identity, outcome and label (petlbench.results.row_label), and what picks the newest row of a run.
+LABEL_COLUMNS: Final = (
+    *("run_id", "suite", "status", "error", "created_at", "tuner", "method", "knob_name", "knob"),
+    *("batch_size", "precision", "device", "env.gpu_name", "memory_source", "variant"),
+)
+
+
+def columns_read(budgets: Budgets) -> list[str]:
+    """The result columns checking `budgets` needs: only these are read from each file (thousands of files are
+    checked in seconds)."""
+    wanted = [*LABEL_COLUMNS, *SELECTOR_COLUMNS.values()]
+    for budget in budgets.budgets:
+        wanted += [name for name, _, _ in budget.limits()]
+    if budgets.ratios:  # a ratio pairs rows on their settings
+        wanted += [*PAIR_COLUMNS, *(ratio.metric for ratio in budgets.ratios)]
+    return list(dict.fromkeys(wanted))
+
+
 def check_files(paths: Sequence[Path], budgets_path: Path) -> CheckReport:
     """Load results and a budgets file, and check every budget (ConfigError if one selects nothing)."""
     from petlbench.report.rows import load_rows
 
     budgets = load_budgets(budgets_path)
-    rows = load_rows(paths)
+    rows = load_rows(paths, columns_read(budgets))
     checks = check(rows, budgets, source=str(budgets_path))
     covered = {c.run_id for c in checks}
-    uncovered = [row_label(r) for _, r in rows.iterrows() if r["run_id"] not in covered]
+    left = rows[~rows["run_id"].isin(covered)]
+    uncovered = [row_label(r) for r in left[list(LABEL_COLUMNS)].to_dict("records")]
     return CheckReport(
         checks, uncovered, _regenerate_line(budgets_path) or regenerate_command(paths, budgets_path, 1.05)
     )
@@ -588,7 +625,5 @@ def write_baseline_file(paths: Sequence[Path], out: Path, headroom: float) -> tu
     command = regenerate_command(paths, out, headroom)
     baseline = propose_baseline(rows, headroom, command, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(baseline.text, encoding="utf-8")
-    tmp.replace(out)
+    safeio.write_text(out, baseline.text)  # a temp file renamed over `out`: never written through a link
     return baseline, command

@@ -37,6 +37,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def shown_path(path: Any) -> str:
+    """A path in a message, on one line: bytes the filesystem encoding could not decode shown as UTF-8 where they
+    are ('é' under LC_ALL=C), else as '\\xe9'; control characters escaped (a newline as '\\n')."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
     """'RuntimeError: first line of its message' (just the class name when it has no message)."""
     message = first_line(exc, limit)

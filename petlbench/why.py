@@ -321,37 +321,118 @@ def why_path(suite_folder: Path, run_id: str) -> Path:
 
 
 def save_why(path: Path, why: WhyData) -> Path:
-    """Write one run's summary atomically (compressed npz: arrays plus a few scalars; no pickles)."""
+    """Write one run's summary atomically (compressed npz: arrays plus a few scalars; no pickles), never through a
+    symlink (petlbench.system.safeio)."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(
-        tmp,
-        meta=np.array([why.round_to, why.events, why.peak_bytes, why.peak_event], dtype=np.int64),
-        x=np.array(why.x, dtype=np.int64),
-        live=np.array([why.live[c] for c in CATEGORIES], dtype=np.int64).reshape(len(CATEGORIES), len(why.x)),
-        phase_names=np.array([p for p, _ in why.phases], dtype=str),
-        phase_events=np.array([i for _, i in why.phases], dtype=np.int64),
-        entry_module=np.array([e.module for e in why.entries], dtype=str),
-        entry_category=np.array([e.category for e in why.entries], dtype=str),
-        entry_bytes=np.array([e.bytes for e in why.entries], dtype=np.int64),
-        entry_tensors=np.array([e.tensors for e in why.entries], dtype=np.int64),
-    )
-    os.replace(tmp, path)
+    from petlbench.system.safeio import atomic_writer, subfolder
+
+    subfolder(path.parent.parent, path.parent.name)
+    with atomic_writer(path) as handle:
+        np.savez_compressed(
+            handle,
+            meta=np.array([why.round_to, why.events, why.peak_bytes, why.peak_event], dtype=np.int64),
+            x=np.array(why.x, dtype=np.int64),
+            live=np.array([why.live[c] for c in CATEGORIES], dtype=np.int64).reshape(len(CATEGORIES), len(why.x)),
+            phase_names=np.array([p for p, _ in why.phases], dtype=str),
+            phase_events=np.array([i for _, i in why.phases], dtype=np.int64),
+            entry_module=np.array([e.module for e in why.entries], dtype=str),
+            entry_category=np.array([e.category for e in why.entries], dtype=str),
+            entry_bytes=np.array([e.bytes for e in why.entries], dtype=np.int64),
+            entry_tensors=np.array([e.tensors for e in why.entries], dtype=np.int64),
+        )
     return path
 
 
-def load_why(path: Path) -> WhyData:
-    import numpy as np
+# A stored timeline is a few tens of kB; these bound what a damaged or hostile file can make a reader do.
+MAX_WHY_FILE_BYTES: Final = 64 * 1024**2  # the .npz on disk
+MAX_WHY_ARRAY_BYTES: Final = 256 * 1024**2  # all its arrays, decompressed (a zip bomb stops here, unread)
+# key → (dtype kind: i integer, U text; number of dimensions)
+_WHY_ARRAYS: Final = {
+    "meta": ("i", 1),
+    "x": ("i", 1),
+    "live": ("i", 2),
+    "phase_names": ("U", 1),
+    "phase_events": ("i", 1),
+    "entry_module": ("U", 1),
+    "entry_category": ("U", 1),
+    "entry_bytes": ("i", 1),
+    "entry_tensors": ("i", 1),
+}
 
-    with np.load(path, allow_pickle=False) as data:
-        round_to, events, peak, peak_event = (int(v) for v in data["meta"])
-        live = data["live"]
+
+class WhyFileError(ValueError):
+    """A timeline file that is not one petlbench wrote (the message says what is wrong with it)."""
+
+
+def _why_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a timeline file, each checked before it is read: a regular file of bounded size, a zip of the
+    expected .npy members, no object (pickled) arrays, declared shapes that match the bytes stored, and at most
+    MAX_WHY_ARRAY_BYTES decompressed."""
+    import io
+    import stat
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise WhyFileError("not a regular file")
+    if info.st_size > MAX_WHY_FILE_BYTES:
+        raise WhyFileError(f"{info.st_size:,} bytes, more than a timeline's {MAX_WHY_FILE_BYTES:,}")
+    arrays: dict[str, np.ndarray] = {}
+    with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        members = {m.filename: m for m in archive.infolist()}
+        total = sum(m.file_size for m in members.values())
+        if total > MAX_WHY_ARRAY_BYTES:
+            raise WhyFileError(f"inflates to {total:,} bytes, more than a timeline's {MAX_WHY_ARRAY_BYTES:,}")
+        for key, (kind, ndim) in _WHY_ARRAYS.items():
+            member = members.get(f"{key}.npy")
+            if member is None:
+                raise WhyFileError(f"no {key!r} array")
+            # zipfile stops at the declared size, so a member never inflates past what was summed above
+            data = archive.read(member)
+            stream = io.BytesIO(data)
+            version = npy.read_magic(stream)
+            if version == (1, 0):
+                shape, _, dtype = npy.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, _, dtype = npy.read_array_header_2_0(stream)
+            else:
+                raise WhyFileError(f"array {key!r} in .npy format {version}, which petlbench does not write")
+            if dtype.hasobject or dtype.kind != kind or len(shape) != ndim:
+                raise WhyFileError(f"array {key!r} holds {dtype}{list(shape)}, not what petlbench writes")
+            if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data) - stream.tell():
+                raise WhyFileError(f"array {key!r} is cut short or padded")
+            stream.seek(0)
+            arrays[key] = npy.read_array(stream, allow_pickle=False)
+    return arrays
+
+
+def load_why(path: Path) -> WhyData:
+    """A stored timeline; a ResultsError (one line, naming the file) for anything petlbench did not write: not a
+    file, too large, truncated, random bytes, a missing or mistyped array, lengths that disagree, a pickle."""
+    from petlbench.errors import ResultsError
+    from petlbench.fmt import describe_exception, shown_path
+
+    try:
+        data = _why_arrays(path)
+        meta, x, live = data["meta"], data["x"], data["live"]
+        phases, entries = len(data["phase_names"]), len(data["entry_module"])
+        if meta.shape != (4,):
+            raise WhyFileError(f"meta holds {meta.shape[0]} values, not 4")
+        if live.shape != (len(CATEGORIES), len(x)):
+            raise WhyFileError(f"live is {list(live.shape)}, not {len(CATEGORIES)} categories × {len(x)} samples")
+        if len(data["phase_events"]) != phases:
+            raise WhyFileError("phase names and phase events differ in length")
+        if any(len(data[k]) != entries for k in ("entry_category", "entry_bytes", "entry_tensors")):
+            raise WhyFileError("the attribution arrays differ in length")
+        round_to, events, peak, peak_event = (int(v) for v in meta)
         return WhyData(
             round_to=round_to,
             events=events,
-            x=[int(v) for v in data["x"]],
+            x=[int(v) for v in x],
             live={c: [int(v) for v in live[i]] for i, c in enumerate(CATEGORIES)},
             phases=[(str(p), int(i)) for p, i in zip(data["phase_names"], data["phase_events"], strict=True)],
             peak_bytes=peak,
@@ -367,6 +448,12 @@ def load_why(path: Path) -> WhyData:
                 )
             ],
         )
+    except Exception as exc:  # zipfile, numpy and pydantic raise many unrelated types for a damaged file
+        why = str(exc) if isinstance(exc, WhyFileError) else describe_exception(exc, 120)
+        raise ResultsError(
+            f"{shown_path(path)}: unreadable timeline ({why}); delete it (the run's row stays) or rerun the run "
+            "with --force to record it again"
+        ) from None
 
 
 def find_timelines(paths: Iterable[Path]) -> dict[str, Path]:

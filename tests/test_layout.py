@@ -76,7 +76,7 @@ def test_no_import_cycles_and_a_small_top_level() -> None:
 # Packages sit in one layer each, except `run`: its model builder sits below the estimator (which builds models with
 # it) and the rest of it above (the sweep plans with estimates and runs the executors).
 LAYERS = (
-    ("petlbench", "petlbench.errors", "petlbench.fmt"),
+    ("petlbench", "petlbench.errors", "petlbench.fmt", "petlbench.system"),
     ("petlbench.spec.base", "petlbench.data.specs", "petlbench.data.vtab_tasks"),
     ("petlbench.tuners",),
     ("petlbench.spec",),

@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from petlbench.cli import estimates as estimate_cmd
-from petlbench.cli.console import err, error_line, fail, out
+from petlbench.cli.console import err, error_line, fail, out, output_failure
+from petlbench.cli.options import at_least, finite
 from petlbench.cli.report_view import PlotChoice, show_report
 from petlbench.cli.sweep_view import show_sweep
 from petlbench.cli.tables import (
@@ -24,11 +25,13 @@ from petlbench.cli.tables import (
     tuners_table,
 )
 from petlbench.data.specs import DATA_ROOT_ENV
-from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError
+from petlbench.errors import BudgetExceeded, ConfigError, PetlbenchError, WriteError
 from petlbench.executors import ExecutorKind
 from petlbench.executors.process import sigterm_as_interrupt
+from petlbench.fmt import shown_path
 from petlbench.results import stored_statuses, suite_dir
 from petlbench.run.sweep import SweepRequest, builtin_quickstart, prepare
+from petlbench.system import safeio
 from petlbench.tuners import available_tuners, unknown_tuner_message
 
 app = typer.Typer(
@@ -231,6 +234,10 @@ def report(
 
     Example: petlbench report results/memory --plot pareto --format pdf --out reports/
     """
+    try:
+        at_least("--batch-size", batch_size)
+    except PetlbenchError as exc:
+        fail(exc)
     plots = [str(p.value) for p in plot or []] or ["all"]
     show_report(results or [Path("results")], plots, out_dir, batch_size, fmt, width)
 
@@ -270,6 +277,8 @@ def explain(
 
     paths = results or [Path("results")]
     try:
+        at_least("--top", top)
+        at_least("--batch-size", batch_size)
         result = explain_core(paths, run, method, batch_size, vs, top)
     except PetlbenchError as exc:
         fail(exc)
@@ -300,6 +309,7 @@ def check(
 
     paths = results or [Path("results")]
     try:
+        finite("--headroom", headroom, minimum=1.0)
         if write_baseline is not None:
             baseline, command = write_baseline_file(paths, write_baseline, headroom)
             out.print(
@@ -334,7 +344,7 @@ def compare(
         Path | None,
         typer.Option("--out", help="also draw the changes per run into this figure (.png, .svg or .pdf)"),
     ] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="rows shown, largest memory change first")] = 40,
+    top: Annotated[int, typer.Option("--top", help="rows shown, largest memory change first")] = 40,
 ) -> None:
     """Compare two results folders run by run: the change in peak memory, throughput and accuracy, largest first.
 
@@ -348,6 +358,8 @@ def compare(
     from petlbench.report.rows import load_rows
 
     try:
+        finite("--max-increase", max_increase, minimum=0.0)
+        at_least("--top", top)
         comparison = compare_rows(load_rows([baseline]), load_rows([change]))
     except PetlbenchError as exc:
         fail(exc)
@@ -356,8 +368,19 @@ def compare(
         out.print(note)
     if out_file is not None:
         fig = comparison_figure(comparison, str(baseline), str(change), top)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_file, dpi=150)
+        kind = out_file.suffix.lstrip(".").lower()
+        if kind not in ("png", "svg", "pdf"):
+            fail(ConfigError(f"--out {shown_path(out_file)}: name a .png, .svg or .pdf file"))
+        try:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            with safeio.atomic_writer(out_file) as handle:  # whole or not at all, never through a link
+                fig.savefig(handle, format=kind, dpi=150)
+        except OSError as exc:
+            fail(
+                WriteError(
+                    f"{shown_path(out_file)}: cannot write the figure ({exc.strerror or exc}); choose another --out"
+                )
+            )
         out.print(f"figure → {out_file}")
     regressions = comparison.regressions(max_increase / 100)
     if regressions or comparison.broke:
@@ -387,7 +410,14 @@ def _root(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # stdout failed (a full disk, an I/O error) while the command went on: its output is lost, say so in the
+        # exit code (a closed pipe is the reader's choice and keeps the command's own code)
+        if output_failure() is not None and exc.code in (0, None):
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import typer
 
 from petlbench.cli.console import err, fail, progress_bar
 from petlbench.cli.estimate_tables import show_prediction
+from petlbench.cli.options import checked_jobs
 from petlbench.errors import PetlbenchError
 from petlbench.estimate.gpus import DEFAULT_HEADROOM, PRESETS
 from petlbench.run.predict import Prediction, PredictRequest, predict
@@ -76,9 +77,9 @@ def estimate(
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")
     ] = Path("results"),
-    jobs: Annotated[int, typer.Option("--jobs", min=1, help="estimator processes (each about 0.8 GB RSS)")] = (
-        DEFAULT_JOBS
-    ),
+    jobs: Annotated[
+        int, typer.Option("--jobs", help="estimator processes (each about 0.8 GB RSS), at most one per CPU core")
+    ] = DEFAULT_JOBS,
     strict: Annotated[
         bool, typer.Option("--strict", help="exit 1 if a run is predicted not to fit or cannot be estimated")
     ] = False,
@@ -93,11 +94,10 @@ def estimate(
 
     Example: petlbench estimate suites/memory.yaml --gpu h100-80gb,a100-40gb,rtx-4090
     """
-    quickstart = suite is None
-    request = PredictRequest(
-        suite or builtin_quickstart(), device, device_memory, results_dir, jobs, quickstart, gpu, headroom
-    )
     try:
+        jobs = checked_jobs(jobs, "estimator processes")
+        where = suite or builtin_quickstart()
+        request = PredictRequest(where, device, device_memory, results_dir, jobs, suite is None, gpu, headroom)
         with progress_bar("estimating") as progress:
             task = progress.add_task("starting (importing torch)", total=None)
             events = predict(request)

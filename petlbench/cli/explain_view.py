@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
+from petlbench.cli.tables import Col, FitTable
 from petlbench.fmt import fmt_bytes
 from petlbench.report.explain import Explanation, RunWhy
 from petlbench.why import CATEGORIES, Grouped, module_label
@@ -15,11 +15,9 @@ def _signed(value: int) -> str:
     return ("+" if value > 0 else "−" if value < 0 else "") + fmt_bytes(abs(value))
 
 
-def _modules_table(title: str, groups: list[Grouped], activations: int) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("module")
-    table.add_column("activation bytes", justify="right")
-    table.add_column("share", justify="right")
+def _modules_table(title: str, groups: list[Grouped], activations: int) -> FitTable:
+    columns = [Col("module", wrap=True), Col("activation bytes", "right"), Col("share", "right")]
+    table = FitTable(columns, title=title, title_justify="left")  # narrower than its minimum: one block per row
     for g in groups:
         table.add_row(module_label(g.name), fmt_bytes(g.bytes), f"{g.bytes / activations:.0%}" if activations else "-")
     return table
@@ -35,9 +33,8 @@ def run_summary(run: RunWhy) -> RenderableType:
         f" ({why.peak_bytes:,} B) in {why.peak_phase}, at {why.peak_fraction:.0%} of the step "
         f"(event {why.peak_event:,} of {why.events:,})",
     )
-    breakdown = Table(title="live at the peak", title_justify="left")
-    for name in ("category", "bytes", "share"):
-        breakdown.add_column(name, justify="left" if name == "category" else "right")
+    columns = [Col("category"), Col("bytes", "right"), Col("share", "right")]
+    breakdown = FitTable(columns, title="live at the peak", title_justify="left")
     for category in CATEGORIES:
         value = run.category(category)
         breakdown.add_row(category, fmt_bytes(value), f"{value / why.peak_bytes:.0%}" if why.peak_bytes else "-")
@@ -56,13 +53,11 @@ def explanation_view(result: Explanation) -> RenderableType:
     if result.other is not None and result.differences is not None:
         a, b = result.run, result.other
         parts.append(run_summary(b))
-        table = Table(
+        table = FitTable(
+            [Col("module", wrap=True), *(Col(name, "right") for name in (a.short, b.short, "difference"))],
             title=f"activations at the peak by sublayer, summed over blocks: {a.short} vs {b.short}",
             title_justify="left",
         )
-        table.add_column("module")
-        for name in (a.short, b.short, "difference"):
-            table.add_column(name, justify="right")
         for d in result.differences:
             table.add_row(module_label(d.name), fmt_bytes(d.a), fmt_bytes(d.b), _signed(d.delta))
         parts.append(table)

@@ -104,6 +104,8 @@ class SweepView:
             + ")"
             + ("" if event.executor == "local" else f" · {event.executor}")
         )
+        for note in event.notes:
+            err.print(f"note: {note}")
 
     def _start_progress(self) -> Progress:
         if self.progress is None:

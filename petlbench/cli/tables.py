@@ -28,6 +28,9 @@ class Col:
         self.name, self.justify, self.drop, self.wrap = name, justify, drop, wrap
 
 
+_MANY_ROWS = 200  # a borderless table this long is written line by line, not through Rich's table renderer
+
+
 class FitTable:
     """A table that fits the console it is printed on, never cutting a number: at full width a Rich table;
     narrower, the droppable columns go first (named in the caption); narrower still, one block per row
@@ -41,22 +44,46 @@ class FitTable:
     def add_row(self, *cells: str | Text) -> None:
         self.rows.append(list(cells))
 
-    def _table(self, keep: Sequence[int], dropped: Sequence[str]) -> Table:
+    def _table(self, keep: Sequence[int], dropped: Sequence[str], widths: Sequence[int] | None = None) -> Table:
         caption = self.caption or ""
         if dropped:
             caption += ("; " if caption else "") + f"not shown at this width: {', '.join(dropped)}"
         table = Table(title=self.title, caption=caption or None, header_style="bold", **self.style)
-        for i in keep:
+        for n, i in enumerate(keep):
             col = self.columns[i]
             overflow = "fold" if col.wrap else "ellipsis"  # a cut number would show as '…' (tests look for it)
-            table.add_column(col.name, justify=col.justify, no_wrap=not col.wrap, overflow=overflow)  # type: ignore[arg-type]
+            width = widths[n] if widths is not None else None
+            table.add_column(col.name, justify=col.justify, no_wrap=not col.wrap, overflow=overflow, width=width)  # type: ignore[arg-type]
         for row in self.rows:
             table.add_row(*(row[i] for i in keep))
         return table
 
+    def _natural_widths(self, console: Console) -> list[int]:
+        """Each column's width with every cell on one line, from the cells' text (Rich measures by rendering every
+        cell, twice: seconds for a table of thousands of rows)."""
+
+        def plain(cell: str | Text) -> str:
+            if isinstance(cell, Text):
+                return cell.plain
+            return console.render_str(cell).plain if "[" in cell else cell
+
+        widths = [cell_len(col.name) for col in self.columns]
+        for row in self.rows:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], *(cell_len(line) for line in plain(cell).split("\n")))
+        return widths
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         keep = list(range(len(self.columns)))
+        natural = self._natural_widths(console)
+        table = self._table(keep, [], natural)
+        if table._extra_width + sum(natural) + len(keep) * _padding_width(table) <= width:
+            if len(self.rows) >= _MANY_ROWS and self.style.get("box", box.HEAVY_HEAD) is None:
+                yield from self._lines(console, table, natural)  # thousands of rows: Rich takes ~1 ms a row
+            else:
+                yield table  # everything fits on one line per row: no measuring
+            return
         order = sorted((i for i, c in enumerate(self.columns) if c.drop), key=lambda i: -self.columns[i].drop)
         dropped: list[str] = []
         wide = options.update_width(100_000)
@@ -71,6 +98,31 @@ class FitTable:
             keep.remove(gone)
             dropped.append(self.columns[gone].name)
         yield from self._blocks(width)
+
+    def _lines(self, console: Console, table: Table, widths: Sequence[int]) -> RenderResult:
+        """The rows of a borderless table as the lines Rich would print (cells on one line, fixed widths)."""
+        _, right, _, left = table.padding
+        last = len(widths) - 1
+
+        def line(cells: Sequence[str | Text], style: str = "") -> Text:
+            out = Text()
+            for n, (cell, col) in enumerate(zip(cells, self.columns, strict=True)):
+                text = cell if isinstance(cell, Text) else console.render_str(cell)
+                if style:
+                    text.stylize(style)
+                gap = " " * (widths[n] - text.cell_len)
+                out.append(" " * (0 if n == 0 and not table.pad_edge else left))
+                out.append_text(Text(gap) + text if col.justify == "right" else text + Text(gap))
+                out.append(" " * (0 if n == last and not table.pad_edge else right))
+            return out
+
+        if self.title:
+            yield Text(self.title, style="table.title")
+        yield line([Text(col.name) for col in self.columns], "bold")
+        for row in self.rows:
+            yield line(row)
+        if self.caption:
+            yield Text(self.caption, style="table.caption")
 
     def _blocks(self, width: int) -> RenderResult:
         """List layout: the first cell bold, then 'name value' pairs, never split, packed into lines."""
@@ -94,6 +146,12 @@ class FitTable:
                 yield line
         if self.caption:
             yield Text(self.caption, style="dim")
+
+
+def _padding_width(table: Table) -> int:
+    """Horizontal padding of an inner column (the edges lose theirs with pad_edge=False, which only overestimates)."""
+    _, right, _, left = table.padding
+    return left + right
 
 
 def _minimum_width(console: Console, options: ConsoleOptions, table: Table) -> int:
@@ -250,11 +308,8 @@ COMMON_KNOBS_NOTE = (
 def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Group:
     """`petlbench tuners`: one line per tuner (what it does, its headline knob, its backbone/head defaults), the
     shared knobs explained once below."""
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
-    table.add_column("tuner", style="bold", no_wrap=True)
-    table.add_column("what it does", overflow="fold")
-    table.add_column("headline knob", no_wrap=True)
-    table.add_column("mode/head", no_wrap=True, style="dim")
+    columns = [Col("tuner"), Col("what it does", wrap=True), Col("headline knob"), Col("mode/head")]
+    table = FitTable(columns, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for name, cfg in tuners.items():
         knobs = {row["name"]: row for row in describe_tuner(cfg)}
         headline = next((row for row in knobs.values() if row["headline"]), None)
@@ -264,23 +319,35 @@ def tuners_table(tuners: Mapping[str, type[Tuner]]) -> Group:
     return Group(table, _paragraph(COMMON_KNOBS_NOTE + " `petlbench tuners NAME` shows one tuner in full."))
 
 
-def _paragraph(text: str, style: str = "dim") -> Table:
-    """Text that wraps at the terminal's width (the consoles print single lines unwrapped: soft_wrap)."""
-    grid = Table.grid()
-    grid.add_column(overflow="fold")
-    grid.add_row(Text(text, style=style))
-    return grid
+class _Paragraph:
+    """Text that wraps at the terminal's width (the consoles print single lines unwrapped: soft_wrap); on a terminal
+    narrower than its longest word, one unwrapped line the terminal folds, so no word is cut."""
+
+    def __init__(self, text: str, style: str) -> None:
+        self.text, self.style = text, style
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if options.max_width < max((cell_len(word) for word in self.text.split()), default=0):
+            yield Text(self.text, style=self.style)
+            return
+        grid = Table.grid()
+        grid.add_column(overflow="fold")
+        grid.add_row(Text(self.text, style=self.style))
+        yield grid
+
+
+def _paragraph(text: str, style: str = "dim") -> _Paragraph:
+    return _Paragraph(text, style)
 
 
 def tuner_detail(cfg: type[Tuner]) -> Group:
     """`petlbench tuners NAME`: what the tuner computes, then every knob with its type, default and meaning."""
-    parts: list[Text | Table] = [_paragraph(f"{cfg.name}: {cfg.summary}", style="")]
+    parts: list[Text | _Paragraph | FitTable] = [_paragraph(f"{cfg.name}: {cfg.summary}", style="")]
     if cfg.extra:
         parts.append(Text(f'needs: pip install "petlbench[{cfg.extra}]"', style="yellow"))
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
-    table.add_column("knob", no_wrap=True)
-    table.add_column("default", no_wrap=True)
-    table.add_column("meaning", overflow="fold")
+    table = FitTable(
+        [Col("knob"), Col("default"), Col("meaning", wrap=True)], box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False
+    )
     for row in describe_tuner(cfg):
         name = Text(row["name"], style="bold" if row["headline"] else "")
         meaning = f"{row['type']}; {row['description']}".strip("; ")

@@ -99,6 +99,16 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def cap_jobs(option: str, jobs: int | None, what: str = "runs", cores: int | None = None) -> tuple[int | None, str]:
+    """Processes on this machine: at most one per core this process may use (more would share the cores, each
+    with a thread budget of 1, and oversubscribe them). Returns the value to use, and the line that says it was
+    capped ('' when it was not)."""
+    cores = cores if cores is not None else available_cores()
+    if jobs is None or jobs <= cores:
+        return jobs, ""
+    return cores, f"{option} {jobs}: this machine runs {cores} {what} at once (one per CPU core); using {cores}"
+
+
 def resolve_jobs(device: Device, jobs: int | None, gpus: Sequence[str]) -> int:
     """How many runs the local executor runs at once.
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +32,11 @@ WORKER: Final = "worker"
 PROBE: Final = "probe"
 TARGET_MODULES: Final = {WORKER: "petlbench.run.worker", PROBE: "petlbench.run.probe"}
 READY_TIMEOUT_S = 300.0  # the server's imports (torch, timm): seconds, more on a loaded machine
+# A server that stops answering is declared dead (killed, and replaced by a new one for the next run):
+REPLY_TIMEOUT_S = 30.0  # no pid within this long after a fork request (a fork takes milliseconds)
+STOPPED_GRACE_S = 2.0  # stopped (SIGSTOP, SIGTSTP) this long while a reply is due
+REAP_TIMEOUT_S = 10.0  # no exit report this long after its worker was killed (timeout, interrupt)
+_POLL_S = 0.5  # how often a wait looks at the server's state
 
 
 def fork_server_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -44,6 +49,16 @@ class ServerGone(Exception):
     """The fork server closed its pipe (it died, or was killed)."""
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of a process in /proc (R running, S sleeping, T stopped, Z zombie, ...); None when it is
+    gone or unknown (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
 class _Lines:
     """Lines from a pipe with a timeout per line (os.read on the fd: no buffered data hidden from select)."""
 
@@ -51,13 +66,20 @@ class _Lines:
         self.fd = fd
         self.buffer = b""
 
-    def readline(self, timeout: float | None) -> bytes:
+    def readline(self, timeout: float | None, give_up: Callable[[], bool] | None = None) -> bytes:
+        """The next line; TimeoutExpired after `timeout`; ServerGone at end of file, or when `give_up()` says so
+        (asked every _POLL_S while nothing arrives)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.buffer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.fd], [], [], left)
+            wait = left if give_up is None else _POLL_S if left is None else min(left, _POLL_S)
+            ready, _, _ = select.select([self.fd], [], [], wait)
             if not ready:
-                raise subprocess.TimeoutExpired("petlbench.run.forkserver", timeout or 0.0)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired("petlbench.run.forkserver", timeout or 0.0)
+                if give_up is not None and give_up():
+                    raise ServerGone()
+                continue
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 raise ServerGone()
@@ -83,17 +105,37 @@ class ForkServer:
         self.lines = _Lines(self.proc.stdout.fileno())
         self.log = log
         self.alive = True
+        self._stopped_at: float | None = None
         try:
-            message = self._read(READY_TIMEOUT_S)
+            message = self._read(READY_TIMEOUT_S, self.stopped)
         except (ServerGone, subprocess.TimeoutExpired, ValueError):
             message = {}
         if not message.get("ready"):
             self.close()
 
-    def _read(self, timeout: float | None) -> dict[str, Any]:
-        message = json.loads(self.lines.readline(timeout))
+    def _read(self, timeout: float | None, give_up: Callable[[], bool] | None = None) -> dict[str, Any]:
+        message = json.loads(self.lines.readline(timeout, give_up))
         assert isinstance(message, dict)
         return message
+
+    def stopped(self) -> bool:
+        """Whether the server cannot answer: stopped for STOPPED_GRACE_S or more (seen on repeated calls), or dead."""
+        state = process_state(self.proc.pid)
+        if state is None:  # no /proc entry to read: dead only if it has exited
+            return self.proc.poll() is not None
+        if state in ("Z", "X"):
+            return True
+        if state not in ("T", "t"):
+            self._stopped_at = None
+            return False
+        now = time.monotonic()
+        if self._stopped_at is None:
+            self._stopped_at = now
+        return now - self._stopped_at >= STOPPED_GRACE_S
+
+    def answering(self) -> bool:
+        """Alive and not stopped now (a server coming back to the pool is checked once, without a grace period)."""
+        return self.alive and process_state(self.proc.pid) not in ("T", "t", "Z", "X")
 
     def spawn(
         self, target: str, args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
@@ -107,9 +149,9 @@ class ForkServer:
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
-            pid = int(self._read(READY_TIMEOUT_S)["pid"])
+            pid = int(self._read(REPLY_TIMEOUT_S, self.stopped)["pid"])
         except (OSError, ServerGone, subprocess.TimeoutExpired, ValueError, KeyError):
-            self.close()
+            self.close()  # declared dead: the caller spawns this child, the pool starts a new server for the next
             return None
         return ForkedChild(self, pid)
 
@@ -130,21 +172,39 @@ class ForkedChild:
         self.server = server
         self.pid = pid
         self.code: int | None = None
+        self.killed = False
+
+    def _gone_unreported(self) -> bool:
+        """The server cannot report this child's exit: it is stopped (or dead) and the child has ended."""
+        return self.server.stopped() and process_state(self.pid) in (None, "Z", "X")
 
     def wait(self, timeout: float | None) -> int:
+        """Its exit code; after `kill`, at most REAP_TIMEOUT_S for the server to report it, else the server is
+        declared dead (closed) and the child counts as killed."""
         if self.code is None:
+            if self.killed:
+                timeout = REAP_TIMEOUT_S if timeout is None else min(timeout, REAP_TIMEOUT_S)
             try:
-                self.code = int(self.server._read(timeout)["exit"])
+                self.code = int(self.server._read(timeout, self._gone_unreported)["exit"])
+            except subprocess.TimeoutExpired:
+                if not self.killed:
+                    raise
+                self._server_dead()
             except (ServerGone, ValueError, KeyError):
-                kill_pgid(self.pid)
-                self.server.close()
-                self.code = -9
+                self._server_dead()
+        assert self.code is not None
         return self.code
+
+    def _server_dead(self) -> None:
+        kill_pgid(self.pid)
+        self.server.close()
+        self.code = -signal.SIGKILL
 
     def kill(self) -> None:
         """Kill it and its session; the thread that waits on it then reads its exit (this never reads the pipe, so
         another thread may call it)."""
         if self.code is None:
+            self.killed = True
             kill_pgid(self.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signal.SIGKILL)  # in case it was killed before its own setsid
@@ -179,8 +239,9 @@ class ForkServers:
                 return None
             while self._idle:
                 server = self._idle.pop()
-                if server.alive:
+                if server.answering():
                     return server
+                server.close()  # stopped or dead while idle: replaced below
             if self._dir is None:
                 self._dir = temp_dir(TEMP_PREFIX)
             log = self._dir / f"forkserver-{len(self._servers)}.log"
@@ -262,7 +323,7 @@ def _forked_call(server: ForkServer, target: str, request: str, timeout_s: float
             code = child.wait(timeout_s)
         except subprocess.TimeoutExpired:
             child.kill()
-            child.wait(30)
+            child.wait(REAP_TIMEOUT_S)
             raise
         except BaseException:
             child.kill()

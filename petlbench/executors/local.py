@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from petlbench.errors import ConfigError
 from petlbench.executors.devices import DevicePool, gpu_env, thread_env, threads_per_run
 from petlbench.executors.events import RunEvent, RunFinished, RunStarted
-from petlbench.executors.forkclient import WORKER, ForkServer, ForkServers, fork_server_enabled
+from petlbench.executors.forkclient import REAP_TIMEOUT_S, WORKER, ForkServer, ForkServers, fork_server_enabled
 from petlbench.executors.process import (
     RUNS_IN_FLIGHT_ENV,
     TEMP_PREFIX,
@@ -47,6 +47,7 @@ from petlbench.executors.process import (
 )
 from petlbench.results import RunResult, failed_result, suite_dir
 from petlbench.spec.models import RunSpec
+from petlbench.system.safeio import move_into, open_log, subfolder
 from petlbench.why import SNAPSHOT_DIR
 
 TAIL_LINES = 20
@@ -54,17 +55,27 @@ TAIL_CHARS = 2000
 LOG_LIMIT = 1 << 20  # a run on another node sends back at most the last MiB of its log
 
 
+LOG_DIR = "logs"
+
+
 def log_path(results_dir: Path, spec: RunSpec) -> Path:
-    return suite_dir(results_dir, spec.suite) / "logs" / f"{spec.run_id}.log"
+    return suite_dir(results_dir, spec.suite) / LOG_DIR / f"{spec.run_id}.log"
+
+
+def log_folder(results_dir: Path, spec: RunSpec) -> Path:
+    """results/<suite>/logs/, created; an OSError when it is a symlink (petlbench.system.safeio)."""
+    folder = suite_dir(results_dir, spec.suite)
+    folder.mkdir(parents=True, exist_ok=True)
+    return subfolder(folder, LOG_DIR)
 
 
 def keep_snapshot(result: RunResult, results_dir: Path) -> RunResult:
     """Move a CUDA memory snapshot out of the worker's temp folder to results/<suite>/snapshots/<run_id>.pickle."""
     if result.snapshot_file is None or not Path(result.snapshot_file).is_file():
         return result.model_copy(update={"snapshot_file": None})
-    target = suite_dir(results_dir, result.spec.suite) / SNAPSHOT_DIR / f"{result.run_id}.pickle"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(result.snapshot_file, target)
+    folder = subfolder(suite_dir(results_dir, result.spec.suite), SNAPSHOT_DIR)
+    target = folder / f"{result.run_id}.pickle"
+    move_into(Path(result.snapshot_file), target)  # replaces a link at `target`, never moves into what it points at
     return result.model_copy(update={"snapshot_file": str(target)})
 
 
@@ -163,13 +174,16 @@ def _start_child(
         forked = server.spawn(WORKER, [str(spec_file), str(out_file)], log, env)
         if forked is not None:
             return forked
-    with log.open("wb") as log_file:
+    log_fd = open_log(log)  # never through a symlink left at the log's name
+    try:
         proc = start(
             [python, "-m", "petlbench.run.worker", str(spec_file), str(out_file)],
             {**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=log_file,
+            stdout=log_fd,
             stderr=subprocess.STDOUT,
         )
+    finally:
+        os.close(log_fd)
     return SpawnedChild(proc)
 
 
@@ -186,8 +200,7 @@ def run_in_subprocess(
     The worker is forked from a fork server of `servers` when given (and working), else a fresh interpreter.
     `children`, when given, holds the process while it runs, so another thread can kill it on an interrupt.
     """
-    log = log_path(results_dir, spec)
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = log_folder(results_dir, spec) / log_path(results_dir, spec).name
     tmp = temp_dir(TEMP_PREFIX)
     lease = servers.lease() if servers is not None else contextlib.nullcontext(None)
     try:
@@ -221,7 +234,7 @@ def _run_child(
     except subprocess.TimeoutExpired:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)  # reap it (a fork server reports the exit of the worker it killed)
+            proc.wait(timeout=REAP_TIMEOUT_S)  # reap it (a fork server that cannot report it is declared dead)
         return failed_result(
             spec,
             "timeout",

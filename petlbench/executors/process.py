@@ -2,10 +2,11 @@
 tied to their parent's life, stopped, and how their deaths are told apart — in one place.
 
 - `start` runs a command in a session of its own (Ctrl-C reaches only the parent, which stops the child cleanly)
-  and tells it the parent's PID (`PETLBENCH_PARENT_PID`).
-- `die_with_parent`, called first thing in every child, asks the Linux kernel to SIGKILL the child when its parent
-  dies (`prctl(PR_SET_PDEATHSIG)`), and exits at once if the parent is already gone (the race between fork and
-  prctl). A `petlbench run` killed by -9 therefore takes its workers with it; see docs/guarantees.md for limits.
+  and tells it the parent's PID (`PETLBENCH_PARENT_PID`); a `python -m MODULE` child starts through
+  `petlbench.system.launch`, which calls `die_with_parent` before MODULE imports anything.
+- `die_with_parent` (petlbench/system/launch.py) asks the Linux kernel to SIGKILL the child when its parent dies
+  (`prctl(PR_SET_PDEATHSIG)`), and exits at once if the parent is already gone (the race between fork and prctl).
+  A `petlbench run` killed by -9 therefore takes its workers with it; see docs/guarantees.md for limits.
 - `kill_group` kills a child and everything it started.
 - `oom_kills` reads the cgroup's OOM-kill counter, so a SIGKILL from the kernel's OOM killer is recorded as `oom`.
 - `temp_dir` / `clean_stale_temp`: temp folders named after their owner's PID, removed once that owner is dead.
@@ -27,9 +28,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-PARENT_PID_ENV = "PETLBENCH_PARENT_PID"
+from petlbench.system.launch import PARENT_PID_ENV as PARENT_PID_ENV  # re-exported: children use them from here
+from petlbench.system.launch import die_with_parent as die_with_parent
+
 RUNS_IN_FLIGHT_ENV = "PETLBENCH_RUNS_IN_FLIGHT"  # runs executing when a worker started: recorded on its row
-_PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
 TEMP_PREFIX = "petlbench-run-"  # + owner PID: a folder left by a parent killed with -9 goes at the next run
@@ -43,7 +45,10 @@ def start(
     stderr: int | IO[Any] | None = None,
     text: bool = False,
 ) -> subprocess.Popen[Any]:
-    """Start a petlbench child in its own session, told who its parent is (it calls `die_with_parent`)."""
+    """Start a petlbench child in its own session, told who its parent is. A `python -m MODULE` command runs
+    through `petlbench.system.launch`, which sets the parent-death signal before MODULE imports anything."""
+    if len(command) >= 3 and command[1] == "-m":
+        command = [command[0], "-m", "petlbench.system.launch", *command[2:]]
     return subprocess.Popen(
         command,
         stdin=stdin,
@@ -53,24 +58,6 @@ def start(
         env={**env, PARENT_PID_ENV: str(os.getpid())},
         start_new_session=True,
     )
-
-
-def die_with_parent(expected_parent: int | None = None) -> None:
-    """In a child: be SIGKILLed by the kernel when the parent dies; exit now if it died already.
-
-    `expected_parent` defaults to `PETLBENCH_PARENT_PID` (set by `start`); without either only the prctl is set.
-    Linux only (elsewhere a no-op). The death signal fires when the *thread* that forked this process exits, so
-    parents start children from a thread that outlives them (an executor's run thread waits on its child).
-    """
-    if expected_parent is None:
-        value = os.environ.get(PARENT_PID_ENV)
-        expected_parent = int(value) if value and value.isdigit() else None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if expected_parent is not None and os.getppid() != expected_parent:
-        os._exit(1)  # the parent died before the prctl: nobody waits for this run
 
 
 WORKER_NAME = "petlbench-run"  # a forked worker's process name (/proc/PID/comm), as `ps -o comm` shows it

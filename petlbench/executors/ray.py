@@ -28,10 +28,12 @@ from typing import Any, Final
 from petlbench.errors import ConfigError, DeviceError
 from petlbench.executors.devices import thread_env
 from petlbench.executors.events import RunEvent, RunFinished, RunStarted
-from petlbench.executors.local import log_path, run_on_node
+from petlbench.executors.local import log_folder, log_path, run_on_node
+from petlbench.executors.watchdog import Watchdog, start_watchdog
 from petlbench.fmt import describe_exception, first_line
 from petlbench.results import RunResult, failed_result
 from petlbench.spec.models import RunSpec
+from petlbench.system.safeio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class RayExecutor:
         self.env = dict(env or {})
         self.max_in_flight = max_in_flight
         self.cpus_per_run = cpus_per_run
+        self._watchdog: Watchdog | None = None
 
     def __str__(self) -> str:
         where = f"cluster at {self.address}" if self.address else "local instance"
@@ -100,15 +103,26 @@ class RayExecutor:
         try:
             if self.address is None:
                 log.info("starting a local Ray instance (pass --address auto to use a running cluster)")
+                # Ray's daemons do not die with this process: a watchdog kills them if it is killed (-9)
+                self._watchdog = start_watchdog()
                 ray.init(include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=self.address, log_to_driver=False)
         except ConnectionError as exc:
+            self._stop_watchdog()
             raise ConfigError(
                 f"--address {self.address}: cannot reach a Ray cluster ({first_line(exc) or type(exc).__name__}); "
                 "start one with `ray start --head`"
             ) from None
+        except BaseException:
+            self._stop_watchdog()
+            raise
         return True
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     def _options(self, spec: RunSpec) -> dict[str, Any]:
         resources: dict[str, Any] = {"num_cpus": self.cpus_per_run}
@@ -152,15 +166,14 @@ class RayExecutor:
         finally:
             if started_here:
                 ray.shutdown()
+            self._stop_watchdog()
 
     def _collect(self, ref: Any, spec: RunSpec) -> RunResult:
         try:
             result_json, log_text = self._ray.get(ref)
         except Exception as exc:  # the task itself failed: worker process or node died, runtime env failed, ...
             return failed_result(spec, "error", f"ray task failed: {describe_exception(exc)}")
-        path = log_path(self.results_dir, spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(log_text)
+        write_text(log_folder(self.results_dir, spec) / log_path(self.results_dir, spec).name, log_text)
         return RunResult.model_validate_json(result_json)
 
     def _cancel(self, pending: Mapping[Any, RunSpec]) -> None:

@@ -33,6 +33,7 @@ from petlbench.report.views import (
     plot_enum,
     select,
 )
+from petlbench.system import safeio
 
 if TYPE_CHECKING:
     from enum import Enum
@@ -105,8 +106,8 @@ def build_report(
     blocks = [block for part in parts for block in part.blocks]
     markdown = out / "report.md"
     html = out / "report.html"
-    markdown.write_text(to_markdown(blocks), encoding="utf-8")
-    html.write_text(to_html(blocks, "petlbench report"), encoding="utf-8")
+    safeio.write_text(markdown, to_markdown(blocks))  # whole or not at all, never through a link
+    safeio.write_text(html, to_html(blocks, "petlbench report"))
     figures = [png for part in parts for png in part.figures]
     vtab_methods = max((part.counts.get("vtab_methods", 0) for part in parts), default=0)
     titles = [g.title for g in groups]

@@ -9,25 +9,26 @@ and the schema check are petlbench.results'.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petlbench.columns import numeric_columns, text_columns
 from petlbench.errors import ResultsError
-from petlbench.fmt import fmt_knob, missing
+from petlbench.fmt import fmt_knob, missing, shown_path
 from petlbench.results import load_results
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-def load_rows(paths: Iterable[Path]) -> pd.DataFrame:
-    """Every result row under `paths`, normalised; a ResultsError when there is none."""
+def load_rows(paths: Iterable[Path], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every result row under `paths`, normalised (only `columns` read, when given: the others are added empty);
+    a ResultsError when there is none."""
     paths = list(paths)
-    frame = load_results(paths)
+    frame = load_results(paths, columns)
     if frame.empty:
-        where = ", ".join(str(p) for p in paths) or "(no paths)"
+        where = ", ".join(shown_path(p) for p in paths) or "(no paths)"
         raise ResultsError(f"{where}: no result rows found; run `petlbench run SUITE` first")
     return normalise(frame)
 
@@ -65,20 +66,20 @@ def variant_label(method: Any, knob_name: Any, knob: Any) -> str:
     return f"{method} {knob}" if knob else str(method)
 
 
-def run_label(row: pd.Series) -> str:
+def run_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'lora rank=8 bs=8': the method and batch size of a row."""
     batch = row.get("batch_size")
     bs = "" if batch is None or missing(batch) else f" bs={int(batch)}"
     return f"{row.get('variant')}{bs}"
 
 
-def setting_label(row: pd.Series) -> str:
+def setting_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'smoke fp32 cpu' (or '... cuda NVIDIA H100 80GB HBM3'): where a row was measured."""
     gpu = row.get("env.gpu_name")
     extra = f" {gpu}" if row.get("device") == "cuda" and not missing(gpu) else ""
     return f"{row.get('suite')} {row.get('precision')} {row.get('device')}{extra}"
 
 
-def row_label(row: pd.Series) -> str:
+def row_label(row: pd.Series | Mapping[str, Any]) -> str:
     """'lora rank=8 bs=8 (smoke fp32 cpu)': enough to find the run."""
     return f"{run_label(row)} ({setting_label(row)})"

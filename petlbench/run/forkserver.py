@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from petlbench.executors.process import WORKER_NAME, die_with_parent, set_process_name
+from petlbench.system.safeio import open_log
 
 
 def _send(fd: int, message: dict[str, Any]) -> None:
@@ -36,7 +37,7 @@ def _child(request: dict[str, Any], server_pid: int, started: float) -> NoReturn
     code = 1
     try:
         os.setsid()  # its own session: the parent kills the run and everything it starts as one group
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        log = open_log(Path(request["log"]))  # never through a symlink left at the log's name
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)

@@ -28,7 +28,7 @@ from petlbench.estimate.client import (
 from petlbench.estimate.gpus import DEFAULT_HEADROOM, Target
 from petlbench.estimate.guard import Machine, PlanCost, StepCost, plan_seconds
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import RunResult, estimate_dir, suite_dir, write_result
+from petlbench.results import RunResult, check_writable, estimate_dir, suite_dir, write_result
 from petlbench.run.probe import probe_suite
 from petlbench.run.sweep import quickstart_jobs
 from petlbench.spec.expand import expand
@@ -90,8 +90,9 @@ def predict(request: PredictRequest) -> Generator[Estimating, None, Prediction]:
     targets = targets_for(
         device, request.gpu, request.device_memory, visible_gpus(), request.headroom, required=suite.auto_batch_size
     )
-    probe_suite(suite, runs)  # every model built on meta first: a bad knob is one line, not N failed estimates
     folders = estimate_dir(request.results_dir, suite.name), suite_dir(request.results_dir, suite.name)
+    check_writable(folders[0])  # a read-only or full folder fails now, not after every estimate
+    probe_suite(suite, runs)  # every model built on meta first: a bad knob is one line, not N failed estimates
     prediction = Prediction(suite, device, runs, targets, *folders)
     if suite.auto_batch_size:
         r = suite.batch_range

@@ -27,6 +27,7 @@ It runs as part of the pre-flight (petlbench/run/preflight.py), so `--no-preflig
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def probe_request(suite: Suite, runs: Sequence[RunSpec]) -> dict[str, Any]:
     models: list[dict[str, Any]] = []
     seen: set[str] = set()
     weights: dict[str, str] = {}
+    entries: dict[tuple[int, str], set[str]] = {}
     for run in runs:
         position = next((i for i, b in enumerate(declared) if b == run.backbone), 0)
         where = f"backbone[{position}]" if many else "backbone"
@@ -68,7 +70,7 @@ def probe_request(suite: Suite, runs: Sequence[RunSpec]) -> dict[str, Any]:
         if key not in index:
             index[key] = len(backbones)
             backbones.append({"where": where, "spec": spec.model_dump(mode="json")})
-        entry = next((i for i, e in enumerate(suite.tuners) if e.tuner == run.tuner), 0)
+        entry = _entry_of(suite, run, entries)
         # one build per model: batch, precision, seed and the rest do not change whether it builds
         model = run.model_copy(update={"backbone": spec, "batch_size": 2, "precision": "fp32", "seed": 0})
         model_key = json.dumps([index[key], entry, model.tuner, model.tuner_params, model.grad_checkpointing])
@@ -93,6 +95,33 @@ def probe_request(suite: Suite, runs: Sequence[RunSpec]) -> dict[str, Any]:
         "models": models,
         "weights": [{"where": w, "path": p} for p, w in weights.items()],
     }
+
+
+def _entry_of(suite: Suite, run: RunSpec, cache: dict[tuple[int, str], set[str]]) -> int:
+    """The index of the `tuners` entry a run came from: the only entry of its tuner, or the one whose params, task
+    params and a grid point validate to the run's knobs (two entries may use one tuner)."""
+    same = [i for i, e in enumerate(suite.tuners) if e.tuner == run.tuner]
+    if len(same) <= 1:
+        return same[0] if same else 0
+    from petlbench.tuners import available_tuners
+
+    task = task_key(run.data)
+    wanted = json.dumps(run.tuner_params, sort_keys=True)
+    for index in same:
+        if (index, task) not in cache:
+            entry = suite.tuners[index]
+            cls = available_tuners()[entry.tuner]
+            params = {**entry.params, **entry.task_params.get(task, {})}
+            keys = list(entry.grid)
+            knobs = set()
+            for values in itertools.product(*(entry.grid[k] for k in keys)):
+                with contextlib.suppress(ValueError):  # expand refused invalid points already
+                    config = cls.model_validate({**params, **dict(zip(keys, values, strict=True))})
+                    knobs.add(json.dumps(config.model_dump(mode="json"), sort_keys=True))
+            cache[index, task] = knobs
+        if wanted in cache[index, task]:
+            return index
+    return same[0]
 
 
 def probe_suite(

@@ -28,11 +28,19 @@ from petlbench.estimate.client import (
 )
 from petlbench.estimate.guard import PlanCost, check_cpu_plan
 from petlbench.executors import Executor, ExecutorKind, RunFinished, RunStarted, make_executor
-from petlbench.executors.devices import available_cores, resolve_device
+from petlbench.executors.devices import available_cores, cap_jobs, resolve_device
 from petlbench.executors.forkclient import ForkServers, fork_server_enabled
 from petlbench.fmt import first_line
 from petlbench.measure.nvml import visible_gpus
-from petlbench.results import DONE_STATUSES, RunResult, stored_results, stored_statuses, suite_dir, summarize
+from petlbench.results import (
+    DONE_STATUSES,
+    RunResult,
+    stored_durations,
+    stored_results,
+    stored_statuses,
+    suite_dir,
+    summarize,
+)
 from petlbench.run.execute import execute, hold, record
 from petlbench.run.preflight import DataCheck, check_data_root, preflight
 from petlbench.spec.expand import expand
@@ -149,7 +157,7 @@ def in_order(rows: Sequence[RunResult], runs: Sequence[RunSpec]) -> list[RunResu
 def seconds_per_run(folder: Path, device: str) -> float:
     """The mean duration of the runs already stored in `folder`, else a rough constant for the device (the ETA's
     seed before a run of this invocation finished)."""
-    durations = [r.duration_s for r in stored_results(folder) if r.duration_s is not None]
+    durations = stored_durations(folder)  # one column of each file: planning stays fast with thousands of rows
     return sum(durations) / len(durations) if durations else ROUGH_SECONDS_PER_RUN.get(device, 30.0)
 
 
@@ -190,6 +198,7 @@ class Planned:
     executor: str
     parallel: int
     seed_s: float  # the ETA's guess of a run's duration before one finished
+    notes: list[str] = field(default_factory=list)  # options adjusted to this machine (--jobs above the cores)
 
 
 @dataclass(frozen=True)
@@ -284,7 +293,9 @@ def sweep(request: SweepRequest) -> Iterator[SweepEvent]:
         prepared = prepare(request.suite, request.device, request.data_root, request.preflight, local, servers)
         suite, runs = prepared.suite, prepared.runs
         device = runs[0].device if runs else "cpu"
-        jobs = request.jobs
+        jobs, jobs_note = request.jobs, ""
+        if local and device == "cpu":  # CPU runs share this machine's cores: never more runs than cores
+            jobs, jobs_note = cap_jobs("--jobs", jobs)
         if request.quickstart and jobs is None and local and device == "cpu":
             jobs = quickstart_jobs(runs)
         runner = make_executor(request.executor, request.results_dir, device, jobs, request.address, servers=servers)
@@ -297,9 +308,13 @@ def sweep(request: SweepRequest) -> Iterator[SweepEvent]:
         todo = plan(runs, request.results_dir, request.force)
         where = suite_dir(request.results_dir, suite.name)
         parallel = jobs or (len(visible_gpus()) if device == "cuda" else 1) or 1
-        yield Planned(suite, runs, todo, where, device, str(runner), parallel, seconds_per_run(where, device))
-        if request.dry_run or not todo.todo:
-            yield Finished(suite, where, rows=in_order(stored_results(where), runs), dry_run=request.dry_run)
+        seed = seconds_per_run(where, device)
+        yield Planned(suite, runs, todo, where, device, str(runner), parallel, seed, [jobs_note] if jobs_note else [])
+        if request.dry_run:  # the dry run shows the plan only: no stored row is read in full
+            yield Finished(suite, where, dry_run=True)
+            return
+        if not todo.todo:
+            yield Finished(suite, where, rows=in_order(stored_results(where), runs))
             return
         if prepared.auto_cpu:  # no GPU here: refuse a CPU plan that cannot fit or would take hours
             yield Guarded(check_cpu_plan(suite.source, todo.todo, parallel))

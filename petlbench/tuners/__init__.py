@@ -20,6 +20,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Final, Literal
 
 from petlbench.errors import ConfigError
+from petlbench.fmt import describe_exception
 from petlbench.tuners.adapter import Adapter
 from petlbench.tuners.adaptformer import Adaptformer
 from petlbench.tuners.base import Tuner, unknown_tuner_message
@@ -61,15 +62,35 @@ TUNERS: Final = _build_registry(
 )
 
 
+def _import_plugin(name: str) -> ModuleType:
+    """Import one module named in PETLBENCH_PLUGINS; whatever goes wrong (an exception, a syntax error, a relative
+    name, sys.exit) is one ConfigError line naming the variable and the module."""
+    fix = f"fix the module, or remove it from {PLUGINS_ENV}"
+    if name.startswith("."):
+        raise ConfigError(f"{PLUGINS_ENV}: {name!r} is a relative module name; give the full dotted path")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):  # the plugin itself
+            raise ConfigError(f"{PLUGINS_ENV}: cannot import {name!r} ({exc}); fix the module path") from None
+        raise ConfigError(f"{PLUGINS_ENV}: importing {name!r} failed: {describe_exception(exc)}; {fix}") from None
+    except SyntaxError as exc:
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        raise ConfigError(f"{PLUGINS_ENV}: {name!r} has a syntax error{where}: {exc.msg}; {fix}") from None
+    except SystemExit as exc:
+        raise ConfigError(f"{PLUGINS_ENV}: importing {name!r} called sys.exit({exc.code!r}); {fix}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a plugin's import may raise anything
+        raise ConfigError(f"{PLUGINS_ENV}: importing {name!r} failed: {describe_exception(exc)}; {fix}") from None
+
+
 def plugin_modules() -> list[ModuleType]:
     """Modules named in PETLBENCH_PLUGINS, imported. Each must expose a `TUNERS` list of Tuner classes."""
     names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     modules = []
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"{PLUGINS_ENV}: cannot import {name!r} ({exc}); fix the module path") from exc
+        module = _import_plugin(name)
         if not isinstance(getattr(module, "TUNERS", None), list | tuple):
             raise ConfigError(f"{PLUGINS_ENV}: module {name!r} has no TUNERS list of Tuner classes")
         modules.append(module)
@@ -77,10 +98,22 @@ def plugin_modules() -> list[ModuleType]:
 
 
 def available_tuners() -> Mapping[str, type[Tuner]]:
-    """Every available tuner: the built-in ones plus those from PETLBENCH_PLUGINS."""
+    """Every available tuner: the built-in ones plus those from PETLBENCH_PLUGINS. A plugin tuner may not take a
+    name another tuner has (a built-in, or one of another plugin module)."""
     plugins = plugin_modules()
     if not plugins:
         return TUNERS
+    owner: dict[str, str] = dict.fromkeys(TUNERS, "petlbench (a built-in tuner)")
+    for module in plugins:
+        for tuner in module.TUNERS:
+            name = getattr(tuner, "name", None)
+            if isinstance(name, str) and name in owner:
+                raise ConfigError(
+                    f"{PLUGINS_ENV}: module {module.__name__!r} registers tuner {name!r}, a name {owner[name]} "
+                    "already has; rename the plugin's tuner"
+                )
+            if isinstance(name, str):
+                owner[name] = f"module {module.__name__!r}"
     return _build_registry([*TUNERS.values(), *(t for m in plugins for t in m.TUNERS)])
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, TypeAlias
 
 from petlbench.report.document import Block, Image
 from petlbench.report.frame import Group
+from petlbench.system import safeio
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,13 +108,16 @@ class ReportContext:
             raise TypeError(f"figure {stem!r}: its prefix is no view's `figures` (petlbench/report/views/)")
         png = self.out / f"{stem}.png"
         paper = paper_active()
-        fig.savefig(png, dpi=300 if paper else 110)
-        fig.savefig(self.out / f"{stem}.svg", metadata={"Date": None})
+        # each file under a temp name, renamed when whole: an interrupt never leaves a cut figure under its name
+        with safeio.atomic_writer(png) as handle:
+            fig.savefig(handle, format="png", dpi=300 if paper else 110)
+        with safeio.atomic_writer(self.out / f"{stem}.svg") as handle:
+            fig.savefig(handle, format="svg", metadata={"Date": None})
         if paper:
             import matplotlib
 
-            with matplotlib.rc_context(PAPER_RC):  # font embedding is read at save time
-                fig.savefig(self.out / f"{stem}.pdf", metadata={"CreationDate": None})
+            with matplotlib.rc_context(PAPER_RC), safeio.atomic_writer(self.out / f"{stem}.pdf") as handle:
+                fig.savefig(handle, format="pdf", metadata={"CreationDate": None})  # fonts are embedded at save time
         log.info("wrote %s (+ .svg%s)", png, " + .pdf" if paper else "")
         return png
 

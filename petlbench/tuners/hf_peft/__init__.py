@@ -132,7 +132,7 @@ class Peft(Tuner):
     def attach(self, model: nn.Module) -> nn.Module:
         from petlbench.tuners.hf_peft.layers import attach_peft
 
-        return attach_peft(model, self.peft_type, self.config)
+        return attach_peft(model, self.peft_type, self.config, self.knob_name())
 
     def merge(self, root: nn.Module) -> None:
         from petlbench.tuners.hf_peft.layers import merge_peft

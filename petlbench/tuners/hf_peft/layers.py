@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import re
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from unittest import mock
 
@@ -243,20 +243,62 @@ def _boft_cuda_extension_off() -> Iterator[None]:
         yield
 
 
-def attach_peft(model: nn.Module, peft_type: str, config: Mapping[str, Any]) -> nn.Module:
-    """Inject the peft method into `model`; return the module to train (the model, or the PeftModel holding it)."""
+@contextlib.contextmanager
+def _index_constants_on_cpu() -> Iterator[None]:
+    """BOFT builds its permutation matrices by Python indexing (`.item()`), which a meta tensor cannot answer. On a
+    meta model those two helpers alone run on the CPU (index lists and 0/1 matrices the size of a layer's input,
+    never a knob); the matrices are then copied into the layer's meta buffer, so nothing real stays behind."""
+    import peft.tuners.boft.layer as boft_layer
+
+    layer = boft_layer.BOFTLayer
+
+    def on_cpu(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with torch.device("cpu"):
+                return method(*args, **kwargs)
+
+        return wrapped
+
+    with (
+        mock.patch.object(layer, "perm2mat", on_cpu(layer.perm2mat)),
+        mock.patch.object(layer, "block_butterfly_perm", on_cpu(layer.block_butterfly_perm)),
+    ):
+        yield
+
+
+# What a peft method may add to a model, in elements (parameters and buffers): this many times the backbone's own,
+# or MIN_ADAPTER_LIMIT, whichever is larger. Beyond it a knob is a typo (r: 1000000), not a method to benchmark.
+ADAPTER_LIMIT_FACTOR: Final = 10
+MIN_ADAPTER_LIMIT: Final = 1 << 26
+
+
+def _elements(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def attach_peft(
+    model: nn.Module, peft_type: str, config: Mapping[str, Any], size_field: str | None = None
+) -> nn.Module:
+    """Inject the peft method into `model`; return the module to train (the model, or the PeftModel holding it).
+
+    On a meta model (the pre-flight probe, the estimator) everything is built on the meta device: no real memory,
+    whatever the knobs say. A method that adds more than ADAPTER_LIMIT_FACTOR × the backbone's elements is refused
+    as a PeftFieldError naming `size_field` (the method's rank-like field) when the config sets it.
+    """
     made = peft_config(peft_type, config)
     check_targets(model, "target_modules", getattr(made, "target_modules", None))
     check_targets(model, "feedforward_modules", getattr(made, "feedforward_modules", None))
     peft = _peft()
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    # Some layers compute constants with Python indexing (BOFT's permutation matrices), which meta tensors cannot
-    # answer: on a meta model (the estimator, the pre-flight check) peft builds adapters on CPU and moves them to
-    # the base layer's device itself; such constant buffers stay on CPU, which the estimator's to_empty() covers.
     meta = any(p.is_meta for p in model.parameters())
+    before = _elements(model)
     try:
-        with _boft_cuda_extension_off(), torch.device("cpu") if meta else contextlib.nullcontext():
+        with (
+            _boft_cuda_extension_off(),
+            torch.device("meta") if meta else contextlib.nullcontext(),
+            _index_constants_on_cpu() if meta else contextlib.nullcontext(),
+        ):
             if PEFT_TYPE_TO_TUNER_MAPPING[peft.PeftType(peft_type)].uses_shared_state:
                 root: nn.Module = peft.get_peft_model(model, made)  # the shared state lives on the PeftModel
             else:
@@ -272,7 +314,21 @@ def attach_peft(model: nn.Module, peft_type: str, config: Mapping[str, Any]) -> 
             raise
         field = _named_field(text, [f.name for f in dataclasses.fields(made)])
         raise PeftFieldError(field or ("target_modules" if "target" in text.lower() else None), text) from None
+    _check_size(config, size_field, _elements(root) - before, before)
     return root
+
+
+def _check_size(config: Mapping[str, Any], size_field: str | None, added: int, backbone: int) -> None:
+    limit = max(ADAPTER_LIMIT_FACTOR * backbone, MIN_ADAPTER_LIMIT)
+    if added <= limit:
+        return
+    field = size_field if size_field is not None and size_field in config else None
+    given = f"{config[field]!r} adds" if field is not None else "these knobs add"
+    raise PeftFieldError(
+        field,
+        f"{given} {added:,} elements to a backbone of {backbone:,}, more than the {limit:,} a peft method may add "
+        f"({ADAPTER_LIMIT_FACTOR}× the backbone); choose a smaller {field or 'size'}",
+    )
 
 
 def peft_layers(root: nn.Module) -> list[BaseTunerLayer]:
