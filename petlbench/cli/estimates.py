@@ -34,63 +34,71 @@ LIMIT_OPTION: Any = typer.Option(
 DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
+SuiteArg = Annotated[
+    Path | None, typer.Argument(help="suite YAML to estimate; omit it for the built-in quickstart", show_default=False)
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="cpu or cuda (auto = cuda); overrides the suite's `device`. cuda needs no GPU here: it predicts "
+        "CUDA's max_memory_allocated and max_memory_reserved",
+        show_default=False,
+    ),
+]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="GPU presets to judge CUDA runs on (FITS/OOM: the first), e.g. h100-80gb,a100-40gb,rtx-4090; "
+        f"also prints the largest batch that fits each. Known: {', '.join(PRESETS)}",
+        show_default=False,
+    ),
+]
+DeviceMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-memory",
+        help="memory of a device without a preset, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
+        "largest batch that fits each size (FITS/OOM: the first); default: the visible GPU's (CUDA), else none",
+        show_default=False,
+    ),
+]
+HeadroomOpt = Annotated[
+    str,
+    typer.Option(
+        "--headroom",
+        help="CUDA: memory kept free beyond reserved + context when judging FITS, as a share of the card (2%) "
+        "or a size (1GiB)",
+    ),
+]
+ResultsDirOpt = Annotated[Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", help="estimator processes (each about 0.8 GB RSS), at most one per CPU core")
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="exit 1 if a run is predicted not to fit or cannot be estimated")
+]
+
+
 def estimate(
-    suite: Annotated[
-        Path | None,
-        typer.Argument(help="suite YAML to estimate; omit it for the built-in quickstart", show_default=False),
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            "--device",
-            help="cpu or cuda (auto = cuda); overrides the suite's `device`. cuda needs no GPU here: it predicts "
-            "CUDA's max_memory_allocated",
-            show_default=False,
-        ),
-    ] = None,
-    gpu: Annotated[
-        str | None,
-        typer.Option(
-            "--gpu",
-            help="GPU presets to judge CUDA runs on (FITS/OOM: the first), e.g. h100-80gb,a100-40gb,rtx-4090; "
-            f"also prints the largest batch that fits each. Known: {', '.join(PRESETS)}",
-            show_default=False,
-        ),
-    ] = None,
-    device_memory: Annotated[
-        str | None,
-        typer.Option(
-            "--device-memory",
-            help="memory of a device without a preset, e.g. 80GiB; a comma list (24GiB,48GiB,80GiB) also prints the "
-            "largest batch that fits each size (FITS/OOM: the first); default: the visible GPU's (CUDA), else none",
-            show_default=False,
-        ),
-    ] = None,
-    headroom: Annotated[
-        str,
-        typer.Option(
-            "--headroom",
-            help="CUDA: memory kept free beyond reserved + context when judging FITS, as a share of the card (2%) "
-            "or a size (1GiB)",
-        ),
-    ] = DEFAULT_HEADROOM,
-    results_dir: Annotated[
-        Path, typer.Option("--results-dir", help="rows go to <results-dir>/<suite>.estimate/")
-    ] = Path("results"),
-    jobs: Annotated[
-        int, typer.Option("--jobs", help="estimator processes (each about 0.8 GB RSS), at most one per CPU core")
-    ] = DEFAULT_JOBS,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="exit 1 if a run is predicted not to fit or cannot be estimated")
-    ] = False,
+    suite: SuiteArg = None,
+    device: DeviceOpt = None,
+    gpu: GpuOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    headroom: HeadroomOpt = DEFAULT_HEADROOM,
+    results_dir: ResultsDirOpt = Path("results"),
+    jobs: JobsOpt = DEFAULT_JOBS,
+    strict: StrictOpt = False,
 ) -> None:
     """Predict every run's peak memory without running it: fake tensors, no GPU, no real memory.
 
-    Prints the predicted peak per run (weights, gradients, optimizer state, activations, inference) and FITS/OOM
-    against --device-memory (or the visible GPU); stores rows with memory_source=estimate under
-    results/<suite>.estimate/, apart from measured rows. On CPU the estimate equals the measurement to the byte;
-    for CUDA it applies the CPU→CUDA deltas listed in the caption (uncalibrated until a GPU validation run).
-    A `batch_size: auto` suite gets the largest batch predicted to fit, per configuration.
+    Prints the predicted peak per run (weights, gradients, optimizer state, activations, inference), and with
+    --gpu or --device-memory FITS/OOM and the largest batch that fits each card; stores rows with
+    memory_source=estimate under results/<suite>.estimate/, apart from measured rows. On CPU the estimate equals
+    the measurement to the byte and ends with the plan's time on this CPU; CUDA runs are traced as CUDA runs them
+    and replayed through a model of its caching allocator (uncalibrated until a GPU validation run). A
+    `batch_size: auto` suite gets the largest batch predicted to fit, per configuration.
 
     Example: petlbench estimate suites/memory.yaml --gpu h100-80gb,a100-40gb,rtx-4090
     """
