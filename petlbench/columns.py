@@ -305,7 +305,9 @@ class Metrics(BaseModel):
     weights_source: Annotated[
         str | None, _c("text", "build", role="context", label="weights", description="random, hub or file")
     ] = None
-    weights_ref: Annotated[str | None, _c("text", "build", role="context", label="weights ref")] = None
+    weights_ref: Annotated[
+        str | None, _c("text", "build", role="context", label="weights ref", when="files", description="hub or path")
+    ] = None
     weights_sha256: Annotated[str | None, _c("text", "build", role="context", label="weights sha256", when="files")] = (
         None
     )
@@ -461,16 +463,21 @@ def _metric_columns() -> tuple[Column, ...]:
 
 
 def _spec_columns() -> tuple[Column, ...]:
+    from petlbench.data.specs import DigitsData, SyntheticData
     from petlbench.spec import controls
     from petlbench.spec.models import RunSpec
 
     columns = []
     excluded = {"tuner_params", "data_root", "suite"}  # tuner.* family; execution-only; an identity column
+    in_memory = {*SyntheticData.model_fields, *DigitsData.model_fields}  # the rest are file-based datasets' fields
     for field in controls.spec_fields(RunSpec):
         if field in excluded or field.partition(".")[0] in excluded:
             continue
         annotation = controls.field_annotation(RunSpec, field)
-        when: When = "train" if field.startswith("train.") else "always"
+        section, _, sub = field.partition(".")
+        when: When = (
+            "train" if section == "train" else "files" if section == "data" and sub not in in_memory else "always"
+        )
         label = field.removeprefix("backbone.").removeprefix("measure.")
         kind: Kind = "count" if field == "batch_size" else "text"
         columns.append(Column(field, _dtype(annotation), Col(kind, "spec", role="control", when=when, label=label)))

@@ -443,21 +443,27 @@ def load_results(paths: Iterable[Path], columns: Sequence[str] | None = None) ->
             rows.append({**row, _ORDER: position})
     tables = _read_tables([files[i] for i in unread], columns)
     tables = [t.set_column(t.schema.get_field_index(_ORDER), _ORDER, _positions(t, unread)) for t in tables]
+    tables = [t for t in tables if t.num_rows]
+    ledger_frame: pd.DataFrame | None = None
     if rows:
         try:
             names = list(dict.fromkeys(k for r in rows for k in r))
             tables.insert(0, pa.table({name: pa.array([r.get(name) for r in rows]) for name in names}))
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            tables.insert(0, pa.Table.from_pandas(pd.DataFrame.from_records(rows).astype(object), preserve_index=False))
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
+            # a column no catalogue entry types (a tuner knob) holds text in one row and numbers in another
+            ledger_frame = pd.DataFrame.from_records(rows)
+    if not tables and ledger_frame is None:
         empty: pd.DataFrame = pd.DataFrame()
         return empty
-    try:
-        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas(integer_object_nulls=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        # a column no catalogue entry types (a tuner knob) holds text in one file and numbers in another
-        frame = pd.concat([t.to_pandas(integer_object_nulls=True) for t in tables], ignore_index=True, sort=False)
+    frame: pd.DataFrame | None = None
+    if ledger_frame is None:
+        try:
+            frame = pa.concat_tables(tables, promote_options="permissive").to_pandas(integer_object_nulls=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            frame = None  # a column no catalogue entry types holds text in one file and numbers in another
+    if frame is None:
+        parts = [t.to_pandas(integer_object_nulls=True) for t in tables]
+        frame = pd.concat([*([ledger_frame] if ledger_frame is not None else []), *parts], ignore_index=True)
     combined: pd.DataFrame = frame.sort_values(_ORDER, kind="stable").drop(columns=_ORDER).reset_index(drop=True)
     return combined
 

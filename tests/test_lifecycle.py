@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -392,7 +393,7 @@ def test_an_interrupted_figure_leaves_no_cut_file_under_its_name(
     """Ctrl-C while matplotlib writes a PNG: the old figure stays, no half PNG takes its name, no temp file stays."""
     from matplotlib.figure import Figure
 
-    from petlbench.report import _save
+    from petlbench.report.views.view import ReportContext
 
     (tmp_path / "pareto-x.png").write_bytes(b"the previous figure")
 
@@ -403,7 +404,7 @@ def test_an_interrupted_figure_leaves_no_cut_file_under_its_name(
 
     monkeypatch.setattr(Figure, "savefig", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _save(Figure(), tmp_path, "pareto-x", [])
+        ReportContext.save(SimpleNamespace(out=tmp_path, figure_prefixes=("pareto",)), Figure(), "pareto-x")  # type: ignore[arg-type]
     assert (tmp_path / "pareto-x.png").read_bytes() == b"the previous figure"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto-x.png"]
 

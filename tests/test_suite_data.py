@@ -103,7 +103,7 @@ def test_unknown_task_and_unknown_data_keys_are_one_line_errors() -> None:
         runs(data=[{"name": "vtab1k", "task": "cifar"}, {"name": "vtab1k", "task": "dtdd"}])
     with pytest.raises(ConfigError) as info:
         runs(data=[{"name": "vtab1k", "task": "cifar", "split": "test"}])
-    assert "s.yaml: data[0].split: unknown key; valid keys: " in str(info.value)
+    assert str(info.value).startswith("s.yaml: data[0].split: unknown key; did you mean 'test_split'? valid keys: ")
     with pytest.raises(ConfigError, match="dtd has 47 classes, got num_classes 10"):
         runs(data={"name": "vtab1k", "task": "dtd", "num_classes": 10})
     custom = runs(data={"name": "vtab1k", "task": "my_task", "num_classes": 3}, tuners=[{"tuner": "linear"}])

@@ -56,6 +56,7 @@ class SweepView:
         self.limit: int | None = None
         self.where: Path | None = None
         self.finished: Finished | None = None
+        self.finished_now = 0  # runs that ended in this invocation (stored)
 
     def show(self, events: Iterator[SweepEvent]) -> Finished | None:
         with self.stack:
@@ -81,6 +82,7 @@ class SweepView:
         elif isinstance(event, AutoBatchPlanned):
             self._auto_batch(event)
         elif isinstance(event, ProbeFinished):
+            self.finished_now += not event.reused
             self._console().print(probe_line(event.result, event.fits, event.reused, event.limit))
         elif isinstance(event, SearchFinished):
             self._search(event)
@@ -151,6 +153,7 @@ class SweepView:
             self.running[event.spec.run_id] = event.spec.label()
         else:
             self.running.pop(event.result.run_id, None)
+            self.finished_now += 1
             progress.console.print(result_line(event.result))
             progress.advance(self.task)
         progress.update(self.task, description=running_text(list(self.running.values())))
@@ -186,7 +189,10 @@ class SweepView:
             out.print(auto_batch_table(outcomes, self.limit, title="finished searches"))
         held = len(stored_statuses(self.where)) if self.where is not None else 0
         where = f"{self.where}/" if self.where is not None else "the results folder"
-        err.print(f"interrupted: {where} holds {held} results; run the same command to resume")
+        err.print(
+            f"interrupted: {self.finished_now} runs finished in this session; {where} holds {held} results; run the "
+            "same command to resume"
+        )
 
 
 def summary(finished: Finished, quickstart: bool) -> None:

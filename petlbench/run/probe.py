@@ -283,6 +283,8 @@ def _probe_model(item: dict[str, Any], model_name: str) -> str | None:
             _forward(tuned.module, tuned.backbone)
     except KnobError as exc:
         return f"{_knob_location(item, exc.field)}: {exc.detail}"
+    except NotImplementedError:  # the meta device cannot build it (peft's weight-initialised methods): the worker will
+        return None
     except ConfigError as exc:
         return f"{where}: {exc}"
     except Exception as exc:

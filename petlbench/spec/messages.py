@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from petlbench.fmt import did_you_mean
 
 # Union members that did not apply ('should be a list' when a mapping was given, and the reverse).
-_MEMBER_NOISE = frozenset({"list_type", "model_type"})
+_MEMBER_NOISE = frozenset({"list_type", "model_type", "model_attributes_type"})
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:

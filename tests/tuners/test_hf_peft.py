@@ -318,20 +318,31 @@ def test_grid_sweeps_a_config_field_and_the_config_is_in_the_run_id() -> None:
         expand(parse_suite(suite(clash)), "cpu")
 
 
-def test_the_check_child_reports_fields_and_passes_methods_that_need_real_weights() -> None:
+def test_the_probe_reports_fields_and_passes_methods_that_need_real_weights() -> None:
     """ADAMSS initialises from an SVD of the base weights: it cannot be built on the meta device (nor estimated),
-    but its config is valid, so the pre-flight check passes it; a bad field in the same item is still found."""
-    from petlbench.tuners.hf_peft.check import check
+    but its config is valid, so the pre-flight probe passes it; a bad field in the same suite is still found."""
+    from petlbench.run.probe import probe
 
-    def item(params: dict[str, object]) -> dict[str, object]:
-        data = {"name": "synthetic", "num_classes": 10}
-        return {"params": params, "backbone": TINY_BACKBONE.model_dump(), "data": data, "data_root": None}
+    def model(params: dict[str, object], entry: int) -> dict[str, object]:
+        suite = {
+            "name": "p",
+            "device": "cpu",
+            "data": {"name": "synthetic", "num_classes": 10},
+            "backbone": TINY_BACKBONE.model_dump(),
+            "tuners": [{"tuner": "peft", "params": params}],
+        }
+        (run,) = expand(parse_suite(suite), "cpu")
+        fields = {"grid": [], "task_params": [], "params": sorted(params), "task": "synthetic"}
+        return {"backbone": 0, "where": f"tuners[{entry}]", "spec": run.model_dump(mode="json"), **fields}
 
+    backbone = {"where": "backbone", "spec": TINY_BACKBONE.model_dump(mode="json")}
+    request = {
+        "backbones": [backbone],
+        "models": [model({"peft_type": "ADAMSS"}, 0), model({"peft_type": "ADAMSS", "r": "x"}, 1)],
+        "weights": [],
+    }
+    assert probe(request) == ["tuners[1].params.r: should be a valid integer (AdamssConfig), got 'x'"]
     good = Peft.model_validate({"peft_type": "ADAMSS"}).model_dump()
-    bad = Peft.model_validate({"peft_type": "ADAMSS", "r": "x"}).model_dump()
-    assert check([item(good), item(bad)]) == [
-        {"item": 1, "field": "r", "message": "should be a valid integer (AdamssConfig), got 'x'"}
-    ]
     with torch.device("meta"), pytest.raises(PeftNeedsWeights, match="ADAMSS initialises its adapters"):
         build_tuned_model(build_backbone(TINY_BACKBONE, 10), make_tuner("peft", good))
 
