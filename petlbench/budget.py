@@ -479,7 +479,9 @@ def propose_baseline(results: pd.DataFrame, headroom: float, command: str, keep:
 
 def _baseline_selector(row: pd.Series, ok: pd.DataFrame) -> dict[str, Any]:
     selector: dict[str, Any] = {"suite": row["suite"], "tuner": row["tuner"]}
-    if row["method"] != row["tuner"]:
+    same_tuner = ok[(ok["suite"] == row["suite"]) & (ok["tuner"] == row["tuner"])]
+    if row["method"] != row["tuner"] or same_tuner["method"].nunique() > 1:
+        # `tuner: dtl` alone also selects the dtl+ rows: name the variant whenever the suite has several
         selector["method"] = row["method"]
     if not missing(row["knob"]):
         knob = float(row["knob"])

@@ -241,6 +241,22 @@ def test_baseline_round_trips_and_keeps_ratios() -> None:
     assert all(c.passed for c in check(rows[rows["status"] == "ok"], parsed))
 
 
+def test_baseline_names_the_variant_when_a_tuner_has_several() -> None:
+    """`tuner: dtl` alone also selects the dtl+ rows; the plain variant's limit would then fail dtl+."""
+    rows = normalise(
+        frame(
+            [
+                row("dtl", 8, knob=2, device="cpu", peak=8 * MiB, params=1_418, suite="smoke", method="dtl"),
+                row("dtl", 8, knob=2, device="cpu", peak=9 * MiB, params=1_994, suite="smoke", method="dtl+"),
+            ]
+        )
+    )
+    baseline = propose_baseline(rows, 1.05, "regen")
+    parsed = Budgets.model_validate(yaml.safe_load(baseline.text))
+    assert sorted(str(b.select.method) for b in parsed.budgets) == ["dtl", "dtl+"]
+    assert all(c.passed for c in check(rows, parsed))
+
+
 def test_baseline_rejects_headroom_below_one() -> None:
     with pytest.raises(ConfigError, match="--headroom: must be >= 1"):
         propose_baseline(normalise(frame(cpu_rows())), 0.9, "cmd")
