@@ -58,11 +58,11 @@ FIGURES_MADE = (
     Figure(
         "memory-estimate-fit",
         "suites/memory.yaml",
-        ("estimate", "suites/memory.yaml", "--device", "cuda"),
+        ("estimate", "suites/memory.yaml", "--device", "cuda", "--gpu", "h100-80gb,a100-40gb,rtx-4090"),
         "memory.estimate",
         "memory-batch",
-        "fit-",
-        "predicted, not measured: the largest batch of ViT-B/16 that fits each GPU memory size",
+        "fit-memory.estimate-h100-80gb-fp32-",  # one figure per card and precision: the README shows fp32 on an H100
+        "predicted, not measured: the largest fp32 batch of ViT-B/16 that fits each of three GPUs",
     ),
 )
 
@@ -105,11 +105,23 @@ def make(figure: Figure, results: Path, made: set[tuple[str, ...]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="regenerate this figure only (a name from docs/figures/)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="reuse the rows in this results folder, made by the figures' own commands (printed in each sidecar)",
+    )
     args = parser.parse_args()
     chosen = [f for f in FIGURES_MADE if args.only in (None, f.name)]
     if not chosen:
         raise SystemExit(f"--only: no figure {args.only!r}; known: {', '.join(f.name for f in FIGURES_MADE)}")
-    made: set[tuple[str, ...]] = set()
+    if args.results is not None:
+        made = {f.make for f in chosen}
+        for figure in chosen:
+            if not (args.results / figure.folder).is_dir():
+                raise SystemExit(f"--results: {args.results / figure.folder}: no such folder; run {figure.make}")
+            make(figure, args.results, made)
+        return 0
+    made = set()
     with tempfile.TemporaryDirectory() as results:
         for figure in chosen:
             make(figure, Path(results), made)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,16 @@ TINY_BACKBONE = BackboneSpec(model="test_vit", img_size=32, kwargs={"patch_size"
 TINY_CLASSES = 10
 
 TinyVitFactory = Callable[..., nn.Module]
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker more than cores. Many tests spend seconds waiting on a worker subprocess, a timeout or a
+    Ray task; the extra worker keeps the cores busy meanwhile."""
+    return (os.cpu_count() or 1) + 1
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (`-n auto`): a second intra-op thread per worker would only oversubscribe the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ TINY = """\
 name: narrow
 device: cpu
 data: {name: synthetic, num_classes: 10}
-backbone: {model: test_vit, img_size: 32, kwargs: {patch_size: 8, depth: 2}}
+backbone: {model: test_vit, img_size: 32, kwargs: {patch_size: 8, depth: 1}}
 measure: {warmup_steps: 2, steps: 1, inference: false}
 batch_size: [4, 8]
 tuners:
@@ -83,31 +83,36 @@ def test_no_command_cuts_a_number_at_80_columns(tmp_path: Path) -> None:
     budgets = tmp_path / "budgets.yaml"
     assert cli("check", str(folder), "--write-baseline", str(budgets), columns=80).returncode == 0
     for columns in (80, 200):
-        outputs = {
-            "tuners": cli("tuners", columns=columns),
-            "validate": cli("validate", SMOKE, columns=columns),
-            "dry-run": cli("run", str(suite), "--dry-run", "--results-dir", str(tmp_path / "r"), columns=columns),
-            "check": cli("check", str(folder), "--budgets", str(budgets), columns=columns),
-            "estimate": cli(
-                "estimate",
-                str(suite),
-                "--device-memory",
-                "1GiB,2GiB",
-                "--jobs",
-                "1",
-                "--results-dir",
-                str(tmp_path / "e"),
-                columns=columns,
-            ),
-        }
+        # at 200 columns only the estimate table changes (it drops columns when narrow); the rest fit at 80 alone
+        outputs: dict[str, subprocess.CompletedProcess[str]] = (
+            {}
+            if columns == 200
+            else {
+                "tuners": cli("tuners", columns=columns),
+                "validate": cli("validate", SMOKE, columns=columns),
+                "dry-run": cli("run", str(suite), "--dry-run", "--results-dir", str(tmp_path / "r"), columns=columns),
+                "check": cli("check", str(folder), "--budgets", str(budgets), columns=columns),
+            }
+        )
+        outputs["estimate"] = cli(
+            "estimate",
+            str(suite),
+            "--device-memory",
+            "1GiB,2GiB",
+            "--jobs",
+            "1",
+            "--results-dir",
+            str(tmp_path / "e"),
+            columns=columns,
+        )
         for name, done in outputs.items():
             assert done.returncode == 0, (name, done.stdout, done.stderr)
             assert_fits(done.stdout, columns)
         # the three SQT settings stay distinguishable, and PASS is spelled out
         for q in (4, 16, 32):
             assert f"num_queries={q}" in outputs["estimate"].stdout
-            assert f"num_queries={q}" in outputs["dry-run"].stdout
-        assert "PASS" in outputs["check"].stdout
+            assert columns == 200 or f"num_queries={q}" in outputs["dry-run"].stdout
+        assert columns == 200 or "PASS" in outputs["check"].stdout
         assert "largest batch predicted to fit" in outputs["estimate"].stdout
         if columns == 200:  # wide: the full table, nothing dropped
             assert "not shown at this width" not in outputs["estimate"].stdout

@@ -22,7 +22,7 @@ TINY = """\
 name: {name}
 device: cpu
 data: {{name: synthetic, num_classes: 10}}
-backbone: {{model: test_vit, img_size: 32, kwargs: {{patch_size: 8, depth: 3}}}}
+backbone: {{model: test_vit, img_size: 32, kwargs: {{patch_size: 8, depth: 2}}}}
 measure: {{warmup_steps: 2, steps: 1, inference: false}}
 timeout_s: 120
 """
@@ -47,7 +47,8 @@ def errors(output: str) -> list[str]:
 
 def test_estimate_prints_fits_and_oom_and_stores_rows_apart_from_measured(tmp_path: Path) -> None:
     suite = write_suite(tmp_path, "est", "batch_size: [4, 64]\ntuners: [{tuner: lora}]\n")
-    small, big = peaks(suite)[4], peaks(suite)[64]
+    predicted = peaks(suite)
+    small, big = predicted[4], predicted[64]
     limit = (small + big) // 2
     results = tmp_path / "results"
     sized = f"{limit}B"

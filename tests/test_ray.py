@@ -63,7 +63,7 @@ def test_ray_gives_the_local_rows_and_turns_crashes_and_timeouts_into_rows(
     ok = ["tuner: linear", "{tuner: lora, params: {rank: 4}}"]
     # run_id excludes the suite name and timeout, so the two suites share the ok runs' ids
     local_suite = write_suite(tmp_path, "local", ok)
-    ray_suite = write_suite(tmp_path, "cluster", [*ok, "tuner: test_crash", "tuner: test_hang"], timeout=25)
+    ray_suite = write_suite(tmp_path, "cluster", [*ok, "tuner: test_crash", "tuner: test_hang"], timeout=15)
     local_results, ray_results = tmp_path / "local-results", tmp_path / "ray-results"
 
     local = CliRunner().invoke(app, ["run", str(local_suite), "--results-dir", str(local_results), "--jobs", "2"])
@@ -82,7 +82,7 @@ def test_ray_gives_the_local_rows_and_turns_crashes_and_timeouts_into_rows(
         "exited with code 17" in rows.loc["test_crash", "error"] and "about to die" in rows.loc["test_crash", "error"]
     )
     assert rows.loc["test_hang", "status"] == "timeout"
-    assert "timeout of 25 s" in rows.loc["test_hang", "error"]
+    assert "timeout of 15 s" in rows.loc["test_hang", "error"]
     # the worker logs came back from the Ray tasks and were written by the driver
     crash_spec = next(r for r in plan_specs(ray_suite) if r.tuner == "test_crash")
     assert "about to die" in log_path(ray_results, crash_spec).read_text()
