@@ -18,10 +18,12 @@ TINY_CLASSES = 10
 
 TinyVitFactory = Callable[..., nn.Module]
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker more than cores. Many tests spend seconds waiting on a worker subprocess, a timeout or a
-    Ray task; the extra worker keeps the cores busy meanwhile."""
-    return (os.cpu_count() or 1) + 1
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, hand out the `slow` tests first: a minute-long test started last keeps one worker busy
+    while the others have nothing left to do."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

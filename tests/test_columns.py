@@ -51,6 +51,7 @@ def test_a_row_never_carries_an_undeclared_column() -> None:
         column("peak_alocated_bytes")
 
 
+@pytest.mark.slow
 def test_every_declared_column_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     written: set[str] = set()
     for row in _rows(monkeypatch):

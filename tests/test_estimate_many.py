@@ -47,6 +47,7 @@ def specs(device: str = "cpu", **overrides: Any) -> list[RunSpec]:
 MIXED_PRECISION_TUNERS = ["full", "linear", "lora", "vpt", "lst", "dtl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("device", "precision", "tuners"),
     [
@@ -69,6 +70,7 @@ def test_reused_and_replayed_estimates_equal_fresh_traces(device: str, precision
         assert many[i].metrics == fresh, (run.label(), many[i].metrics, fresh)
 
 
+@pytest.mark.slow
 def test_bf16_and_batch_1_estimates_equal_the_real_cpu_run() -> None:
     bf16 = specs(batch_size=[4, 12], precision="bf16-mixed", tuners=[{"tuner": "lora"}, {"tuner": "vpt"}])
     for run in [*bf16, *specs(batch_size=[1, 2], tuners=[{"tuner": "full"}])]:
@@ -79,6 +81,7 @@ def test_bf16_and_batch_1_estimates_equal_the_real_cpu_run() -> None:
         assert predicted.peak_infer_bytes == real.metrics.peak_infer_bytes, run.label()
 
 
+@pytest.mark.slow
 def test_cuda_estimates_apply_the_documented_deltas() -> None:
     pairs = zip(
         specs("cpu", tuners=NO_DROPOUT, batch_size=4), specs("cuda", tuners=NO_DROPOUT, batch_size=4), strict=True
@@ -151,6 +154,7 @@ def test_the_estimator_search_finds_the_largest_batch_under_a_limit() -> None:
     assert result.metrics.peak_infer_bytes is not None  # the answer is a full estimate
 
 
+@pytest.mark.slow
 def test_subprocess_estimates_match_in_process_and_failures_become_errors() -> None:
     runs = specs(batch_size=4)  # five configurations: two estimator processes
     broken = runs[0].model_copy(update={"precision": "fp16-mixed"})  # fp16 needs CUDA, on CPU as in the worker

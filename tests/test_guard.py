@@ -21,6 +21,7 @@ from petlbench.spec.loading import parse_suite
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_headline_sweep_stops_at_once_on_a_cpu_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever this machine has
     result = CliRunner().invoke(app, ["run", str(ROOT / "suites" / "memory.yaml"), "--results-dir", str(tmp_path)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -70,6 +71,7 @@ def test_run_refuses_before_any_worker(tmp_path: Path) -> None:
     assert not results.exists()  # no worker ran, no row was written
 
 
+@pytest.mark.slow
 def test_every_registered_tuner_probes_clean_on_a_valid_backbone(tmp_path: Path) -> None:
     """No false alarm: each tuner at its default knobs, on the tiny ViT and on ViT-B/16 (meta: no memory)."""
     names = sorted(available_tuners())

@@ -191,6 +191,7 @@ def test_accuracy_vtab_validates_without_data_or_says_where_it_is_missing(tmp_pa
     assert f"data[0] (vtab1k/cifar): {tmp_path / 'vtab-1k'}: no such folder" in result.output
 
 
+@pytest.mark.slow
 def test_accuracy_vtab_validates_against_a_complete_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pre-flight reads lists and checks files exist without decoding: empty files stand in for images.
     Offline, the hub tag must be in the Hugging Face cache: a fake cache holds it."""

@@ -156,7 +156,9 @@ def test_offline_hub_tag_fails_fast_in_a_fresh_worker(tmp_path: Path) -> None:
     result = RunResult.model_validate_json((tmp_path / "out.json").read_text())
     assert proc.returncode == 1 and result.status == "error" and result.error_type == "ConfigError"
     assert result.error is not None and "set backbone.weights: /path/to/model.safetensors" in result.error
-    assert result.duration_s is not None and result.duration_s < 5.0, (result.duration_s, proc.stderr[-2000:])
+    # not a speed target: hub downloads retry with back-off for minutes; failing at once takes seconds even on a
+    # loaded machine (8 s seen with three other test workers on two cores)
+    assert result.duration_s is not None and result.duration_s < 60.0, (result.duration_s, proc.stderr[-2000:])
 
 
 def test_prepare_hub_access_goes_offline_without_network(monkeypatch: pytest.MonkeyPatch) -> None:

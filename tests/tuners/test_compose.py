@@ -235,6 +235,7 @@ def test_trainable_count_is_the_sum_of_the_parts_formulas_on_vit_b16() -> None:
     assert tuned.params_trainable == lora + vpt + bitfit + head == 566_884
 
 
+@pytest.mark.slow
 def test_a_compose_suite_runs_estimates_and_explains_on_cpu(tmp_path: Path) -> None:
     """`petlbench run` end to end (worker subprocess, measured memory breakdown), then `estimate` predicting the
     same peak, `explain` and `report` reading the row by its method label."""
