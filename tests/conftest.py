@@ -19,13 +19,6 @@ TINY_CLASSES = 10
 TinyVitFactory = Callable[..., nn.Module]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, hand out the `slow` tests first: a minute-long test started last keeps one worker busy
-    while the others have nothing left to do."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
-
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one pytest worker per core (`-n auto`): a second intra-op thread per worker would only oversubscribe the cores
     torch.set_num_threads(1)
