@@ -425,13 +425,6 @@ class CudaTrainStep(TrainStep):
         self.emulation = emulation
         self.scaler = scaler if precision == "fp16-mixed" else None
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.emulation.autocast(LOWER_PRECISION.get(self.precision)):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.backward_starts()
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        return loss.detach()
+    def autocast_region(self) -> AbstractContextManager[object]:
+        """CUDA's autocast rules, emulated on the fake CPU tensors."""
+        return self.emulation.autocast(LOWER_PRECISION.get(self.precision))

@@ -72,8 +72,12 @@ class TrainStep:
         if self.on_backward is not None:
             self.on_backward()
 
+    def autocast_region(self) -> AbstractContextManager[object]:
+        """Where the forward and the loss run: the device's autocast for the step's precision."""
+        return autocast(self.precision, self.device_type)
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(self.precision, self.device_type):
+        with self.autocast_region():
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.backward_starts()
