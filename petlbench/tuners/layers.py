@@ -103,6 +103,17 @@ def keep_in_eval_while_training(root: nn.Module, modules: Sequence[nn.Module]) -
     root.register_forward_pre_hook(EvalWhileTraining(modules))
 
 
+def require_timm_block(block: nn.Module, index: int, tuner: str, method: str) -> None:
+    """A TunerError unless `blocks[index]` runs timm's pre-norm `Block.forward`, which the wrapping tuners rebuild."""
+    from timm.models.vision_transformer import Block
+
+    if type(block).forward is not Block.forward:
+        raise TunerError(
+            f"{tuner}: blocks[{index}] is a {type(block).__name__}, whose forward is not timm's Block.forward; "
+            f"{method} supports pre-norm timm ViT blocks"
+        )
+
+
 def block_linear(block: nn.Module, path: str, index: int, tuner: str) -> nn.Linear:
     """The nn.Linear at `blocks[index].<path>` (e.g. `attn.qkv`), or a TunerError naming what is there instead."""
     found: object = block

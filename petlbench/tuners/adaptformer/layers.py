@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from petlbench.errors import TunerError
-from petlbench.tuners.layers import read_block_linear, vit_blocks
+from petlbench.tuners.layers import read_block_linear, require_timm_block, vit_blocks
 
 
 class AdaptMlp(nn.Module):
@@ -87,18 +87,13 @@ def attach_adaptformer(
     mode: Literal["parallel", "sequential"],
 ) -> None:
     """Wrap every block in an AdaptFormerBlock; every block is checked before any is changed."""
-    from timm.models.vision_transformer import Block
 
     blocks = vit_blocks(model, "adaptformer")
     targets: list[tuple[int, nn.Module, nn.Linear]] = []
     for i, block in enumerate(blocks):
         if isinstance(block, AdaptFormerBlock):
             raise TunerError(f"adaptformer: blocks[{i}] already has an adapter; attach AdaptFormer once")
-        if type(block).forward is not Block.forward:
-            raise TunerError(
-                f"adaptformer: blocks[{i}] is a {type(block).__name__}, whose forward is not timm's Block.forward; "
-                "AdaptFormer supports pre-norm timm ViT blocks"
-            )
+        require_timm_block(block, i, "adaptformer", "AdaptFormer")
         fc2 = read_block_linear(block, "mlp.fc2", i, "adaptformer")  # the MLP's output width is the adapter's
         if bottleneck > fc2.out_features:
             raise TunerError(

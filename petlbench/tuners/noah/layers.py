@@ -11,7 +11,7 @@ from torch import nn
 
 from petlbench.errors import TunerError
 from petlbench.tuners.adapter.layers import Bottleneck, noah_linear_init_
-from petlbench.tuners.layers import MergeableLayer, block_linear, read_block_linear, vit_blocks
+from petlbench.tuners.layers import MergeableLayer, block_linear, read_block_linear, require_timm_block, vit_blocks
 
 
 def prompt_bound(supernet_dim: int, dim: int) -> float:
@@ -165,7 +165,6 @@ def attach_noah(
 ) -> None:
     """Wrap qkv (LoRA), every block (prompts, adapter), `norm_pre` (input prompts) and, for models that pool over
     tokens, `norm`. Everything is checked before anything is changed."""
-    from timm.models.vision_transformer import Block
 
     blocks = vit_blocks(model, "noah")
     if len(blocks) > len(prompts):
@@ -187,11 +186,7 @@ def attach_noah(
     for i, block in enumerate(blocks):
         if isinstance(block, NoahBlock):
             raise TunerError(f"noah: blocks[{i}] already has NOAH attached; attach it once")
-        if type(block).forward is not Block.forward:
-            raise TunerError(
-                f"noah: blocks[{i}] is a {type(block).__name__}, whose forward is not timm's Block.forward; NOAH "
-                "supports pre-norm timm ViT blocks"
-            )
+        require_timm_block(block, i, "noah", "NOAH")
         qkv = block_linear(block, "attn.qkv", i, "noah") if ranks[i] else None
         if qkv is not None and ranks[i] > min(qkv.in_features, qkv.out_features):
             raise TunerError(f"noah: lora_rank {ranks[i]} of block {i} exceeds the qkv width {qkv.in_features}")
